@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Runs the GPU benchmarks on the lent H200, in stages that fit the device tool's limits (see bench/README.md).
+#   stage1: park the first half of the default model's GGUF outside the tree (carry .model/gguf.part00)
+#   stage2: join the second half (carry .model/gguf.part01 .whl .data), convert once, run decode + mtp benches
+#   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
+# Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
+set -u
+stage=${1:?stage1|stage2|stage3}
+FT=/tmp/ft
+mkdir -p "$FT" "${OUT:=/tmp/out}"
+export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
+export FLASHTUNE_GGUF=$FT/SmolLM2-135M-Instruct.Q4_1.gguf FLASHTUNE_CACHE=$FT/cache
+export FLASHTUNE_E2E_DATA=$FT/devel-fixed.no-ol.csv
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$FT/site" .whl/*.whl; fi
+[ -d "$FT/site" ] && export PYTHONPATH=$PYTHONPATH:$FT/site
+
+run() {  # run NAME SECONDS CMD...: time-boxed, logged to $OUT, never fatal
+  local name=$1 secs=$2; shift 2
+  echo "=== $name (limit ${secs}s) $(date +%T)"
+  timeout --signal=INT --kill-after=15 "$secs" "$@" > "$OUT/$name.log" 2>&1
+  echo "=== $name rc=$? $(date +%T)"; tail -n 25 "$OUT/$name.log"
+}
+collect() { cp bench/results/*.json "$OUT/" 2>/dev/null; ls -la "$OUT"; }
+
+case $stage in
+stage1)
+  cp .model/gguf.part00 "$FT/" && ls -la "$FT"
+  nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv
+  python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+  ;;
+stage2)
+  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  python3 -c "from flashtune.models import load_base_model; m,t=load_base_model(); print('default model ok', sum(p.numel() for p in m.parameters()))"
+  run decode 330 python3 bench/decode.py --device cuda
+  run mtp 240 python3 bench/mtp.py --device cuda
+  collect ;;
+stage3)
+  run train 270 python3 bench/train.py
+  run e2e 270 python3 bench/e2e.py --device cuda
+  collect ;;
+esac
