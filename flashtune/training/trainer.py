@@ -1,0 +1,366 @@
+"""The training loop: AdamW, gradient accumulation, clipping, warmup + decay, evaluation, exact resume.
+
+Decoupled Weight Decay Regularization (AdamW; Loshchilov & Hutter, arXiv:1711.05101); SGDR's cosine decay
+(Loshchilov & Hutter, arXiv:1608.03983) after a linear warmup.
+
+    result = fit(model, dataset, TrainConfig(out_dir="runs/x", precision="bf16", max_steps=200),
+                 collate_fn=collate)
+    result.history[-1]   # {"step": 200, "loss": ..., "lr": ..., "tokens_per_s": ..., ...}
+
+Loss normalization: the default loss is the mean next-token cross-entropy over all labelled tokens of the
+optimizer step (all `grad_accum` micro-batches together), so accumulating k micro-batches equals one batch k
+times larger. A custom `loss_fn` returns a per-micro-batch scalar, which is averaged over the micro-batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import random
+import signal
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+from flashtune.training import checkpoint as ckpt
+from flashtune.training.loss import causal_lm_loss_sum, count_targets
+from flashtune.training.precision import PRECISIONS, PrecisionPolicy
+from flashtune.training.sampler import make_batches
+from flashtune.training.speed import compile_blocks, enable_checkpointing
+
+log = logging.getLogger("flashtune.training")
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Everything `fit` needs besides the model and data. Steps count optimizer updates."""
+
+    out_dir: str = "runs/flashtune"          # checkpoints/, latest.json and metrics.jsonl go here
+    precision: str = "fp32"                  # "fp32" | "bf16" | "fp16" (fp16 adds a GradScaler)
+    lr: float = 2e-4
+    weight_decay: float = 0.0                # applied to matrices only, never to biases / norms (1-d)
+    max_steps: int = 0                       # optimizer steps; 0: derived from `epochs`
+    epochs: float = 1.0
+    batch_size: int = 8                      # examples per micro-batch
+    grad_accum: int = 1                      # micro-batches per optimizer step
+    max_grad_norm: float = 1.0               # 0: no clipping
+    warmup_steps: int = 0
+    schedule: str = "cosine"                 # decay after warmup: "cosine" | "linear" | "constant"
+    min_lr_ratio: float = 0.0                # the decay ends at lr * min_lr_ratio
+    eval_every: int = 0                      # 0: evaluate only at the end
+    save_every: int = 500                    # 0: checkpoint only at the end and on SIGINT/SIGTERM
+    log_every: int = 10
+    seed: int = 0
+    resume: bool = False                     # continue from out_dir's latest checkpoint
+    overwrite: bool = False                  # start over even if out_dir holds a checkpoint
+    keep_checkpoints: int = 2
+    drop_last: bool = False
+    ce_chunk_size: int = 4096                # rows per block of the chunked head + cross-entropy; 0: plain
+    gradient_checkpointing: bool = False     # recompute the base's block activations in backward
+    compile: bool = False                    # torch.compile each transformer block
+
+    def __post_init__(self):
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("schedule", self.schedule, SCHEDULES)
+        check_range("lr", self.lr, 0, low_open=True)
+        check_range("weight_decay", self.weight_decay, 0)
+        check_range("max_steps", self.max_steps, 0, integer=True)
+        check_range("epochs", self.epochs, 0)
+        if self.max_steps == 0 and self.epochs == 0:
+            raise ConfigError("max_steps=0 and epochs=0: set one of them to say how long to train")
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+            check_range(name, getattr(self, name), 1, integer=True)
+        for name in ("warmup_steps", "eval_every", "save_every", "seed", "ce_chunk_size"):
+            check_range(name, getattr(self, name), 0, integer=True)
+        check_range("max_grad_norm", self.max_grad_norm, 0)
+        check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
+        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
+            raise ConfigError(f"out_dir={self.out_dir!r} must be a directory path")
+        self.out_dir = str(self.out_dir)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown training field {unknown[0]!r}; allowed fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    history: list[dict]                      # the rows of metrics.jsonl
+    step: int                                # optimizer steps done
+    checkpoint: str                          # the final checkpoint directory
+    eval: dict | None = None                 # the last evaluation's metrics
+    skipped_steps: int = 0                   # fp16 steps skipped for inf/NaN gradients
+    train_time_s: float = 0.0                # wall time of this call's training loop
+
+
+class TrainingInterrupted(FlashtuneError):
+    """SIGINT/SIGTERM arrived; the current step finished and a checkpoint was saved."""
+
+    def __init__(self, signum: int, step: int, path):
+        name = signal.Signals(signum).name
+        super().__init__(f"training stopped by {name} after step {step}; checkpoint saved to {path}; "
+                         f"run again with resume=True (--resume) to continue")
+        self.exit_code = 128 + signum
+        self.step, self.checkpoint = step, str(path)
+
+
+def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
+    """The factor on the base lr for 0-indexed optimizer step `step`: linear warmup to 1, then the decay."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if schedule == "cosine" else 1.0 - progress
+    return min_ratio + (1.0 - min_ratio) * shape
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _n_tokens(batch: dict) -> int:
+    if torch.is_tensor(batch.get("attention_mask")):
+        return int(batch["attention_mask"].sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if torch.is_tensor(ids) else 0
+
+
+def _make_optimizer(trainable, config: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for _, p in trainable if p.ndim >= 2]
+    no_decay = [p for _, p in trainable if p.ndim < 2]
+    groups = [g for g in ({"params": decay, "weight_decay": config.weight_decay},
+                          {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
+    # Keep each group's parameters in model order so checkpoint indices map back to names.
+    order = {id(p): i for i, (_, p) in enumerate(trainable)}
+    for g in groups:
+        g["params"].sort(key=lambda p: order[id(p)])
+    return torch.optim.AdamW(groups, lr=config.lr, fused=device.type == "cuda" or None)
+
+
+class _SignalGuard:
+    """Turns the first SIGINT/SIGTERM into a flag checked between steps; a second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.signum = None
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+        log.warning("received %s: finishing the current step, then saving a checkpoint",
+                    signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _read_history(path: Path, upto: int) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in rows if r.get("step", 0) <= upto]
+
+
+def _write_history(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    os.replace(tmp, path)
+
+
+def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
+        collate_fn: Callable[[list], dict] | None = None, eval_fn: Callable | None = None,
+        loss_fn: Callable | None = None, progress: bool = True,
+        length_fn: Callable | None = None) -> TrainResult:
+    """Train the parameters of `model` that have requires_grad on `train_dataset`; see the module docstring.
+
+    train_dataset: indexable examples; collate_fn(list of examples) -> dict of tensors [B, T] (`input_ids`,
+    `attention_mask`, `labels` with -100 = no loss); when None, examples must already be such dicts of 1-d
+    tensors of one length. eval_fn(model) -> dict[str, float], run every `eval_every` steps and at the end
+    (no grad, eval mode, RNG untouched). loss_fn(model, batch) -> scalar; default causal-LM cross-entropy.
+    length_fn(example) -> int turns on length bucketing. Raises TrainingInterrupted after SIGINT/SIGTERM.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ConfigError(f"config must be a TrainConfig, not {type(config).__name__}")
+    if len(train_dataset) == 0:
+        raise ConfigError("train_dataset is empty; give fit at least one example")
+    if config.drop_last and len(train_dataset) < config.batch_size:
+        raise ConfigError(f"drop_last=True with {len(train_dataset)} examples < batch_size={config.batch_size} "
+                          f"leaves no batch; lower batch_size or set drop_last=False")
+    collate_fn = collate_fn or _stack
+    device = next(model.parameters()).device
+    out_dir = Path(config.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics_path = out_dir / "metrics.jsonl"
+    existing = ckpt.latest_checkpoint(out_dir)
+    if existing is not None and not config.resume and not config.overwrite:
+        raise ConfigError(f"out_dir={str(out_dir)!r} already holds a checkpoint ({existing.name}); pass "
+                          f"resume=True to continue it, overwrite=True to start over, or another out_dir")
+
+    seed_everything(config.seed)
+    policy = PrecisionPolicy(config.precision, device)
+    trainable = policy.prepare(model)
+    params = [p for _, p in trainable]
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    if config.compile:
+        compile_blocks(model)
+    optimizer = _make_optimizer(trainable, config, device)
+    batches = make_batches(train_dataset, config.batch_size, config.seed, length_fn, config.drop_last)
+    total = config.max_steps or max(1, math.ceil(config.epochs * len(batches) / config.grad_accum))
+    schedule = (config.warmup_steps, total, config.schedule, config.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, *schedule))
+
+    step, position, history = 0, (0, 0), []
+    acc = {"loss": 0.0, "steps": 0, "skipped": 0, "skipped_total": 0}
+    if config.resume and existing is not None:
+        state = ckpt.load_checkpoint(existing, trainable, optimizer, scheduler, policy.scaler)
+        step, position, acc = state["step"], tuple(state["position"]), state["log_acc"]
+        history = _read_history(metrics_path, step)
+        log.info("resumed from %s at step %d", existing, step)
+    _write_history(metrics_path, history)
+
+    loss_acc = torch.tensor(acc["loss"], dtype=torch.float32, device=device)
+    chunk = config.ce_chunk_size or None
+    last_eval, last_eval_step = None, -1
+    tokens, t_log = 0, time.perf_counter()
+    t_start = t_log
+    path = existing
+
+    def checkpoint_now():
+        extra = {"position": list(position), "config": config.to_dict(),
+                 "log_acc": {**acc, "loss": float(loss_acc)}}
+        return ckpt.save_checkpoint(out_dir, step, trainable, optimizer, scheduler, policy.scaler, extra,
+                                    keep=config.keep_checkpoints)
+
+    def run_eval():
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            metrics = eval_fn(model)
+        model.train(was_training)
+        return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()}
+
+    bar = _progress_bar(total, step, progress)
+    model.train()
+    try:
+        with _SignalGuard() as guard, metrics_path.open("a") as metrics_file:
+            while step < total:
+                micro = []
+                for _ in range(config.grad_accum):
+                    idx, position = batches.take(position)
+                    micro.append(collate_fn([train_dataset[i] for i in idx]))
+                n_targets = max(1, sum(count_targets(b) for b in micro)) if loss_fn is None else None
+                lr = optimizer.param_groups[0]["lr"]
+                for batch in micro:
+                    tokens += _n_tokens(batch)
+                    batch = _to_device(batch, device)
+                    with policy.autocast():
+                        if loss_fn is None:
+                            loss = causal_lm_loss_sum(model, batch, chunk) / n_targets
+                        else:
+                            loss = loss_fn(model, batch) / config.grad_accum
+                    policy.scaler.scale(loss).backward()
+                    loss_acc += loss.detach().float()
+                grad_norm = None
+                if config.max_grad_norm > 0:
+                    policy.scaler.unscale_(optimizer)
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                scale = policy.scaler.get_scale() if policy.scaler.is_enabled() else None
+                policy.scaler.step(optimizer)
+                policy.scaler.update()
+                if scale is not None and policy.scaler.get_scale() < scale:
+                    acc["skipped"] += 1
+                    acc["skipped_total"] += 1
+                    log.warning("step %d skipped: inf/NaN gradients in fp16; loss scale %g -> %g",
+                                step + 1, scale, policy.scaler.get_scale())
+                optimizer.zero_grad(set_to_none=True)
+                with warnings.catch_warnings():   # a skipped fp16 step makes torch warn about the order
+                    warnings.simplefilter("ignore", UserWarning)
+                    scheduler.step()
+                step += 1
+                acc["steps"] += 1
+
+                row = None
+                if step % config.log_every == 0 or step == total:
+                    now = time.perf_counter()
+                    row = {"step": step, "epoch": round(position[0] + position[1] / len(batches), 4),
+                           "loss": float(loss_acc) / acc["steps"], "lr": lr,
+                           "grad_norm": None if grad_norm is None else float(grad_norm),
+                           "tokens_per_s": tokens / max(now - t_log, 1e-9),
+                           "step_time_s": (now - t_log) / acc["steps"]}
+                    if policy.scaler.is_enabled():
+                        row["skipped"] = acc["skipped"]
+                        row["loss_scale"] = policy.scaler.get_scale()
+                    loss_acc.zero_()
+                    acc.update(loss=0.0, steps=0, skipped=0)
+                    tokens, t_log = 0, now
+                    bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{lr:.2e}",
+                                    tok_s=f"{row['tokens_per_s']:.0f}", refresh=False)
+                if eval_fn is not None and config.eval_every and step % config.eval_every == 0:
+                    last_eval, last_eval_step = run_eval(), step
+                    row = {**(row or {"step": step}), **last_eval}
+                    t_log = time.perf_counter()
+                if row is not None:
+                    history.append(row)
+                    metrics_file.write(json.dumps(row) + "\n")
+                    metrics_file.flush()
+                bar.update(1)
+                if config.save_every and step % config.save_every == 0:
+                    path = checkpoint_now()
+                if guard.signum is not None:
+                    path = checkpoint_now()
+                    raise TrainingInterrupted(guard.signum, step, path)
+            train_time = time.perf_counter() - t_start
+            if eval_fn is not None and last_eval_step != step:
+                last_eval = run_eval()
+                row = {"step": step, **last_eval}
+                history.append(row)
+                metrics_file.write(json.dumps(row) + "\n")
+            if path is None or not str(path).endswith(f"step-{step:06d}"):
+                path = checkpoint_now()
+    finally:
+        bar.close()
+    return TrainResult(history=history, step=step, checkpoint=str(path), eval=last_eval,
+                       skipped_steps=acc["skipped_total"], train_time_s=train_time)
+
+
+def _stack(examples: list[dict]) -> dict:
+    return {k: torch.stack([torch.as_tensor(e[k]) for e in examples]) for k in examples[0]}
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
