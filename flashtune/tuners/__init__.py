@@ -1,0 +1,17 @@
+"""PEFT tuners: LoRA, bottleneck adapters and prefix-tuning, in Hugging Face PEFT's file format.
+
+    model = attach(model, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))   # in place; returns model
+    save_adapter(model, "out/")                                                    # PEFT's format
+    load_adapter(model, "out/", adapter_name="default", is_trainable=False)
+"""
+
+from flashtune.tuners.base import (attach, delete_adapter, disable_adapters, merge_adapter, merged_state_dict,
+                                   register_method, set_active_adapter, unload, unmerge_adapter)
+from flashtune.tuners.io import load_adapter, read_adapter_config, save_adapter
+from flashtune.tuners.lora import LoraConfig, LoraTuner
+
+register_method("LORA", LoraTuner())
+
+__all__ = ["LoraConfig", "attach", "save_adapter", "load_adapter", "set_active_adapter",
+           "disable_adapters", "delete_adapter", "merge_adapter", "unmerge_adapter", "unload", "merged_state_dict",
+           "read_adapter_config"]

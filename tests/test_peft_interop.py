@@ -1,0 +1,111 @@
+"""Interop with Hugging Face PEFT, both ways: files flashtune writes load in `peft` with the same logits, and
+files `peft` writes load in flashtune with the same logits (fp32, atol 1e-5). PEFT is the oracle here."""
+
+from __future__ import annotations
+
+import json
+
+import peft
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flashtune.tuners import LoraConfig, attach, load_adapter, save_adapter, unload
+from tiny import random_ids, tiny_model
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    from flashtune.models import load_base_model
+
+    model, _ = load_base_model()
+    return model
+
+
+def _logits(model, ids, arch):
+    kwargs = {"decoder_input_ids": ids} if arch == "bart" else {}
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs).logits
+
+
+def _randomize_lora(model, seed=1):
+    """Give every LoRA B a random value so that the adapter is not the identity (B = 0 at init)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+
+
+LORA_CASES = [
+    ("gpt2", dict(target_modules=["c_attn"])),
+    ("gpt2", dict(target_modules="all-linear", use_rslora=True, lora_alpha=16, r=4)),
+    ("llama", dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    ("llama", dict(target_modules=r".*\.(k_proj|down_proj)", r=2, lora_alpha=5)),
+    ("qwen2", dict(target_modules="all-linear", r=4, lora_alpha=32)),
+]
+
+
+@pytest.mark.parametrize("arch,kwargs", LORA_CASES)
+def test_lora_flashtune_to_peft(tmp_path, arch, kwargs):
+    model = tiny_model(arch)
+    ids = random_ids(2, 9)
+    attach(model, LoraConfig(**kwargs))
+    _randomize_lora(model)
+    if "modules_to_save" in kwargs:
+        with torch.no_grad():
+            model.lm_head.copies["default"].weight.mul_(1.5)
+    ours = _logits(model, ids, arch)
+    save_adapter(model, tmp_path)
+
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "LORA" and config["task_type"] == "CAUSAL_LM"
+    keys = load_file(str(tmp_path / "adapter_model.safetensors")).keys()
+    assert all(k.startswith("base_model.model.") for k in keys)
+    assert any(k.endswith(".lora_A.weight") for k in keys)
+
+    theirs_model = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
+    theirs = _logits(theirs_model, ids, arch)
+    base = _logits(tiny_model(arch), ids, arch)
+    assert (ours - base).abs().max() > 1e-3  # the adapter does something
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("arch,kwargs", LORA_CASES)
+def test_lora_peft_to_flashtune(tmp_path, arch, kwargs):
+    pcfg = dict(kwargs)
+    pmodel = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(task_type="CAUSAL_LM", **pcfg))
+    _randomize_lora(pmodel, seed=2)
+    ids = random_ids(2, 9, seed=3)
+    theirs = _logits(pmodel, ids, arch)
+    pmodel.save_pretrained(str(tmp_path))
+
+    model = tiny_model(arch)
+    load_adapter(model, tmp_path)
+    ours = _logits(model, ids, arch)
+    torch.testing.assert_close(ours, theirs, atol=ATOL, rtol=0)
+    assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_lora_smollm2_both_ways(tmp_path, smollm2):
+    # One copy of the 135M model serves all three: each side's unload() gives the untouched base back.
+    model = smollm2
+    ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30]])
+    attach(model, LoraConfig())  # defaults: r=8, alpha=8, q_proj/v_proj
+    _randomize_lora(model, seed=4)
+    ours = _logits(model, ids, "llama")
+    save_adapter(model, tmp_path / "ours")
+    model = unload(model, merge=False)
+
+    theirs_model = peft.PeftModel.from_pretrained(model, str(tmp_path / "ours"))
+    torch.testing.assert_close(_logits(theirs_model, ids, "llama"), ours, atol=ATOL, rtol=0)
+    _randomize_lora(theirs_model, seed=5)
+    theirs = _logits(theirs_model, ids, "llama")
+    theirs_model.save_pretrained(str(tmp_path / "theirs"))
+    model = theirs_model.unload()
+
+    load_adapter(model, tmp_path / "theirs")
+    torch.testing.assert_close(_logits(model, ids, "llama"), theirs, atol=ATOL, rtol=0)
+    unload(model, merge=False)
