@@ -1,0 +1,105 @@
+"""What every executor shares: key names, and the translation of a parsed action into a backend's primitives.
+
+A backend implements a few primitives in its own input units (CSS pixels for Playwright, screen pixels for
+X11): `click`, `move`, `drag`, `type_text`, `hotkey`, `key_down`, `key_up`, `scroll`, `long_press`, and
+optionally `navigate` / `go_back`. `perform` maps model coordinates through a `CoordinateMapper` first.
+"""
+
+from __future__ import annotations
+
+from flashtune.agent.actions import Action
+from flashtune.agent.coords import CoordinateMapper
+from flashtune.errors import FlashtuneError
+
+SCROLL_CLICKS = 5  # the reference scrolls pyautogui.scroll(+-5)
+
+
+class UnsupportedActionError(FlashtuneError):
+    """The executor cannot perform this action (e.g. open_app in a browser)."""
+
+
+_ALIASES = {
+    "return": "enter", "esc": "escape", "control": "ctrl", "command": "meta", "cmd": "meta", "win": "meta",
+    "windows": "meta", "super": "meta", "option": "alt", "del": "delete", "arrowup": "up", "arrowdown": "down",
+    "arrowleft": "left", "arrowright": "right", "page_up": "pageup", "page_down": "pagedown", "pgup": "pageup",
+    "pgdn": "pagedown", "spacebar": "space", "back": "backspace", "ins": "insert",
+}
+NAMED_KEYS = {
+    "enter", "escape", "ctrl", "alt", "shift", "meta", "space", "tab", "backspace", "delete", "up", "down",
+    "left", "right", "pageup", "pagedown", "home", "end", "insert", "capslock",
+    *(f"f{i}" for i in range(1, 13)),
+}
+
+
+def normalize_key(key: str) -> str:
+    """A model key name ('Return', 'arrowleft', 'cmd', 'A') -> the canonical lower-case name used here."""
+    k = key.strip()
+    if len(k) == 1:
+        return k.lower()
+    k = _ALIASES.get(k.lower(), k.lower())
+    if k not in NAMED_KEYS:
+        raise FlashtuneError(f"unknown key {key!r}; use a single character or one of {sorted(NAMED_KEYS)}")
+    return k
+
+
+def split_typed_text(text: str) -> list[str]:
+    """'ab\\ncd\\n' -> ['ab', '\\n', 'cd', '\\n']: newlines become Enter presses between typed chunks."""
+    out: list[str] = []
+    for i, chunk in enumerate(text.split("\n")):
+        if i:
+            out.append("\n")
+        if chunk:
+            out.append(chunk)
+    return out
+
+
+def perform(action: Action, mapper: CoordinateMapper, backend, scroll_clicks: int = SCROLL_CLICKS) -> None:
+    """Execute one non-terminal action on `backend`. wait/finished/call_user are the loop's business."""
+    name = action.name
+
+    def point(coord):
+        return mapper.coord_center_to_input(coord)
+
+    if name in ("click", "left_single"):
+        backend.click(*point(action.start), button="left", count=1)
+    elif name == "left_double":
+        backend.click(*point(action.start), button="left", count=2)
+    elif name == "right_single":
+        backend.click(*point(action.start), button="right", count=1)
+    elif name == "hover":
+        backend.move(*point(action.start))
+    elif name in ("drag", "select"):
+        backend.drag(*point(action.start), *point(action.end))
+    elif name == "scroll":
+        if action.direction is None:  # v1 mobile: a swipe from start to end
+            backend.drag(*point(action.start), *point(action.end))
+            return
+        if action.start is not None:
+            x, y = point(action.start)
+        else:
+            x, y = mapper.width / 2 / mapper.scale_factor, mapper.height / 2 / mapper.scale_factor
+        backend.scroll(x, y, action.direction, scroll_clicks)
+    elif name == "type":
+        for chunk in split_typed_text(action.text):
+            if chunk == "\n":
+                backend.hotkey(["enter"])
+            else:
+                backend.type_text(chunk)
+    elif name == "hotkey":
+        backend.hotkey([normalize_key(k) for k in action.keys])
+    elif name in ("press", "keydown"):
+        for k in action.keys:
+            backend.key_down(normalize_key(k))
+    elif name in ("release", "keyup"):
+        for k in reversed(action.keys):
+            backend.key_up(normalize_key(k))
+    elif name == "long_press":
+        backend.long_press(*point(action.start), seconds=1.0)
+    elif name == "navigate" and hasattr(backend, "navigate"):
+        backend.navigate(action.text)
+    elif name in ("navigate_back", "press_back") and hasattr(backend, "go_back"):
+        backend.go_back()
+    elif name in ("wait", "finished", "call_user"):
+        return
+    else:
+        raise UnsupportedActionError(f"the {type(backend).__name__} executor cannot perform {name}()")

@@ -1,0 +1,143 @@
+"""Execute UI-TARS actions (arXiv 2501.12326) in Chromium through Playwright.
+
+Screenshots are in device pixels; Playwright's mouse takes CSS pixels, so the mapper divides by the page's
+device scale factor. Debian's /usr/bin/chromium is used by default (Playwright's own browser download is not
+needed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+from flashtune.agent.actions import Action
+from flashtune.agent.coords import CoordinateMapper
+from flashtune.agent.executors.base import SCROLL_CLICKS, perform
+from flashtune.errors import MissingDependencyError
+
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
+]
+WHEEL_PX_PER_CLICK = 100  # CSS pixels per scroll "click"
+
+_PW_KEYS = {
+    "enter": "Enter", "escape": "Escape", "ctrl": "Control", "alt": "Alt", "shift": "Shift", "meta": "Meta",
+    "space": "Space", "tab": "Tab", "backspace": "Backspace", "delete": "Delete", "up": "ArrowUp",
+    "down": "ArrowDown", "left": "ArrowLeft", "right": "ArrowRight", "pageup": "PageUp", "pagedown": "PageDown",
+    "home": "Home", "end": "End", "insert": "Insert", "capslock": "CapsLock",
+    **{f"f{i}": f"F{i}" for i in range(1, 13)},
+}
+
+
+def find_chromium() -> str:
+    """Path to a Chromium binary: $FLASHTUNE_CHROMIUM, else chromium / chromium-browser on PATH."""
+    path = os.environ.get("FLASHTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    if not path:
+        raise MissingDependencyError("no Chromium found; install it with `apt-get install chromium` "
+                                     "or set FLASHTUNE_CHROMIUM=/path/to/chrome")
+    return path
+
+
+def launch_chromium(playwright, headless: bool = True, env: dict | None = None, args: list[str] = ()):
+    """Launch Chromium with the flags that keep it quiet on a closed network."""
+    return playwright.chromium.launch(executable_path=find_chromium(), headless=headless,
+                                      args=CHROMIUM_ARGS + list(args), env=env)
+
+
+def playwright_key(key: str) -> str:
+    return _PW_KEYS.get(key, key)
+
+
+class BrowserExecutor:
+    """Drives one Playwright `page`. Use `BrowserExecutor.launch(...)` to own a browser, or pass a page."""
+
+    def __init__(self, page, *, owned=None):
+        self.page = page
+        self._owned = owned  # (playwright context manager, browser) when we launched them
+
+    @classmethod
+    def launch(cls, start_url: str | None = None, width: int = 1280, height: int = 720,
+               scale_factor: float = 1.0, headless: bool = True) -> "BrowserExecutor":
+        try:
+            from playwright.sync_api import sync_playwright
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise MissingDependencyError("the browser executor needs playwright: pip install 'flashtune[agent]'") \
+                from exc
+        pw = sync_playwright().start()
+        try:
+            browser = launch_chromium(pw, headless=headless)
+            page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor)
+            if start_url:
+                page.goto(start_url)
+        except Exception:
+            pw.stop()
+            raise
+        return cls(page, owned=(pw, browser))
+
+    # -- executor interface -------------------------------------------------------------------------------
+    @property
+    def scale_factor(self) -> float:
+        return float(self.page.evaluate("window.devicePixelRatio"))
+
+    def screenshot(self) -> bytes:
+        """A PNG of the viewport in device pixels."""
+        return self.page.screenshot(type="png")
+
+    def mapper(self, width: int, height: int, version: str = "1.5", **kw) -> CoordinateMapper:
+        return CoordinateMapper(width, height, version=version, scale_factor=self.scale_factor, **kw)
+
+    def execute(self, action: Action, mapper: CoordinateMapper, scroll_clicks: int = SCROLL_CLICKS) -> None:
+        perform(action, mapper, self, scroll_clicks)
+
+    def close(self) -> None:
+        if self._owned:
+            pw, browser = self._owned
+            browser.close()
+            pw.stop()
+            self._owned = None
+
+    # -- primitives (CSS pixels) -----------------------------------------------------------------------------
+    def click(self, x: float, y: float, button: str = "left", count: int = 1) -> None:
+        self.page.mouse.click(x, y, button=button, click_count=count)
+
+    def move(self, x: float, y: float) -> None:
+        self.page.mouse.move(x, y)
+
+    def drag(self, x1: float, y1: float, x2: float, y2: float) -> None:
+        m = self.page.mouse
+        m.move(x1, y1)
+        m.down()
+        m.move(x2, y2, steps=12)
+        m.up()
+
+    def type_text(self, text: str) -> None:
+        self.page.keyboard.type(text)
+
+    def hotkey(self, keys: list[str]) -> None:
+        self.page.keyboard.press("+".join(playwright_key(k) for k in keys))
+
+    def key_down(self, key: str) -> None:
+        self.page.keyboard.down(playwright_key(key))
+
+    def key_up(self, key: str) -> None:
+        self.page.keyboard.up(playwright_key(key))
+
+    def scroll(self, x: float, y: float, direction: str, clicks: int) -> None:
+        self.page.mouse.move(x, y)
+        delta = clicks * WHEEL_PX_PER_CLICK
+        dx, dy = {"up": (0, -delta), "down": (0, delta), "left": (-delta, 0), "right": (delta, 0)}[direction]
+        self.page.mouse.wheel(dx, dy)
+        self.page.wait_for_timeout(150)  # let the smooth scroll settle before the next screenshot
+
+    def long_press(self, x: float, y: float, seconds: float = 1.0) -> None:
+        self.page.mouse.move(x, y)
+        self.page.mouse.down()
+        self.page.wait_for_timeout(int(seconds * 1000))
+        self.page.mouse.up()
+
+    def navigate(self, url: str) -> None:
+        self.page.goto(url)
+
+    def go_back(self) -> None:
+        self.page.go_back()

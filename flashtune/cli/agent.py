@@ -1,0 +1,195 @@
+"""`flashtune agent`: run a UI-TARS agent, evaluate grounding, parse answers, serve a scripted fake model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        w, h = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 1280x720") from None
+    if w < 1 or h < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return w, h
+
+
+def _client(args):
+    from flashtune.agent.client import ChatClient, Sampling
+
+    return ChatClient(args.endpoint, model=args.model, api_key=args.api_key or os.environ.get("OPENAI_API_KEY"),
+                      timeout=args.timeout, retries=args.retries,
+                      sampling=Sampling(temperature=args.temperature, max_tokens=args.max_tokens))
+
+
+def _add_model_args(p) -> None:
+    p.add_argument("--endpoint", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", default="ui-tars", help="model name sent in each request (default: ui-tars)")
+    p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY, if set)")
+    p.add_argument("--model-version", default="1.5", choices=["1.5", "1.0", "doubao"],
+                   help="coordinate system: 1.5 = pixels of the smart-resized image; 1.0 / doubao = 0-1000")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
+    p.add_argument("--retries", type=int, default=3, help="retries after 5xx/429/timeouts (default 3)")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=1000)
+
+
+def cmd_run(args) -> int:
+    from flashtune.agent.loop import AgentConfig, run_agent
+
+    config = AgentConfig(max_steps=args.max_steps, model_version=args.model_version, template=args.template,
+                         language=args.language, wait_seconds=args.wait_seconds)
+    out = args.out or os.path.join("agent_runs", time.strftime("%Y%m%d-%H%M%S"))
+    width, height = args.size
+    closers = []
+    try:
+        if args.executor == "browser":
+            from flashtune.agent.executors.browser import BrowserExecutor
+
+            executor = BrowserExecutor.launch(args.start_url, width, height, scale_factor=args.scale_factor)
+            closers.append(executor.close)
+        else:
+            from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor
+
+            display = args.display
+            if display is None:
+                vd = VirtualDisplay(width, height)
+                closers.append(vd.stop)
+                display = vd.display
+            if args.start_url:
+                window = ChromiumWindow(display, args.start_url, width, height)
+                closers.append(window.close)
+                time.sleep(args.startup_seconds)
+            executor = X11Executor(display)
+        record = run_agent(args.task, _client(args), executor, out, config, executor_name=args.executor)
+    finally:
+        for close in reversed(closers):
+            close()
+    print(f"status: {record['status']} after {len(record['steps'])} step(s)")
+    if record.get("answer"):
+        print(f"answer: {record['answer']}")
+    print(f"report: {os.path.join(out, 'report.html')}")
+    return 0 if record["status"] == "finished" else 1
+
+
+def cmd_ground(args) -> int:
+    from flashtune.agent.grounding import evaluate, load_samples
+    from flashtune.agent.prompts import grounding_messages
+
+    samples = load_samples(args.data, args.images, args.bbox_format)
+    if args.limit:
+        samples = samples[: args.limit]
+    client = _client(args)
+
+    def answer(sample):
+        with open(sample.image, "rb") as f:
+            image = f.read()
+        return client.complete(grounding_messages(sample.instruction, image))
+
+    result = evaluate(samples, answer, model_version=args.model_version)
+    print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']}), "
+          f"wrong_format {result['wrong_format']}")
+    for title, table in (("platform", result["by_platform"]), ("element type", result["by_type"])):
+        for key, row in sorted(table.items()):
+            print(f"  {title:12s} {key:16s} {row['accuracy']:.4f} ({row['correct']}/{row['n']})")
+    if args.out:
+        from flashtune.agent.report import write_atomic
+
+        write_atomic(args.out, json.dumps(result, indent=2, ensure_ascii=False))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_parse(args) -> int:
+    from flashtune.agent.coords import CoordinateMapper
+    from flashtune.agent.executors.pyautogui_code import to_pyautogui
+    from flashtune.agent.parser import parse_response
+
+    text = args.text if args.text is not None else sys.stdin.read()
+    step = parse_response(text)
+    out = step.to_dict()
+    if args.screen:
+        mapper = CoordinateMapper(*args.screen, version=args.model_version)
+        out["screen_points"] = [list(mapper.to_screen(*a.start.center, dialect=a.start.dialect))
+                                if a.start else None for a in step.actions]
+        out["pyautogui"] = to_pyautogui(step.actions, mapper)
+    print(json.dumps(out, indent=2, ensure_ascii=False))
+    return 0
+
+
+def cmd_fake_server(args) -> int:
+    from flashtune.agent.fake_server import FakeModelServer, load_script
+
+    server = FakeModelServer(load_script(args.script), port=args.port)
+    print(f"fake UI-TARS endpoint: {server.url}", flush=True)
+    server.start()
+    try:
+        while server.script:
+            time.sleep(0.2)
+        time.sleep(args.linger)  # let the last answer go out
+    finally:
+        server.stop()
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "agent", help="UI-TARS GUI agent: run, ground, parse, fake-server",
+        description="Run UI-TARS-style GUI agents against an OpenAI-compatible endpoint "
+                    "(see docs/agent.md).")
+    sub = p.add_subparsers(dest="agent_command", metavar="ACTION")
+
+    r = sub.add_parser("run", help="run one task: screenshot -> model -> action, until finished",
+                       description="Run one task with a UI-TARS model; writes screenshots, raw responses, "
+                                   "parsed actions (trajectory.json) and report.html to --out.")
+    r.add_argument("--task", required=True, help="the instruction for the agent")
+    _add_model_args(r)
+    r.add_argument("--executor", choices=["browser", "x11"], default="browser",
+                   help="browser: headless Chromium via Playwright; x11: xdotool on --display or a new Xvfb")
+    r.add_argument("--start-url", default=None, help="page to open first (browser, or a kiosk window on X11)")
+    r.add_argument("--size", type=_size, default=(1280, 720), help="viewport / screen WIDTHxHEIGHT (1280x720)")
+    r.add_argument("--scale-factor", type=float, default=1.0, help="browser device scale factor (default 1)")
+    r.add_argument("--display", default=None, help="x11: an existing display such as :0 (default: start Xvfb)")
+    r.add_argument("--startup-seconds", type=float, default=3.0, help="x11: wait for the window to appear")
+    r.add_argument("--max-steps", type=int, default=15)
+    r.add_argument("--template", choices=["computer", "mobile"], default="computer")
+    r.add_argument("--language", default="English", help="language of the Thought part (default English)")
+    r.add_argument("--wait-seconds", type=float, default=5.0, help="what wait() sleeps (default 5)")
+    r.add_argument("--out", default=None, help="trajectory folder (default agent_runs/<time>)")
+    r.set_defaults(func=cmd_run)
+
+    g = sub.add_parser("ground", help="grounding accuracy on ScreenSpot-style data",
+                       description="Score click grounding: a hit when the point is inside the box (edges count).")
+    g.add_argument("--data", required=True, help="JSON list with img_filename, bbox, instruction, ...")
+    g.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
+    g.add_argument("--bbox-format", choices=["auto", "xywh", "xyxy"], default="auto",
+                   help="auto: xyxy when a record has img_size (ScreenSpot-Pro), else xywh (ScreenSpot)")
+    g.add_argument("--limit", type=int, default=0, help="score only the first N samples")
+    g.add_argument("--out", default=None, help="write the summary and per-sample rows as JSON")
+    _add_model_args(g)
+    g.set_defaults(func=cmd_ground)
+
+    s = sub.add_parser("parse", help="parse a model answer; print JSON (and pyautogui code with --screen)")
+    s.add_argument("--text", default=None, help="the answer (default: read stdin)")
+    s.add_argument("--screen", type=_size, default=None, help="screenshot WIDTHxHEIGHT to map points onto")
+    s.add_argument("--model-version", default="1.5", choices=["1.5", "1.0", "doubao"])
+    s.set_defaults(func=cmd_parse)
+
+    f = sub.add_parser("fake-server", help="serve scripted answers as an OpenAI-compatible model on 127.0.0.1",
+                       description="Answers each chat request with the next entry of --script (a JSON list); "
+                                   "exits when the script is used up.")
+    f.add_argument("--script", required=True)
+    f.add_argument("--port", type=int, default=0, help="port on 127.0.0.1 (default: a free one)")
+    f.add_argument("--linger", type=float, default=1.0, help="seconds to stay up after the last answer")
+    f.set_defaults(func=cmd_fake_server)
+
+    def _help(args, parser=p) -> int:
+        parser.print_help()
+        return 2
+
+    p.set_defaults(func=_help)
