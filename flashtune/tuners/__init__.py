@@ -8,10 +8,12 @@
 from flashtune.tuners.base import (attach, delete_adapter, disable_adapters, merge_adapter, merged_state_dict,
                                    register_method, set_active_adapter, unload, unmerge_adapter)
 from flashtune.tuners.io import load_adapter, read_adapter_config, save_adapter
+from flashtune.tuners.adapters import AdapterConfig, BottleneckTuner
 from flashtune.tuners.lora import LoraConfig, LoraTuner
 
 register_method("LORA", LoraTuner())
+register_method("BOTTLENECK", BottleneckTuner())
 
-__all__ = ["LoraConfig", "attach", "save_adapter", "load_adapter", "set_active_adapter",
+__all__ = ["LoraConfig", "AdapterConfig", "attach", "save_adapter", "load_adapter", "set_active_adapter",
            "disable_adapters", "delete_adapter", "merge_adapter", "unmerge_adapter", "unload", "merged_state_dict",
            "read_adapter_config"]
