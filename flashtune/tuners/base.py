@@ -143,11 +143,14 @@ _REGISTRY: dict[str, Tuner] = {}
 _BY_CONFIG: dict[type, Tuner] = {}
 
 
-def register_method(peft_type: str, tuner: Tuner) -> None:
-    """Register a tuner under the `peft_type` it writes into adapter_config.json (unique)."""
-    if peft_type in _REGISTRY or tuner.config_cls in _BY_CONFIG:
+def register_method(peft_type: str, tuner: Tuner, aliases: tuple[str, ...] = ()) -> None:
+    """Register a tuner under the `peft_type` it writes into adapter_config.json (unique), plus other type
+    names its files may carry (`aliases`)."""
+    names = (peft_type, *aliases)
+    if any(n in _REGISTRY for n in names) or tuner.config_cls in _BY_CONFIG:
         raise ValueError(f"tuner {peft_type!r} (or its config class) is already registered")
-    _REGISTRY[peft_type] = tuner
+    for n in names:
+        _REGISTRY[n] = tuner
     _BY_CONFIG[tuner.config_cls] = tuner
 
 
@@ -369,7 +372,7 @@ def modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torc
     """Live tensors of `adapter_name`'s full-module copies, keyed as PEFT saves them."""
     out = {}
     for name, layer in wrapper_layers(model):
-        if isinstance(layer, ModulesToSave) and adapter_name in layer.copies:
+        if isinstance(layer, ModulesToSave) and adapter_name in layer.copies:  # noqa: SIM102
             for pname, tensor in layer.copies[adapter_name].state_dict(keep_vars=True).items():
                 out[f"base_model.model.{hf_path(name)}.{pname}"] = tensor
     return out
