@@ -195,23 +195,24 @@ class X11Executor:
     def close(self) -> None:
         pass
 
-    # -- primitives (screen pixels) -------------------------------------------------------------------------
+    # -- primitives (screen pixels) -----
+    # No `mousemove --sync`: xdotool then waits ~15 s when the pointer is already at the target.--------------------------------------------------------------------
     @staticmethod
     def _xy(x: float, y: float) -> tuple[str, str]:
         return str(int(round(x))), str(int(round(y)))
 
     def click(self, x: float, y: float, button: str = "left", count: int = 1) -> None:
-        self._run("mousemove", "--sync", *self._xy(x, y), "click", "--repeat", str(count), "--delay", "60",
+        self._run("mousemove", *self._xy(x, y), "sleep", "0.03", "click", "--repeat", str(count), "--delay", "60",
                   str(MOUSE_BUTTONS[button]))
 
     def move(self, x: float, y: float) -> None:
-        self._run("mousemove", "--sync", *self._xy(x, y))
+        self._run("mousemove", *self._xy(x, y), "sleep", "0.03")
 
     def drag(self, x1: float, y1: float, x2: float, y2: float) -> None:
         steps = []
         for i in range(1, 9):  # intermediate motion so pages see a drag, not a jump
             steps += ["mousemove", *self._xy(x1 + (x2 - x1) * i / 8, y1 + (y2 - y1) * i / 8), "sleep", "0.02"]
-        self._run("mousemove", "--sync", *self._xy(x1, y1), "mousedown", "1", "sleep", "0.05", *steps,
+        self._run("mousemove", *self._xy(x1, y1), "sleep", "0.03", "mousedown", "1", "sleep", "0.05", *steps,
                   "mouseup", "1")
 
     def type_text(self, text: str) -> None:
@@ -227,12 +228,12 @@ class X11Executor:
         self._run("keyup", keysym(key))
 
     def scroll(self, x: float, y: float, direction: str, clicks: int) -> None:
-        self._run("mousemove", "--sync", *self._xy(x, y), "click", "--repeat", str(clicks), "--delay", "30",
+        self._run("mousemove", *self._xy(x, y), "sleep", "0.03", "click", "--repeat", str(clicks), "--delay", "30",
                   str(SCROLL_BUTTONS[direction]))
         time.sleep(0.15)
 
     def long_press(self, x: float, y: float, seconds: float = 1.0) -> None:
-        self._run("mousemove", "--sync", *self._xy(x, y), "mousedown", "1", "sleep", str(seconds), "mouseup", "1")
+        self._run("mousemove", *self._xy(x, y), "sleep", "0.03", "mousedown", "1", "sleep", str(seconds), "mouseup", "1")
 
 
 class ChromiumWindow:
