@@ -1,0 +1,375 @@
+"""The decoding engine: static KV cache, batched prompts of different lengths, sampling, stop tokens,
+streaming, CUDA graphs, and speculative decoding through a small drafter interface.
+
+Speculative decoding follows Medusa (Cai et al., arXiv 2401.10774) for trees and Leviathan et al.
+(arXiv 2211.17192) for the lossless rules; plain decoding is the special case of a tree with only a root.
+
+One decoding step, for every sequence b of the batch (all tensors, no host round trip):
+
+    root[b]       the last emitted token, not yet in the cache; hidden_last[b] the state that predicted it
+    propose       drafter(hidden_last, root) -> tree_tokens [B, N] (node 0 = root) and optionally q
+    verify        one forward of the N tokens at slots L_b + node, positions L_b + depth, tree mask
+    accept        verify.py rule -> Acceptance(best leaf, a accepted drafts, last node, next token)
+    commit        move the K/V of the accepted path to slots [L_b, L_b + a + 1), L_b += a + 1, emit the a
+                  accepted drafts and `next`; `next` is the new root, hidden[node] the new hidden_last
+
+With greedy decoding and a stateless drafter (Medusa heads, or none) the whole step is captured in one CUDA
+graph. The host only looks at the `active` flags every `check_every` steps.
+
+Drafter interface (used by `MedusaHeads` and helper E's MTP drafter):
+
+    tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
+    stateless: bool            True if propose() depends on its arguments only (whole-step graphs allowed)
+    start(engine, hidden [B, T, d], tokens [B, T], lengths [B]) -> None
+                               after the prompt's prefill: its final hidden states (after the final norm),
+                               its tokens (right-padded) and true lengths (prefix excluded)
+    propose(hidden [B, d], root [B]) -> (tree_tokens [B, N], q [B, N-1, V] | None)
+                               hidden: the target's final hidden state at the last accepted node (the one
+                               whose logits gave `root`). q: the distribution each non-root node's token was
+                               drawn from (chain drafters that sample); None means the tokens are fixed
+                               candidates (argmax / top-k), which the lossless rules handle without q.
+    accept(hidden [B, N, d], tree_tokens [B, N], acc: Acceptance, path [B, D+1]) -> None
+                               after verification: the target's hidden states at all N nodes, and the
+                               chosen path's node indices (valid up to acc.accepted); catch up own caches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Protocol, Sequence
+
+import torch
+
+from flashtune.decoding import verify
+from flashtune.decoding.cache import KVCache
+from flashtune.decoding.model import DecoderModel, hf_state_and_prefix
+from flashtune.decoding.sampling import SamplingParams, probs
+from flashtune.decoding.tree import TreeBuffers, tree_buffers
+from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+
+_MAX_STOP = 16
+
+
+class Drafter(Protocol):
+    tree: TreeBuffers
+    stateless: bool
+
+    def start(self, engine: "Engine", hidden, tokens, lengths) -> None: ...
+    def propose(self, hidden, root): ...
+    def accept(self, hidden, tree_tokens, acc: verify.Acceptance, path) -> None: ...
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]  # generated tokens per sequence (stop token included, prompt excluded)
+    steps: int  # decoding steps after the prefill (target forward passes)
+    accepted_per_step: float  # mean tokens emitted per step per sequence (1.0 for plain decoding)
+    texts: list[str] | None = None
+
+
+class _GraphCache:
+    """Captures `fn` once per key in a CUDA graph and replays it; calls it directly off the GPU."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.graphs = {}
+        self.pool = None
+
+    def __call__(self, key, fn, *args):
+        if not self.enabled:
+            return fn(*args)
+        if key not in self.graphs:
+            static = [a.clone() for a in args]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(2):  # warm-up (allocator, cuBLAS workspaces) outside the capture
+                    fn(*static)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            if self.pool is None:
+                self.pool = torch.cuda.graph_pool_handle()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = fn(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        for s, a in zip(static, args):
+            s.copy_(a)
+        graph.replay()
+        return out
+
+
+class Engine:
+    """Fast generation for a Hugging Face causal LM (Llama family, Qwen2, Mistral, GPT-2), tuned or not.
+
+    model: the HF model (LoRA adapters are merged into the engine's copy; an active prefix adapter's keys and
+    values are seeded into the cache). The engine keeps its own compact copy of the weights (model.py), in
+    `dtype` (default: the model's) on `device` (default: CUDA when available).
+    """
+
+    def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
+                 dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", check_every: int = 8):
+        check_range("max_batch_size", max_batch_size, 1, integer=True)
+        check_range("max_seq_len", max_seq_len, 2, integer=True)
+        check_choice("attention", attention, ("auto", "sdpa", "matmul", "flash"))
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise FlashtuneError("the decoding engine runs decoder-only models; this one is encoder-decoder")
+        state, prefix = hf_state_and_prefix(model)
+        self.model = DecoderModel.from_hf(model, state, device=self.device, dtype=dtype)
+        self.dtype = self.model.embed.weight.dtype
+        self.model.backend = self._pick_backend(attention)
+        self.tokenizer = tokenizer
+        a = self.model.args
+        if max_seq_len > a.max_positions and a.arch == "gpt2":
+            raise ConfigError(f"max_seq_len={max_seq_len} exceeds GPT-2's {a.max_positions} positions; lower it")
+        self.cache = KVCache(a.n_layers, max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype,
+                             self.device)
+        if prefix is not None:
+            self.cache.seed_prefix(prefix)
+        self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
+        self.check_every = check_every
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self._graphs = _GraphCache(use_graphs and self.device.type == "cuda")
+        self._root_tree = tree_buffers([]).to(self.device)
+        self._stop = torch.full((_MAX_STOP,), -1, dtype=torch.long, device=self.device)
+        self._out = torch.zeros(max_batch_size, max_seq_len + 2, dtype=torch.long, device=self.device)
+        self.eos_token_id = getattr(model.config, "eos_token_id", None)
+
+    def _pick_backend(self, attention: str) -> str:
+        if attention != "auto":
+            return attention
+        if self.device.type != "cuda":
+            return "sdpa"
+        try:  # helper kernel with a tree-mask path; plain grouped matmuls otherwise
+            from flashtune.attention import flash_attention  # noqa: F401
+        except ImportError:
+            return "matmul"
+        return "flash"
+
+    # ---------------------------------------------------------------- forward passes
+    def forward(self, tokens, lengths, tree: TreeBuffers):
+        """Run tree (or single-token) tokens [B, N] after each sequence's committed lengths [B].
+
+        Writes their K/V at slots lengths + node (uncommitted until `commit`). Returns (hidden [B, N, d],
+        logits [B, N, V]).
+        """
+        bsz, n = tokens.shape
+        slots = lengths[:, None] + torch.arange(n, device=tokens.device)[None]  # [B, N]
+        positions = lengths[:, None] + tree.depth[None]
+        seq = self.cache.max_seq
+        rel = torch.arange(seq, device=tokens.device)[None, :] - lengths[:, None]  # [B, S]: slot - L
+        in_tree = (rel >= 0) & (rel < n)
+        tree_cols = tree.mask[:, rel.clamp(0, n - 1)].permute(1, 0, 2)  # [B, N, S]
+        mask = (rel < 0)[:, None, :] | (in_tree[:, None, :] & tree_cols)
+        hidden = self.model(tokens, positions, self.cache, slots, mask)
+        return hidden, self.model.lm_head(hidden)
+
+    @torch.inference_mode()
+    def prefill(self, prompts: Sequence[Sequence[int]]):
+        """Write the prompts' K/V. Returns (hidden [B, T, d], logits_last [B, V], tokens [B, T], lengths [B])
+        with lengths = prompt lengths (the cache lengths are prefix + lengths)."""
+        bsz = len(prompts)
+        if bsz > self.max_batch_size:
+            raise ConfigError(f"batch of {bsz} prompts exceeds max_batch_size={self.max_batch_size}; raise it")
+        lens = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+        if int(lens.min()) < 1:
+            raise ConfigError("every prompt needs at least one token")
+        t = int(lens.max())
+        tokens = torch.zeros(bsz, t, dtype=torch.long)
+        for i, p in enumerate(prompts):
+            tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
+        tokens = tokens.to(self.device)
+        lens = lens.to(self.device)
+        pre = self.cache.prefix_len
+        slots = pre + torch.arange(t, device=self.device)[None].expand(bsz, t)
+        mask = torch.arange(self.cache.max_seq, device=self.device)[None, None, :] <= slots[:, :, None]
+        hidden = self.model(tokens, slots, self.cache, slots, mask)  # positions = slots
+        last = hidden[torch.arange(bsz, device=self.device), lens - 1]
+        return hidden, self.model.lm_head(last), tokens, lens
+
+    # ---------------------------------------------------------------- one step
+    def _step(self, tree, drafter, rule, params, gen, root, hidden_last, lengths, active, n_out, n_steps,
+              max_new):
+        tree_tokens, q = (root[:, None], None) if drafter is None else drafter.propose(hidden_last, root)
+        hidden, logits = self.forward(tree_tokens, lengths, tree)
+        if rule == "greedy":
+            acc = verify.greedy_tree(logits, tree_tokens, tree)
+        elif rule == "typical":
+            acc = verify.typical_tree(logits, tree_tokens, tree, params.temperature, generator=gen)
+        else:
+            p = probs(logits, params)
+            if q is not None and tree.num_leaves == 1:
+                a, nxt = verify.chain_speculative(p, tree_tokens[:, 1:], q, generator=gen)
+                best = torch.zeros_like(a)
+                acc = verify.Acceptance(best, a, tree.retrieve[best, a], nxt)
+            else:
+                acc = verify.sample_tree(p, tree_tokens, tree, generator=gen)
+        bsz = root.shape[0]
+        ar = torch.arange(bsz, device=root.device)
+        path = tree.retrieve[acc.best]  # [B, D+1] node indices, root first
+        d1 = path.shape[1]
+        if d1 > 1:  # KV compaction: the accepted path's K/V to [L, L + D + 1) (entries past a are garbage)
+            steps = torch.arange(d1, device=root.device)[None]
+            self.cache.compact(lengths[:, None] + path, lengths[:, None] + steps)
+        if drafter is not None:
+            drafter.accept(hidden, tree_tokens, acc, path)
+        # Emitted this step: the a accepted drafts, then `next`  -> [B, D+1], valid up to index a.
+        path_tokens = tree_tokens.gather(1, path)
+        emitted = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], 1)
+        emitted.scatter_(1, acc.accepted[:, None], acc.next[:, None])
+        j = torch.arange(d1, device=root.device)[None]
+        valid = (j <= acc.accepted[:, None]) & active[:, None]
+        dump = self._out.shape[1] - 1
+        cols = torch.where(valid, (n_out[:, None] + j).clamp(max=dump - 1), torch.full_like(j, dump))
+        self._out[ar[:, None], cols] = emitted
+        stop_hit = (torch.isin(emitted, self._stop) & valid).any(1)
+        n_emit = torch.where(active, acc.accepted + 1, torch.zeros_like(acc.accepted))
+        new_len = lengths + n_emit
+        new_out = n_out + n_emit
+        room = new_len + tree.num_nodes <= self.cache.max_seq
+        new_active = active & ~stop_hit & (new_out < max_new) & room
+        new_hidden = hidden[ar, acc.node]
+        new_root = torch.where(active, acc.next, root)
+        return new_root, new_hidden, new_len, new_active, new_out, n_steps + active.to(n_steps.dtype)
+
+    # ---------------------------------------------------------------- generation
+    def _prepare(self, inputs) -> list[list[int]]:
+        if isinstance(inputs, torch.Tensor):
+            inputs = inputs.tolist() if inputs.ndim == 2 else [inputs.tolist()]
+        if isinstance(inputs, str):
+            inputs = [inputs]
+        if len(inputs) and isinstance(inputs[0], str):
+            if self.tokenizer is None:
+                raise ConfigError("text prompts need a tokenizer; pass tokenizer= to Engine or give token ids")
+            return [self.tokenizer(s)["input_ids"] for s in inputs]
+        if len(inputs) and isinstance(inputs[0], int):
+            return [list(inputs)]
+        return [list(map(int, p)) for p in inputs]
+
+    def stream(self, inputs, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop_tokens=None, speculative: Drafter | None = None,
+               acceptance: str = "lossless", _stats: dict | None = None) -> Iterator[list[list[int]]]:
+        """Yield, after the prefill and after every step, the new tokens of each sequence (list per sequence).
+
+        inputs: a string or token-id list, or a batch of them (a list, or a 2-D tensor of equal lengths).
+        temperature 0 = greedy. stop_tokens: ids that end a sequence (default: the model's eos id; [] for
+        none). speculative: a drafter (e.g. MedusaHeads). acceptance: "lossless" (default; exact for greedy
+        and sampling) or "typical" (Medusa's typical acceptance; lossy, sampling only).
+        """
+        yield from self._run(inputs, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                             speculative, acceptance, stream=True, stats=_stats)
+
+    def generate(self, inputs, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop_tokens=None,
+                 speculative: Drafter | None = None, acceptance: str = "lossless") -> GenerationOutput:
+        """Generate for a prompt or a batch (see `stream`); returns a GenerationOutput."""
+        stats: dict = {}
+        tokens = None
+        for chunk in self._run(inputs, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens,
+                               speculative, acceptance, stream=False, stats=stats):
+            tokens = chunk
+        texts = None
+        if self.tokenizer is not None:
+            texts = [self.tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+        return GenerationOutput(tokens, stats["steps"], stats["tokens_per_step"], texts)
+
+    @torch.inference_mode()
+    def _run(self, inputs, max_new_tokens, temperature, top_k, top_p, seed, stop_tokens, drafter,
+             acceptance, stream, stats):
+        params = SamplingParams(temperature, top_k, top_p)
+        check_range("max_new_tokens", max_new_tokens, 1, integer=True)
+        check_choice("acceptance", acceptance, ("lossless", "typical"))
+        if acceptance == "typical" and params.is_greedy:
+            raise ConfigError("acceptance='typical' needs temperature > 0; greedy decoding is always lossless")
+        prompts = self._prepare(inputs)
+        bsz = len(prompts)
+        tree = self._root_tree if drafter is None else drafter.tree
+        if tree.mask.device != self.device:
+            tree = tree.to(self.device)
+            if drafter is not None:
+                drafter.tree = tree
+        need = self.cache.prefix_len + max(len(p) for p in prompts) + max_new_tokens + tree.num_nodes
+        if need > self.max_seq_len:
+            raise ConfigError(f"prompt + max_new_tokens + tree needs {need} cache slots but max_seq_len="
+                              f"{self.max_seq_len}; raise max_seq_len or lower max_new_tokens")
+        stop = self._stop_ids(stop_tokens)
+        self._stop.fill_(-1)
+        if stop:
+            self._stop[: len(stop)] = torch.tensor(stop, device=self.device)
+        gen = None
+        if not params.is_greedy:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed if seed is not None else torch.seed())
+        rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
+
+        hidden, logits, tokens, lens = self.prefill(prompts)
+        lengths = lens + self.cache.prefix_len
+        if drafter is not None:
+            drafter.start(self, hidden, tokens, lens)
+        ar = torch.arange(bsz, device=self.device)
+        first = torch.argmax(logits, -1) if params.is_greedy else torch.multinomial(
+            probs(logits, params), 1, generator=gen)[:, 0]
+        hidden_last = hidden[ar, lens - 1]
+        self._out[:bsz, 0] = first
+        n_out = torch.ones(bsz, dtype=torch.long, device=self.device)
+        max_new = torch.full((bsz,), max_new_tokens, dtype=torch.long, device=self.device)
+        active = (~torch.isin(first, self._stop)) & (n_out < max_new)
+        root = first
+        state = (root, hidden_last, lengths, active, n_out, torch.zeros_like(n_out))
+        sent = [0] * bsz
+        if stream:
+            yield self._new_tokens(bsz, sent, stop, max_new_tokens, n_out)
+        whole_graph = rule == "greedy" and (drafter is None or getattr(drafter, "stateless", False))
+        steps = 0
+        while steps < max_new_tokens - 1:
+            if whole_graph:
+                key = ("step", bsz, id(tree), id(drafter))
+                fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
+                state = self._graphs(key, fn, *state, max_new)
+            else:
+                state = self._step(tree, drafter, rule, params, gen, *state, max_new)
+            steps += 1
+            if stream:
+                yield self._new_tokens(bsz, sent, stop, max_new_tokens, state[4])
+            if (stream or steps % self.check_every == 0) and not bool(state[3].any()):
+                break
+        final = self._collect(bsz, stop, max_new_tokens, state[4])
+        if stats is not None:
+            stats["steps"] = steps
+            # tokens per step while active (the first token comes from the prefill)
+            stats["tokens_per_step"] = float((state[4] - 1).sum()) / max(1.0, float(state[5].sum()))
+        if not stream:
+            yield final
+
+    def _stop_ids(self, stop_tokens) -> list[int]:
+        if stop_tokens is None:
+            eos = self.eos_token_id
+            stop = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+        else:
+            stop = [int(s) for s in stop_tokens]
+        if len(stop) > _MAX_STOP:
+            raise ConfigError(f"at most {_MAX_STOP} stop tokens are supported; got {len(stop)}")
+        return stop
+
+    def _collect(self, bsz, stop, max_new, n_out) -> list[list[int]]:
+        rows = self._out[:bsz, : max_new + 1].tolist()
+        counts = n_out.tolist()
+        out = []
+        for row, n in zip(rows, counts):
+            row = row[: min(n, max_new)]
+            for i, t in enumerate(row):
+                if t in stop:
+                    row = row[: i + 1]
+                    break
+            out.append(row)
+        return out
+
+    def _new_tokens(self, bsz, sent, stop, max_new, n_out) -> list[list[int]]:
+        full = self._collect(bsz, stop, max_new, n_out)
+        new = []
+        for b in range(bsz):
+            new.append(full[b][sent[b]:])
+            sent[b] = len(full[b])
+        return new

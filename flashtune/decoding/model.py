@@ -1,0 +1,286 @@
+"""Compact decoder-only transformer that loads Hugging Face weights, for the decoding engine.
+
+Covers the Llama family (Llama, Mistral, Qwen2, SmolLM2: RMSNorm, rotary positions, gated SiLU MLP, GQA,
+optional q/k/v bias) and GPT-2 (LayerNorm, learned positions, GELU MLP, fused c_attn). Owning the model code
+(gpt-fast style) makes the KV cache static and written by index, lets a step take an arbitrary boolean mask
+(tree attention) and keeps every step capturable in a CUDA graph; docs/decoding.md gives the measurement
+behind that choice. q/k/v and gate/up are fused into one matrix each (fewer launches at batch 1).
+
+Every forward takes explicit slots and a mask, so one function serves prefill, plain decoding and tree
+verification:
+
+    tokens    long [B, T]
+    positions long [B, T]      rotary / learned position of each token
+    slots     long [B, T]      cache slots the tokens' K/V are written to
+    mask      bool [B, T, S]   which of the first S cache slots each token attends to (its own slot included)
+    returns   hidden [B, T, d] after the final norm (what lm_head reads)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashtune.decoding.cache import KVCache
+from flashtune.errors import FlashtuneError
+
+LLAMA_TYPES = ("llama", "mistral", "qwen2")
+
+
+@dataclass
+class ModelArgs:
+    arch: str  # "llama" (the Llama family) or "gpt2"
+    n_layers: int
+    dim: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    norm_eps: float
+    qkv_bias: bool
+    out_bias: bool
+    mlp_bias: bool
+    max_positions: int
+    act: str = "silu"
+
+    @classmethod
+    def from_hf(cls, config) -> "ModelArgs":
+        mt = getattr(config, "model_type", None)
+        if mt in LLAMA_TYPES:
+            heads = config.num_attention_heads
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            return cls("llama", config.num_hidden_layers, config.hidden_size, heads,
+                       getattr(config, "num_key_value_heads", None) or heads, head_dim, config.intermediate_size,
+                       config.vocab_size, config.rms_norm_eps,
+                       qkv_bias=(mt == "qwen2") or bool(getattr(config, "attention_bias", False)),
+                       out_bias=bool(getattr(config, "attention_bias", False)) and mt != "qwen2",
+                       mlp_bias=bool(getattr(config, "mlp_bias", False)),
+                       max_positions=config.max_position_embeddings, act=config.hidden_act)
+        if mt == "gpt2":
+            if config.scale_attn_by_inverse_layer_idx or not config.scale_attn_weights:
+                raise FlashtuneError("GPT-2 attention scaling variants are not supported by the engine; "
+                                     "use scale_attn_weights=True and scale_attn_by_inverse_layer_idx=False")
+            return cls("gpt2", config.n_layer, config.n_embd, config.n_head, config.n_head,
+                       config.n_embd // config.n_head, config.n_inner or 4 * config.n_embd, config.vocab_size,
+                       config.layer_norm_epsilon, True, True, True, config.n_positions,
+                       act=config.activation_function)
+        raise FlashtuneError(f"the decoding engine does not support model_type={mt!r}; "
+                             f"supported: {', '.join(LLAMA_TYPES + ('gpt2',))}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):  # same arithmetic as transformers' LlamaRMSNorm (fp32 statistics)
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def _act(name: str):
+    if name in ("silu", "swish"):
+        return F.silu
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    if name == "relu":
+        return F.relu
+    raise FlashtuneError(f"activation {name!r} is not supported by the decoding engine")
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def attend(q, k, v, mask, scale: float, backend: str = "sdpa"):
+    """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask bool [B, T, S] -> [B, Hq, T, D].
+
+    "sdpa": torch SDPA with an explicit mask (the CPU path). "matmul": grouped-query matmuls without
+    repeating K/V (the CUDA path for short query blocks). "flash": flashtune.attention.flash_attention.
+    """
+    bsz, hq, t, d = q.shape
+    hkv = k.shape[1]
+    if backend == "flash":
+        from flashtune.attention import flash_attention
+
+        out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask,
+                              softmax_scale=scale)
+        return out.transpose(1, 2)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
+                                              enable_gqa=hq != hkv)
+    g = hq // hkv
+    qg = q.reshape(bsz, hkv, g * t, d)  # query head h uses kv head h // g: [B, Hkv, G*T, D]
+    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, S]
+    scores = scores.view(bsz, hkv, g, t, -1).masked_fill(~mask[:, None, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(bsz, hkv, g * t, -1)
+    return torch.matmul(probs, v).view(bsz, hq, t, d)
+
+
+class Block(nn.Module):
+    def __init__(self, a: ModelArgs):
+        super().__init__()
+        self.a = a
+        norm = (lambda: RMSNorm(a.dim, a.norm_eps)) if a.arch == "llama" else (
+            lambda: nn.LayerNorm(a.dim, eps=a.norm_eps))
+        self.norm1, self.norm2 = norm(), norm()
+        self.wqkv = nn.Linear(a.dim, (a.n_heads + 2 * a.n_kv_heads) * a.head_dim, bias=a.qkv_bias)
+        self.wo = nn.Linear(a.n_heads * a.head_dim, a.dim, bias=a.out_bias)
+        gated = a.arch == "llama"
+        self.w_in = nn.Linear(a.dim, (2 if gated else 1) * a.ffn_dim, bias=a.mlp_bias)  # [gate; up] or c_fc
+        self.w_out = nn.Linear(a.ffn_dim, a.dim, bias=a.mlp_bias)
+        self.act = _act(a.act)
+
+    def forward(self, x, rope, cache: KVCache, layer: int, slots, mask, backend):
+        a = self.a
+        bsz, t, _ = x.shape
+        qkv = self.wqkv(self.norm1(x))
+        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
+        q = q.view(bsz, t, a.n_heads, a.head_dim).transpose(1, 2)  # [B, Hq, T, D]
+        k = k.view(bsz, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.view(bsz, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope  # [B, 1, T, D]
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+        cache.write(layer, slots, k, v)
+        kc, vc = cache.view(layer, bsz, mask.shape[-1])
+        y = attend(q, kc, vc, mask, a.head_dim ** -0.5, backend)  # [B, Hq, T, D]
+        x = x + self.wo(y.transpose(1, 2).reshape(bsz, t, a.n_heads * a.head_dim))
+        h = self.w_in(self.norm2(x))
+        if a.arch == "llama":
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return x + self.w_out(h)
+
+
+class DecoderModel(nn.Module):
+    """The backbone + LM head. Build with `DecoderModel.from_hf(hf_model_or_config, state_dict)`."""
+
+    def __init__(self, a: ModelArgs, tie: bool):
+        super().__init__()
+        self.args = a
+        self.embed = nn.Embedding(a.vocab_size, a.dim)
+        self.wpe = nn.Embedding(a.max_positions, a.dim) if a.arch == "gpt2" else None
+        self.layers = nn.ModuleList(Block(a) for _ in range(a.n_layers))
+        self.norm = RMSNorm(a.dim, a.norm_eps) if a.arch == "llama" else nn.LayerNorm(a.dim, eps=a.norm_eps)
+        self.lm_head = nn.Linear(a.dim, a.vocab_size, bias=False)
+        if tie:
+            self.lm_head.weight = self.embed.weight
+        self.register_buffer("inv_freq", torch.ones(max(1, a.head_dim // 2)), persistent=False)
+        self.rope_scaling = 1.0
+        self.backend = "sdpa"
+
+    def rope(self, positions, dtype):
+        """positions [B, T] -> (cos, sin) [B, 1, T, D] in `dtype` (fp32 angles, as transformers computes)."""
+        if self.args.arch != "llama":
+            return None
+        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return ((emb.cos() * self.rope_scaling).to(dtype)[:, None], (emb.sin() * self.rope_scaling).to(dtype)[:, None])
+
+    def forward(self, tokens, positions, cache: KVCache, slots, mask):
+        x = self.embed(tokens)
+        if self.wpe is not None:
+            x = x + self.wpe(positions)
+        rope = self.rope(positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache, i, slots, mask, self.backend)
+        return self.norm(x)
+
+    @classmethod
+    def from_hf(cls, hf_model, state_dict=None, device=None, dtype=None) -> "DecoderModel":
+        """Copy a Hugging Face causal LM's weights (or `state_dict`, HF names, e.g. LoRA-merged) into a new model."""
+        config = hf_model.config
+        a = ModelArgs.from_hf(config)
+        sd = dict(hf_model.state_dict() if state_dict is None else state_dict)
+        tie = bool(getattr(config, "tie_word_embeddings", a.arch == "gpt2"))
+        dtype = dtype or next(hf_model.parameters()).dtype
+        with torch.device("meta"):
+            m = cls(a, tie)
+        new = _convert(a, sd)
+        if tie:
+            new.pop("lm_head.weight", None)
+        missing = set(n for n, _ in m.named_parameters()) - set(new)
+        if missing:
+            raise FlashtuneError(f"weights missing for the engine's model: {sorted(missing)[:4]}...; "
+                                 "is this a base causal LM of a supported type?")
+        m.load_state_dict({k: v.to(dtype) for k, v in new.items()}, strict=False, assign=True)
+        if tie:
+            m.lm_head.weight = m.embed.weight
+        if a.arch == "llama":
+            rot = hf_model.model.rotary_emb
+            m.inv_freq = rot.inv_freq.detach().clone().float()
+            m.rope_scaling = float(getattr(rot, "attention_scaling", 1.0))
+        else:
+            m.inv_freq = torch.ones(1)
+        return m.to(device).eval()
+
+
+def _convert(a: ModelArgs, sd: dict) -> dict:
+    """Hugging Face parameter names -> this module's (q/k/v and gate/up fused, GPT-2 Conv1D transposed)."""
+    out = {}
+    if a.arch == "llama":
+        pre = "model."
+        out["embed.weight"] = sd[pre + "embed_tokens.weight"]
+        out["norm.weight"] = sd[pre + "norm.weight"]
+        if "lm_head.weight" in sd:
+            out["lm_head.weight"] = sd["lm_head.weight"]
+        for i in range(a.n_layers):
+            p, q = f"{pre}layers.{i}.", f"layers.{i}."
+            at = p + "self_attn."
+            out[q + "wqkv.weight"] = torch.cat([sd[at + n + "_proj.weight"] for n in "qkv"], 0)
+            if a.qkv_bias:
+                out[q + "wqkv.bias"] = torch.cat([sd[at + n + "_proj.bias"] for n in "qkv"], 0)
+            out[q + "wo.weight"] = sd[at + "o_proj.weight"]
+            if a.out_bias:
+                out[q + "wo.bias"] = sd[at + "o_proj.bias"]
+            out[q + "w_in.weight"] = torch.cat([sd[p + "mlp.gate_proj.weight"], sd[p + "mlp.up_proj.weight"]], 0)
+            out[q + "w_out.weight"] = sd[p + "mlp.down_proj.weight"]
+            if a.mlp_bias:
+                out[q + "w_in.bias"] = torch.cat([sd[p + "mlp.gate_proj.bias"], sd[p + "mlp.up_proj.bias"]], 0)
+                out[q + "w_out.bias"] = sd[p + "mlp.down_proj.bias"]
+            out[q + "norm1.weight"] = sd[p + "input_layernorm.weight"]
+            out[q + "norm2.weight"] = sd[p + "post_attention_layernorm.weight"]
+        return out
+    pre = "transformer."
+    out["embed.weight"] = sd[pre + "wte.weight"]
+    out["wpe.weight"] = sd[pre + "wpe.weight"]
+    out["norm.weight"], out["norm.bias"] = sd[pre + "ln_f.weight"], sd[pre + "ln_f.bias"]
+    if "lm_head.weight" in sd:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    for i in range(a.n_layers):
+        p, q = f"{pre}h.{i}.", f"layers.{i}."
+        for src, dst in (("attn.c_attn", "wqkv"), ("attn.c_proj", "wo"), ("mlp.c_fc", "w_in"), ("mlp.c_proj", "w_out")):
+            out[q + dst + ".weight"] = sd[p + src + ".weight"].t().contiguous()  # Conv1D stores [in, out]
+            out[q + dst + ".bias"] = sd[p + src + ".bias"]
+        out[q + "norm1.weight"], out[q + "norm1.bias"] = sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]
+        out[q + "norm2.weight"], out[q + "norm2.bias"] = sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]
+    return out
+
+
+def hf_state_and_prefix(hf_model):
+    """(state_dict with HF base names, prefix K/V or None) of a model that may carry flashtune tuners.
+
+    LoRA is merged by `flashtune.tuners.merged_state_dict`; an active prefix adapter's keys/values come from
+    `flashtune.tuners.prefix_key_values`. A plain model gives its own state dict and no prefix.
+    """
+    names = [n for n, _ in hf_model.named_parameters()]
+    tuned = any(("lora_" in n or "adapter" in n or "prefix" in n) for n in names)
+    if not tuned:
+        return hf_model.state_dict(), None
+    from flashtune import tuners
+
+    prefix = tuners.prefix_key_values(hf_model) if hasattr(tuners, "prefix_key_values") else None
+    return tuners.merged_state_dict(hf_model), prefix

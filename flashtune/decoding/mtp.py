@@ -1,0 +1,452 @@
+"""Multi-token prediction (MTP) modules in the style of DeepSeek-V3, trained on a base model and used as drafts.
+
+Paper: "DeepSeek-V3 Technical Report", DeepSeek-AI, arXiv 2412.19437, §2.2 (Multi-Token Prediction).
+
+Module k (k = 1..D) at trunk position i reads the previous depth's hidden state h^{k-1}_i (h^0 = the base
+model's final hidden state, after its final norm) and the embedding of the token t_{i+k}:
+
+    h'^k_i = eh_proj([enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)])      2d -> d, no bias
+    h^k_i  = block_k(h'^k_{<=i})                                     one causal decoder layer of the base's type
+    P^k    = softmax(lm_head(shared_head.norm(h^k_i)))               predicts t_{i+k+1}
+
+The concatenation order [embedding; hidden] is the one of DeepSeek-V3's released weights (its paper writes
+the reverse). Emb and lm_head are the base model's own tensors (bound, never copied or saved). The block is
+an instance of the base model's own Hugging Face decoder-layer class (LlamaDecoderLayer, Qwen2DecoderLayer,
+GPT2Block, ...), so any model family whose layers transformers implements works. RoPE positions are the trunk
+indices i.
+
+Files: `mtp_config.json` + `mtp.safetensors`, tensors named as DeepSeek-V3 names its MTP layer,
+`model.layers.{N + k - 1}.{enorm,hnorm,eh_proj,shared_head.norm,self_attn...,mlp...}.weight` with N the base
+model's number of layers; `load_state_dict_deepseek` reads that layout (the shared `embed_tokens` and
+`shared_head.head` tensors, if present, are skipped: the base's are used).
+
+Loss (SPEC §2.2): L^k is the cross-entropy of P^k_i against t_{i+k+1}; L_MTP = (λ/D)·Σ_k L^k, added to the
+main LM loss when the trunk is trained too. λ follows a step schedule in training tokens (0.3, then 0.1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+
+CONFIG_NAME = "mtp_config.json"
+WEIGHTS_NAME = "mtp.safetensors"
+IGNORE_INDEX = -100
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Reading the parts of a Hugging Face decoder-only model that the MTP modules (and the parallel heads) share.
+
+def trunk(model) -> nn.Module:
+    """The model's decoder stack (LlamaModel, GPT2Model, ...), whose forward gives `last_hidden_state`."""
+    inner = getattr(model, "base_model", None)
+    if inner is None or inner is model:
+        raise FlashtuneError(f"{type(model).__name__} has no decoder stack; pass a causal LM (e.g. LlamaForCausalLM)")
+    return inner
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    inner = trunk(model)
+    for name in ("layers", "h"):
+        layers = getattr(inner, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise FlashtuneError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-family, GPT-2")
+
+
+def final_norm(model) -> nn.Module:
+    inner = trunk(model)
+    for name in ("norm", "ln_f"):
+        norm = getattr(inner, name, None)
+        if isinstance(norm, nn.Module):
+            return norm
+    raise FlashtuneError(f"cannot find the final norm of {type(model).__name__}; supported: Llama-family, GPT-2")
+
+
+def rotary(model):
+    """The base's rotary-embedding module (no parameters), or None for absolute-position models like GPT-2."""
+    return getattr(trunk(model), "rotary_emb", None)
+
+
+def set_layer_index(block: nn.Module, index: int) -> None:
+    """Give a copied decoder layer its own cache index (the attention module asks the cache by this index)."""
+    for module in block.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = index
+
+
+def new_block(model, index: int, init: str) -> nn.Module:
+    """A decoder layer of the base's own class: a copy of its last layer (init="last_layer") or freshly
+    initialized (init="random", the Hugging Face initializer of the base)."""
+    last = decoder_layers(model)[-1]
+    if init == "last_layer":
+        block = copy.deepcopy(last)
+    else:
+        cls = type(last)
+        try:
+            block = cls(model.config, layer_idx=index)
+        except TypeError:
+            block = cls(model.config)
+        block.apply(model._init_weights) if hasattr(model, "_init_weights") else None
+        block.to(dtype=last_param(last).dtype, device=last_param(last).device)
+    set_layer_index(block, index)
+    for p in block.parameters():
+        p.requires_grad_(True)
+    return block
+
+
+def last_param(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())
+
+
+def causal_mask(positions_q: torch.Tensor, positions_k: torch.Tensor, key_valid: torch.Tensor | None,
+                dtype: torch.dtype) -> torch.Tensor:
+    """Additive attention mask [B, 1, q, k]: 0 where key position <= query position (and the key is valid),
+    the dtype's minimum elsewhere. positions_q [B, q], positions_k [B, k], key_valid [B, k] bool or None."""
+    allowed = positions_k[:, None, :] <= positions_q[:, :, None]  # [B, q, k]
+    if key_valid is not None:
+        allowed = allowed & key_valid[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return mask[:, None]
+
+
+def run_block(block: nn.Module, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rope,
+              cache=None) -> torch.Tensor:
+    """One Hugging Face decoder layer on x [B, q, d] at `positions` [B, q], additive mask [B, 1, q, k]."""
+    kwargs = {}
+    if rope is not None:
+        kwargs["position_embeddings"] = rope(x, positions)
+    out = block(x, attention_mask=mask, position_ids=positions, past_key_values=cache, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def rms_norm(model, d: int) -> nn.Module:
+    eps = getattr(model.config, "rms_norm_eps", None) or getattr(model.config, "layer_norm_epsilon", 1e-6)
+    p = last_param(decoder_layers(model)[-1])
+    return nn.RMSNorm(d, eps=eps, device=p.device, dtype=p.dtype)
+
+
+def atomic_write_json(path: Path, obj: dict) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
+    os.close(fd)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {})
+    os.replace(tmp, path)
+
+
+def check_base(saved: dict, model) -> None:
+    """Raise unless the base model has the shape the modules were trained for."""
+    cfg = model.config
+    want = {"model_type": cfg.model_type, "hidden_size": cfg.hidden_size if hasattr(cfg, "hidden_size") else cfg.n_embd,
+            "vocab_size": cfg.vocab_size}
+    for key, value in want.items():
+        if saved.get(key) not in (None, "", 0, value):
+            raise FlashtuneError(f"heads were trained for {key}={saved[key]!r} but the base model has {value!r}; "
+                                 f"load them with the base model they were trained on")
+
+
+def base_dims(model) -> dict:
+    cfg = model.config
+    return {"model_type": cfg.model_type, "hidden_size": getattr(cfg, "hidden_size", None) or cfg.n_embd,
+            "vocab_size": cfg.vocab_size, "num_base_layers": len(decoder_layers(model))}
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class MTPConfig:
+    """MTP modules. depth: D modules in sequence. λ is `lambda_initial` for the first `lambda_switch_tokens`
+    training tokens (None: always), then `lambda_final` (DeepSeek-V3: 0.3 for 10T tokens, then 0.1).
+    recycle: which output of a module feeds the next one ("pre_norm" as DeepSeek-V3 trains and vLLM drafts,
+    "post_norm" as SGLang drafts). init: the block starts as a copy of the base's last layer or at random.
+    The remaining fields describe the base model and are filled in by `MTPModules.build`."""
+
+    depth: int = 1
+    lambda_initial: float = 0.3
+    lambda_final: float = 0.1
+    lambda_switch_tokens: int | None = None
+    recycle: str = "pre_norm"
+    init: str = "last_layer"
+    model_type: str = ""
+    hidden_size: int = 0
+    vocab_size: int = 0
+    num_base_layers: int = 0
+
+    def __post_init__(self):
+        check_range("depth", self.depth, 1, 16, integer=True)
+        check_range("lambda_initial", self.lambda_initial, 0.0)
+        check_range("lambda_final", self.lambda_final, 0.0)
+        if self.lambda_switch_tokens is not None:
+            check_range("lambda_switch_tokens", self.lambda_switch_tokens, 0, integer=True)
+        check_choice("recycle", self.recycle, ("pre_norm", "post_norm"))
+        check_choice("init", self.init, ("last_layer", "random"))
+
+    def lam(self, tokens_seen: int) -> float:
+        """λ after `tokens_seen` training tokens."""
+        if self.lambda_switch_tokens is not None and tokens_seen >= self.lambda_switch_tokens:
+            return self.lambda_final
+        return self.lambda_initial
+
+    def to_dict(self) -> dict:
+        return {"method": "mtp", **asdict(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MTPConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names - {"method"}
+        if unknown:
+            raise ConfigError(f"unknown MTP config field(s) {sorted(unknown)}; allowed: {sorted(names)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+class SharedHead(nn.Module):
+    """DeepSeek-V3's `shared_head`: its own final norm; the output projection is the base's lm_head."""
+
+    def __init__(self, norm: nn.Module):
+        super().__init__()
+        self.norm = norm
+
+
+class MTPLayer(nn.Module):
+    """One MTP module: enorm, hnorm, eh_proj, a decoder block and shared_head.norm (names as DeepSeek-V3)."""
+
+    def __init__(self, model, index: int, init: str):
+        super().__init__()
+        d = base_dims(model)["hidden_size"]
+        p = last_param(decoder_layers(model)[-1])
+        self.enorm = rms_norm(model, d)
+        self.hnorm = rms_norm(model, d)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False, device=p.device, dtype=p.dtype)
+        with torch.no_grad():
+            # [embedding half | hidden half]: the hidden half starts as the identity so that a new module
+            # begins as "the base's last layer applied again", the embedding half small and random.
+            self.eh_proj.weight.normal_(0.0, 0.02)
+            self.eh_proj.weight[:, d:].copy_(torch.eye(d, dtype=p.dtype, device=p.device))
+        self.block = new_block(model, index, init)
+        self.shared_head = SharedHead(copy.deepcopy(final_norm(model)))
+        for q in self.shared_head.parameters():
+            q.requires_grad_(True)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rope,
+                cache=None) -> torch.Tensor:
+        """h [B, q, d] previous depth's hidden, e [B, q, d] embeddings of the tokens one ahead -> [B, q, d]
+        (the block's output, before shared_head.norm)."""
+        x = self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h)], dim=-1))  # [B, q, 2d] -> [B, q, d]
+        return run_block(self.block, x, positions, mask, rope, cache)
+
+
+class MTPModules(nn.Module):
+    """D MTP modules bound to a base causal LM (its embedding, lm_head and rotary tables are shared).
+
+    Build new ones with `MTPModules.build(model, depth=...)`, or load with `MTPModules.load(dir, model)`.
+    """
+
+    def __init__(self, config: MTPConfig, model):
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(MTPLayer(model, m, config.init) for m in range(config.depth))
+        self.bind(model)
+
+    @classmethod
+    def build(cls, model, depth: int = 1, **kwargs) -> "MTPModules":
+        """New modules for `model` (build them before attaching LoRA to it: the block copies its last layer)."""
+        return cls(MTPConfig(depth=depth, **kwargs, **base_dims(model)), model)
+
+    def bind(self, model) -> None:
+        """Share the base's embedding, output head and rotary tables: the same tensors, never copies."""
+        check_base(asdict(self.config), model)
+        self.__dict__["_base"] = model  # not a registered submodule: not saved, not moved, not trained here
+
+    @property
+    def base(self):
+        return self.__dict__["_base"]
+
+    @property
+    def embed_tokens(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def logits(self, m: int, out: torch.Tensor) -> torch.Tensor:
+        """Module m's output [B, q, d] -> logits [B, q, V]."""
+        return self.lm_head(self.layers[m].shared_head.norm(out))
+
+    def recycled(self, m: int, out: torch.Tensor) -> torch.Tensor:
+        """What module m passes on to the next depth."""
+        return self.layers[m].shared_head.norm(out) if self.config.recycle == "post_norm" else out
+
+    # ---- training ------------------------------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """Teacher-forced pass over whole sequences.
+
+        hidden [B, T, d]: the base's final hidden states; input_ids [B, T]; attention_mask [B, T] (1 = token).
+        Returns a list of D tensors [B, T, d]: entry k-1 at position i is module k's output h^k_i, which
+        predicts token i+k+1 (positions i > T-k-2 have no target and only see padding ahead).
+        """
+        B, T = input_ids.shape
+        positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        valid = attention_mask.bool() if attention_mask is not None else None
+        mask = causal_mask(positions, positions, valid, hidden.dtype)
+        mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=mask.device), 0.0)  # no empty rows
+        rope = rotary(self.base)
+        outs, h = [], hidden
+        for m, layer in enumerate(self.layers):
+            k = m + 1
+            ahead = F.pad(input_ids[:, k:], (0, k), value=0)  # [B, T]: token i+k at position i
+            out = layer(h, self.embed_tokens(ahead).to(h.dtype), positions, mask, rope)
+            outs.append(out)
+            h = self.recycled(m, out)
+        return outs
+
+    def depth_losses(self, outs: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:
+        """Cross-entropy L^k of each module against labels shifted by k+1 (label -100 is ignored)."""
+        losses = []
+        for m, out in enumerate(outs):
+            shift = m + 2
+            T = labels.shape[1]
+            if T <= shift:
+                raise FlashtuneError(f"sequences of {T} tokens are too short for MTP depth {m + 1}; "
+                                     f"use sequences longer than {shift} tokens or a smaller depth")
+            logits = self.logits(m, out[:, : T - shift])  # [B, T-k-1, V]
+            target = labels[:, shift:]  # [B, T-k-1]
+            losses.append(F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                          ignore_index=IGNORE_INDEX))
+        return losses
+
+    # ---- files ---------------------------------------------------------------------------------------
+    def deepseek_state_dict(self) -> dict[str, torch.Tensor]:
+        """Own tensors under DeepSeek-V3 names: model.layers.{N+m}.<name>, the block's names unprefixed."""
+        out = {}
+        first = self.config.num_base_layers
+        for m, layer in enumerate(self.layers):
+            for name, t in layer.state_dict().items():
+                name = name[len("block."):] if name.startswith("block.") else name
+                out[f"model.layers.{first + m}.{name}"] = t
+        return out
+
+    def load_state_dict_deepseek(self, tensors: dict[str, torch.Tensor], first_layer: int | None = None) -> None:
+        """Load tensors named as DeepSeek-V3's MTP layers (layer index `first_layer` + m for module m; by
+        default the smallest layer index that holds an `eh_proj`). eh_proj's input is [enorm(emb); hnorm(h)]."""
+        if first_layer is None:
+            found = sorted(int(k.split(".")[2]) for k in tensors if k.startswith("model.layers.") and ".eh_proj." in k)
+            if not found:
+                raise FlashtuneError("no `model.layers.N.eh_proj.weight` tensor found; these are not MTP weights")
+            first_layer = found[0]
+        for m, layer in enumerate(self.layers):
+            prefix = f"model.layers.{first_layer + m}."
+            own = layer.state_dict()
+            state = {}
+            for name in own:
+                file_name = prefix + (name[len("block."):] if name.startswith("block.") else name)
+                if file_name not in tensors:
+                    raise FlashtuneError(f"MTP weights miss {file_name}; the file is for another model or depth")
+                if tensors[file_name].shape != own[name].shape:
+                    raise FlashtuneError(f"{file_name} has shape {tuple(tensors[file_name].shape)}, expected "
+                                         f"{tuple(own[name].shape)}; the weights are for another base model")
+                state[name] = tensors[file_name]
+            layer.load_state_dict(state)
+
+    def save(self, directory) -> Path:
+        """Write mtp_config.json + mtp.safetensors (DeepSeek-V3 tensor names) into `directory`, atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors(directory / WEIGHTS_NAME, self.deepseek_state_dict(), {"format": "pt"})
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+        return directory
+
+    @classmethod
+    def load(cls, directory, model) -> "MTPModules":
+        """Modules saved by `save`, bound to `model` (which must be the base they were trained on)."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise FlashtuneError(f"{directory} holds no MTP modules ({CONFIG_NAME} + {WEIGHTS_NAME}); "
+                                 f"train them with `flashtune train-heads --method mtp`")
+        config = MTPConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
+        check_base(asdict(config), model)
+        mtp = cls(config, model)
+        mtp.load_state_dict_deepseek(load_file(str(directory / WEIGHTS_NAME)), first_layer=config.num_base_layers)
+        return mtp
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: the base and the modules in one nn.Module (so `fit` finds every trainable parameter), and the loss.
+
+class WithMTP(nn.Module):
+    """The base model plus its MTP modules, for `flashtune.training.fit`. Trainable parameters: the MTP
+    modules, and whatever of the base requires grad (LoRA after `attach`, for joint training)."""
+
+    def __init__(self, model, mtp: MTPModules):
+        super().__init__()
+        self.model = model
+        self.mtp = mtp
+
+    def base_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.model.parameters())
+
+
+class MTPLoss:
+    """`loss_fn(wrapper, batch)` for `fit`: L = [L_main if the base trains] + (λ/D)·Σ_k L^k.
+
+    batch: `input_ids` [B, T], optional `attention_mask` [B, T], optional `labels` [B, T] (-100 = ignored;
+    default: input_ids with padding ignored). λ comes from the config's schedule over the tokens this loss
+    has seen (`tokens_seen`, counted from non-ignored labels; set it when resuming). `last` keeps the most
+    recent parts (main, per-depth, λ) for logging.
+    """
+
+    def __init__(self, config: MTPConfig, tokens_seen: int = 0):
+        self.config = config
+        self.tokens_seen = tokens_seen
+        self.last: dict = {}
+
+    def __call__(self, wrapper: WithMTP, batch: dict) -> torch.Tensor:
+        input_ids = batch["input_ids"]
+        attention_mask = batch.get("attention_mask")
+        labels = batch.get("labels")
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
+        joint = wrapper.base_trainable() and wrapper.training
+        with torch.set_grad_enabled(joint and torch.is_grad_enabled()):
+            hidden = trunk(wrapper.model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        if not joint:
+            hidden = hidden.detach()
+        lam = self.config.lam(self.tokens_seen)
+        depth = wrapper.mtp(hidden, input_ids, attention_mask)
+        depth_losses = wrapper.mtp.depth_losses(depth, labels)
+        loss = (lam / self.config.depth) * torch.stack(depth_losses).sum()
+        main = None
+        if joint:
+            logits = wrapper.model.get_output_embeddings()(hidden[:, :-1]).float()  # [B, T-1, V]
+            main = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
+                                   ignore_index=IGNORE_INDEX)
+            loss = loss + main
+        if wrapper.training:
+            self.tokens_seen += int((labels != IGNORE_INDEX).sum())
+        self.last = {"lambda": lam, "main": None if main is None else float(main.detach()),
+                     **{f"mtp_{m + 1}": float(x.detach()) for m, x in enumerate(depth_losses)}}
+        return loss

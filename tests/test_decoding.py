@@ -1,0 +1,150 @@
+"""The decoding engine against Hugging Face's own models (logits, greedy generate) and plain PyTorch oracles."""
+
+import pytest
+import torch
+from tiny import DECODER_ARCHS, VOCAB, random_ids, tiny_model
+
+from flashtune.decoding import Engine
+from flashtune.decoding.sampling import SamplingParams, probs
+from flashtune.decoding.tree import MC_SIM_7B_63, tree_buffers
+from flashtune.errors import ConfigError
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny matmuls run fastest on one thread, and other test workers share the two cores.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _prompts():
+    return [random_ids(1, 7, seed=1)[0].tolist(), random_ids(1, 3, seed=2)[0].tolist(),
+            random_ids(1, 11, seed=3)[0].tolist()]
+
+
+def _hf_greedy(model, prompt, n, **kw):
+    out = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, pad_token_id=0, **kw)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_prefill_logits_match_hf(arch):
+    model = tiny_model(arch)
+    engine = Engine(model, max_batch_size=3, max_seq_len=64)
+    prompts = _prompts()
+    _, logits, _, _ = engine.prefill(prompts)
+    for b, p in enumerate(prompts):
+        ref = model(torch.tensor([p])).logits[0, -1]
+        torch.testing.assert_close(logits[b], ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_greedy_batch_matches_hf_generate(arch):
+    model = tiny_model(arch)
+    engine = Engine(model, max_batch_size=4, max_seq_len=96)
+    prompts = _prompts()
+    out = engine.generate(prompts, max_new_tokens=24)  # stops at eos, as generate does
+    for p, toks in zip(prompts, out.tokens):
+        assert toks == _hf_greedy(model, p, 24)
+    assert out.accepted_per_step == 1.0
+    no_stop = engine.generate(prompts, max_new_tokens=24, stop_tokens=[])
+    assert all(len(t) == 24 for t in no_stop.tokens)
+
+
+def test_stop_tokens_end_like_hf_eos():
+    model = tiny_model("llama")
+    engine = Engine(model, max_batch_size=3, max_seq_len=96)
+    prompts = _prompts()
+    free = engine.generate(prompts, max_new_tokens=20, stop_tokens=[]).tokens
+    stop = free[0][5]  # a token the first sequence emits
+    got = engine.generate(prompts, max_new_tokens=20, stop_tokens=[stop]).tokens
+    for p, toks, full in zip(prompts, got, free):
+        ref = _hf_greedy(model, p, 20, eos_token_id=stop)
+        ref = ref[: ref.index(stop) + 1] if stop in ref else ref
+        assert toks == ref
+        assert toks == (full[: full.index(stop) + 1] if stop in full else full)
+    assert got[0][-1] == stop and len(got[0]) == 6
+
+
+def test_stream_concatenates_to_generate():
+    model = tiny_model("qwen2")
+    engine = Engine(model, max_batch_size=3, max_seq_len=96)
+    prompts = _prompts()
+    full = engine.generate(prompts, max_new_tokens=12, stop_tokens=[]).tokens
+    acc = [[] for _ in prompts]
+    chunks = 0
+    for chunk in engine.stream(prompts, max_new_tokens=12, stop_tokens=[]):
+        chunks += 1
+        for b, new in enumerate(chunk):
+            acc[b] += new
+    assert acc == full and chunks == 12
+
+
+def test_sampling_is_seeded_and_top_k_1_is_greedy():
+    model = tiny_model("llama")
+    engine = Engine(model, max_batch_size=3, max_seq_len=96)
+    prompts = _prompts()
+    a = engine.generate(prompts, max_new_tokens=16, temperature=1.0, seed=7, stop_tokens=[]).tokens
+    b = engine.generate(prompts, max_new_tokens=16, temperature=1.0, seed=7, stop_tokens=[]).tokens
+    c = engine.generate(prompts, max_new_tokens=16, temperature=1.0, seed=8, stop_tokens=[]).tokens
+    assert a == b and a != c
+    greedy = engine.generate(prompts, max_new_tokens=16, stop_tokens=[]).tokens
+    assert engine.generate(prompts, max_new_tokens=16, temperature=0.7, top_k=1, seed=1, stop_tokens=[]).tokens == greedy
+
+
+def test_probs_against_a_naive_filter():
+    torch.manual_seed(0)
+    logits = torch.randn(5, 30, dtype=torch.float64)
+    got = probs(logits, SamplingParams(0.8, top_k=10, top_p=0.7))
+    for row, g in zip(logits, got):
+        p = torch.softmax(row / 0.8, -1)
+        keep = set(torch.topk(p, 10).indices.tolist())
+        p = torch.where(torch.tensor([i in keep for i in range(30)]), p, torch.zeros_like(p))
+        p = p / p.sum()
+        order = torch.argsort(p, descending=True).tolist()
+        kept, mass = [], 0.0
+        for i in order:  # smallest set of most likely tokens whose mass reaches top_p
+            kept.append(i)
+            mass += p[i].item()
+            if mass >= 0.7:
+                break
+        ref = torch.zeros_like(p)
+        ref[kept] = p[kept] / p[kept].sum()
+        torch.testing.assert_close(g.double(), ref, atol=1e-6, rtol=1e-5)
+
+
+def test_bad_arguments_are_one_line_errors():
+    engine = Engine(tiny_model("llama"), max_batch_size=2, max_seq_len=32)
+    with pytest.raises(ConfigError, match="max_seq_len"):
+        engine.generate([[3, 4, 5]], max_new_tokens=40)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        engine.generate([[3], [4], [5]], max_new_tokens=2)
+    with pytest.raises(ConfigError, match="temperature"):
+        engine.generate([[3]], max_new_tokens=2, temperature=-1.0)
+    with pytest.raises(ConfigError, match="typical"):
+        engine.generate([[3]], max_new_tokens=2, acceptance="typical")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_tree_forward_equals_sequential_forward_per_path(arch):
+    """One tree pass == a plain forward of prompt + path, for every root-to-leaf path (logits and K/V)."""
+    model = tiny_model(arch)
+    engine = Engine(model, max_batch_size=2, max_seq_len=128)
+    tree = tree_buffers(MC_SIM_7B_63)
+    prompts = _prompts()[:2]
+    _, _, _, lens = engine.prefill(prompts)
+    tokens = torch.randint(3, VOCAB, (2, tree.num_nodes), generator=torch.Generator().manual_seed(0))
+    _, logits = engine.forward(tokens, lens, tree)
+    for b, p in enumerate(prompts):
+        for r in range(0, tree.num_leaves, 5):
+            nodes = tree.retrieve[r, : tree.valid_len[r]]
+            seq = torch.tensor([p + tokens[b, nodes].tolist()])
+            out = model(seq, use_cache=True)
+            torch.testing.assert_close(logits[b, nodes], out.logits[0, len(p):], atol=1e-5, rtol=1e-5)
+            for layer in (0, len(out.past_key_values.layers) - 1):
+                ref_k = out.past_key_values.layers[layer].keys[0, :, len(p):]  # [H, depth+1, D]
+                ref_v = out.past_key_values.layers[layer].values[0, :, len(p):]
+                torch.testing.assert_close(engine.cache.k[layer, b, :, len(p) + nodes], ref_k, atol=1e-5, rtol=1e-5)
+                torch.testing.assert_close(engine.cache.v[layer, b, :, len(p) + nodes], ref_v, atol=1e-5, rtol=1e-5)
