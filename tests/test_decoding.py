@@ -148,3 +148,43 @@ def test_tree_forward_equals_sequential_forward_per_path(arch):
                 ref_v = out.past_key_values.layers[layer].values[0, :, len(p):]
                 torch.testing.assert_close(engine.cache.k[layer, b, :, len(p) + nodes], ref_k, atol=1e-5, rtol=1e-5)
                 torch.testing.assert_close(engine.cache.v[layer, b, :, len(p) + nodes], ref_v, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_tuned_models_match_hf_generate(arch, kind):
+    """LoRA is merged into the engine's weights; a prefix is seeded into cache slots [0, P)."""
+    from flashtune.tuners import LoraConfig, PrefixConfig, attach
+
+    model = tiny_model(arch)
+    target = ["q_proj", "v_proj"] if arch == "llama" else ["c_attn"]
+    cfg = LoraConfig(r=4, target_modules=target) if kind == "lora" else PrefixConfig(
+        num_virtual_tokens=5, prefix_projection=False)
+    attach(model, cfg)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 0.5)  # far from the identity init, so a missing merge or prefix shows
+    model.eval()
+    engine = Engine(model, max_batch_size=2, max_seq_len=96)
+    assert engine.cache.prefix_len == (5 if kind == "prefix" else 0)
+    prompts = _prompts()[:2]
+    out = engine.generate(prompts, max_new_tokens=12)
+    for p, toks in zip(prompts, out.tokens):
+        assert toks == _hf_greedy(model, p, 12)
+
+
+def test_default_model_short_greedy_run():
+    from flashtune.models import load_base_model
+
+    model, tok = load_base_model()
+    engine = Engine(model, tok, max_batch_size=2, max_seq_len=64)
+    prompts = ["The capital of France is", "name[Aromi], food[Chinese]"]
+    out = engine.generate(prompts, max_new_tokens=6)
+    for text, toks in zip(prompts, out.tokens):
+        ids = tok(text)["input_ids"]
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        assert toks == ref
+    assert out.texts is not None and len(out.texts) == 2

@@ -274,13 +274,22 @@ def hf_state_and_prefix(hf_model):
     """(state_dict with HF base names, prefix K/V or None) of a model that may carry flashtune tuners.
 
     LoRA is merged by `flashtune.tuners.merged_state_dict`; an active prefix adapter's keys/values come from
-    `flashtune.tuners.prefix_key_values`. A plain model gives its own state dict and no prefix.
+    `flashtune.tuners.prefix_key_values` (the base weights are then used as they are). A plain model gives its
+    own state dict and no prefix. Bottleneck adapters cannot be merged: that raises a FlashtuneError.
     """
-    names = [n for n, _ in hf_model.named_parameters()]
-    tuned = any(("lora_" in n or "adapter" in n or "prefix" in n) for n in names)
-    if not tuned:
+    try:
+        from flashtune.tuners.base import get_state
+    except ImportError:  # tuners not installed: a plain model
+        return hf_model.state_dict(), None
+    if get_state(hf_model) is None:
         return hf_model.state_dict(), None
     from flashtune import tuners
+    from flashtune.tuners.base import hf_path
 
-    prefix = tuners.prefix_key_values(hf_model) if hasattr(tuners, "prefix_key_values") else None
-    return tuners.merged_state_dict(hf_model), prefix
+    prefix = tuners.prefix_key_values(hf_model)
+    if prefix is None:
+        return tuners.merged_state_dict(hf_model), None
+    skip = {"lora_A", "lora_B", "copies", "adapter_down", "adapter_up"}
+    state = {hf_path(k): v for k, v in hf_model.state_dict().items()
+             if k.split(".")[0] != "flashtune_prefix" and not skip.intersection(k.split("."))}
+    return state, prefix
