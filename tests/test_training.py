@@ -246,3 +246,38 @@ def test_sampler_epochs_are_permutations_and_bucketing_groups_lengths():
         return sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in sampler.epoch(0))
 
     assert spread(bucketed) < spread(plain) / 5
+
+
+# ------------------------------------------------------------------------------------------ speed switches
+def _counting(forward, calls, i):
+    def wrapped(*args, **kwargs):
+        calls[i] += 1
+        return forward(*args, **kwargs)
+    return wrapped
+
+
+def test_checkpointing_and_compiled_blocks_change_nothing_but_speed(tmp_path):
+    from flashtune.training.speed import compile_blocks
+    data = _dataset(8, seed=9)
+    out = {}
+    for name, fraction, compiled in (("plain", 0.0, False), ("half", 0.5, False), ("all", True, False),
+                                     ("compiled", 0.0, True)):
+        model = _subset_trainable(tiny_model("llama"))
+        if compiled:
+            compile_blocks(model, backend="eager")     # dynamo capture without inductor's C++ build
+        calls = [0, 0]
+        if not compiled:   # count MLP forwards (module hooks do not fire in checkpoint recomputes)
+            for i, block in enumerate(model.model.layers):
+                block.mlp.forward = _counting(block.mlp.forward, calls, i)
+        cfg = TrainConfig(out_dir=str(tmp_path / name), max_steps=2, batch_size=4, log_every=1, lr=1e-2,
+                          gradient_checkpointing=fraction)
+        res = fit(model, data, cfg, _collate, progress=False)
+        out[name] = ([r["loss"] for r in res.history], _trainable(model), calls)
+    assert out["compiled"][2] == [0, 0]
+    assert out["plain"][2] == [2, 2]                  # one forward per block per step
+    assert out["half"][2] == [4, 2]                   # the first block is recomputed in backward
+    assert out["all"][2] == [4, 4]
+    for name in ("half", "all", "compiled"):
+        assert out[name][0] == pytest.approx(out["plain"][0], rel=1e-6)
+        for n, w in out["plain"][1].items():
+            torch.testing.assert_close(out[name][1][n], w, rtol=1e-6, atol=1e-7)

@@ -28,12 +28,23 @@ def decoder_blocks(model: torch.nn.Module) -> torch.nn.ModuleList:
     return best
 
 
-def enable_checkpointing(model: torch.nn.Module) -> None:
-    """Recompute each block's activations in backward (non-reentrant torch.utils.checkpoint)."""
+def enable_checkpointing(model: torch.nn.Module, fraction: float = 1.0) -> int:
+    """Recompute the activations of the first `fraction` of the blocks in backward; return how many.
+
+    Uses Hugging Face's per-block switch (non-reentrant torch.utils.checkpoint). Checkpointing only some
+    blocks trades the memory of the others' activations for less recompute: the memory left after the
+    weights decides the fraction.
+    """
     enable = getattr(model, "gradient_checkpointing_enable", None)
     if enable is None or not getattr(model, "supports_gradient_checkpointing", False):
-        raise ConfigError(f"{type(model).__name__} does not support gradient_checkpointing; set it to false")
+        raise ConfigError(f"{type(model).__name__} does not support gradient_checkpointing; set it to 0")
     enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    blocks = decoder_blocks(model)
+    keep = round(fraction * len(blocks))
+    for i, block in enumerate(blocks):
+        if hasattr(block, "gradient_checkpointing"):
+            block.gradient_checkpointing = i < keep
+    return sum(bool(getattr(b, "gradient_checkpointing", False)) for b in blocks)
 
 
 def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:

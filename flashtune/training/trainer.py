@@ -66,7 +66,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     drop_last: bool = False
     ce_chunk_size: int = 4096                # rows per block of the chunked head + cross-entropy; 0: plain
-    gradient_checkpointing: bool = False     # recompute the base's block activations in backward
+    gradient_checkpointing: float = 0.0      # fraction of blocks recomputed in backward (False 0 .. True 1)
     compile: bool = False                    # torch.compile each transformer block
 
     def __post_init__(self):
@@ -82,6 +82,11 @@ class TrainConfig:
             check_range(name, getattr(self, name), 1, integer=True)
         for name in ("warmup_steps", "eval_every", "save_every", "seed", "ce_chunk_size"):
             check_range(name, getattr(self, name), 0, integer=True)
+        if isinstance(self.gradient_checkpointing, bool):
+            self.gradient_checkpointing = float(self.gradient_checkpointing)
+        check_range("gradient_checkpointing", self.gradient_checkpointing, 0, 1)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile={self.compile!r} must be true or false")
         check_range("max_grad_norm", self.max_grad_norm, 0)
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
@@ -233,7 +238,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     trainable = policy.prepare(model)
     params = [p for _, p in trainable]
     if config.gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, config.gradient_checkpointing)
     if config.compile:
         compile_blocks(model)
     optimizer = _make_optimizer(trainable, config, device)
