@@ -122,9 +122,12 @@ class _Scanner:
         name = m.group(0)
         self.i = m.end()
         self.skip_ws()
-        if self.done():
+        if self.done() and name in SCHEMA:
             raise self._truncated(f"'{name}' has no argument list")
-        if self.s[self.i] != "(":
+        if self.done() or self.s[self.i] != "(":
+            if name not in SCHEMA:
+                raise ActionParseError("syntax", f"unexpected text {_excerpt(self.s[m.start():])} "
+                                                 "where an action call should be")
             raise ActionParseError("syntax", f"expected '(' after {name!r} at {_excerpt(self.s[self.i:])}")
         if name not in SCHEMA:
             raise ActionParseError("unknown_action", f"unknown action {name!r}; known: {', '.join(SCHEMA)}")
