@@ -27,6 +27,7 @@ main LM loss when the trunk is trained too. λ follows a step schedule in traini
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 import tempfile
@@ -450,3 +451,184 @@ class MTPLoss:
         self.last = {"lambda": lam, "main": None if main is None else float(main.detach()),
                      **{f"mtp_{m + 1}": float(x.detach()) for m, x in enumerate(depth_losses)}}
         return loss
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Drafting: the modules as a speculative drafter for `Engine.generate(..., speculative=MTPDrafter(...))`.
+
+def _compact_block(hf_block: nn.Module, engine) -> nn.Module:
+    """The engine's own compact decoder block (model.py: fused q/k/v, static cache, CUDA-graph safe) loaded
+    with an MTP block's Hugging Face weights, on the engine's device and dtype."""
+    from flashtune.decoding.model import Block, _convert
+
+    a = dataclasses.replace(engine.model.args, n_layers=1)
+    empty = torch.empty(0)
+    if a.arch == "llama":
+        sd = {f"model.layers.0.{k}": v for k, v in hf_block.state_dict().items()}
+        sd.update({"model.embed_tokens.weight": empty, "model.norm.weight": empty})
+    else:
+        sd = {f"transformer.h.0.{k}": v for k, v in hf_block.state_dict().items()}
+        sd.update({f"transformer.{k}": empty for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")})
+    own = {k[len("layers.0."):]: v for k, v in _convert(a, sd).items() if k.startswith("layers.0.")}
+    block = Block(a)
+    block.load_state_dict(own)
+    return block.to(device=engine.device, dtype=engine.dtype).eval()
+
+
+class MTPDrafter:
+    """Drafts k tokens per step with MTP modules (module j mod D at step j, DeepSeek-V3 §2.3 / vLLM), verified
+    by the engine in one forward pass with the lossless rules of verify.py.
+
+    k: drafted tokens per step. tree_width: 1 drafts a chain; c > 1 also offers the top-c candidates of every
+    step as siblings of the chain's node (a tree verified by the tree rules; the chain continues from the top-1).
+    temperature: None drafts argmax tokens (one-hot q); a number samples drafts from softmax(logits / T) and
+    hands that q to speculative sampling (chain only). seed seeds the draft sampler.
+
+    The modules keep their own static KV cache (the engine's KVCache class, one layer per module, slot =
+    position). After each verification the accepted positions are fed through the modules again ("catch-up"),
+    so module 1's cache always holds exactly what training computed: (h^0_i, t_{i+1}) for every committed i.
+    Modules 2..D are caught up on the same positions with the tokens then known (exact where t_{i+m} was
+    accepted). All state lives in preallocated tensors updated in place, so a greedy step (propose, verify,
+    accept) is captured whole in the engine's CUDA graph; `stateless` is therefore True (graph-safe).
+    """
+
+    stateless = True
+
+    def __init__(self, mtp: MTPModules, k: int = 3, tree_width: int = 1, temperature: float | None = None,
+                 seed: int = 0):
+        from flashtune.decoding.tree import tree_buffers
+
+        check_range("k", k, 1, 16, integer=True)
+        check_range("tree_width", tree_width, 1, 16, integer=True)
+        if temperature is not None:
+            check_range("temperature", temperature, 0.0, low_open=True)
+            if tree_width > 1:
+                raise ConfigError("sampled drafts (temperature) need tree_width=1; trees use argmax candidates")
+        self.mtp, self.k, self.width, self.temperature, self.seed = mtp, k, tree_width, temperature, seed
+        paths = [[0] * (j - 1) + [i] for j in range(1, k + 1) for i in range(tree_width)]
+        self.tree = tree_buffers(paths, topk=tree_width)  # node 1 + (j-1)*c + i: rank i at depth j
+        self._engine = None
+        self.trace: list | None = None  # set to [] to record each step's first-draft q/logits and acceptance
+
+    def acceptance_stats(self) -> dict:
+        """Since the last `start`: steps (summed over rows), the share of steps whose first draft was accepted,
+        and the mean tokens per step (accepted drafts + 1). Rows that finished early still count their extra
+        steps; pass stop_tokens=[] and equal lengths for clean numbers."""
+        steps, first, accepted = (float(x) for x in self._stats)
+        return {"row_steps": steps, "first_token_acceptance": first / max(steps, 1.0),
+                "mean_accepted_length": accepted / max(steps, 1.0) + 1.0}
+
+    # ---- setup ---------------------------------------------------------------------------------------
+    def _setup(self, engine) -> None:
+        """Device copies of the modules as engine blocks, and the static cache and counters."""
+        dev, dt = engine.device, engine.dtype
+        layers = self.mtp.layers
+        self.blocks = [_compact_block(layer.block, engine) for layer in layers]
+        self.enorm = [copy.deepcopy(layer.enorm).to(dev, dt).eval() for layer in layers]
+        self.hnorm = [copy.deepcopy(layer.hnorm).to(dev, dt).eval() for layer in layers]
+        self.eh_proj = [copy.deepcopy(layer.eh_proj).to(dev, dt).eval() for layer in layers]
+        self.head_norm = [copy.deepcopy(layer.shared_head.norm).to(dev, dt).eval() for layer in layers]
+        a = engine.model.args
+        self.slots = engine.max_seq_len + 2 * (self.k + 2)
+        from flashtune.decoding.cache import KVCache
+
+        self.cache = KVCache(len(layers), engine.max_batch_size, a.n_kv_heads, self.slots, a.head_dim, dt, dev)
+        self.L = torch.zeros(engine.max_batch_size, dtype=torch.long, device=dev)  # = the engine's lengths
+        self.first = 0  # slots [0, first) hold a prefix-tuning prefix in the engine; the modules skip them
+        self.gen = torch.Generator(device=dev)
+        self.gen.manual_seed(self.seed)
+        self._stats = torch.zeros(3, dtype=torch.float64, device=dev)  # row steps, first accepted, accepted
+        self._engine = engine
+
+    # ---- one pass of all modules over some positions -------------------------------------------------
+    def _module(self, m: int, h, tokens, slots, mask):
+        """Module m on h [B, q, d] and next tokens [B, q] at cache slots [B, q] -> output [B, q, d]."""
+        model = self._engine.model
+        e = model.embed(tokens)
+        x = self.eh_proj[m](torch.cat([self.enorm[m](e), self.hnorm[m](h)], dim=-1))  # [B, q, 2d] -> [B, q, d]
+        rope = model.rope(slots, x.dtype)
+        return self.blocks[m](x, rope, self.cache, m, slots, mask, model.backend)
+
+    def _recycle(self, m: int, out):
+        return self.head_norm[m](out) if self.mtp.config.recycle == "post_norm" else out
+
+    def _causal(self, slots):
+        """bool [B, q, S]: keys from `first` up to the query's own slot."""
+        keys = torch.arange(self.slots, device=slots.device)[None, None, :]
+        return (keys <= slots[:, :, None]) & (keys >= self.first)
+
+    def _catch_up(self, h0, stream, slots):
+        """Write every module's K/V at slots [B, q]; module m reads tokens stream[:, m : m + q]."""
+        q = slots.shape[1]
+        mask = self._causal(slots)
+        h = h0
+        for m in range(len(self.blocks)):
+            out = self._module(m, h, stream[:, m:m + q], slots, mask)
+            h = self._recycle(m, out)
+
+    # ---- the engine's drafter interface (engine.py) --------------------------------------------------
+    def start(self, engine, hidden, tokens, lengths) -> None:
+        """After the prefill: the prompt's positions, (h^0_i, t_{i+1}), go through the modules."""
+        if self._engine is not engine:
+            self._setup(engine)
+        bsz, t = tokens.shape
+        self.first = engine.cache.prefix_len
+        if bsz > self.L.shape[0]:
+            raise ConfigError(f"batch of {bsz} exceeds the engine's max_batch_size={self.L.shape[0]}")
+        self.L[:bsz].copy_(lengths + self.first)
+        self._stats.zero_()
+        depth = len(self.blocks)
+        stream = torch.cat([tokens[:, 1:], tokens.new_zeros(bsz, depth)], dim=1)  # t_{i+1} at i (pad after)
+        slots = self.first + torch.arange(t, device=tokens.device)[None].expand(bsz, t)
+        self._catch_up(hidden.to(self._engine.dtype), stream, slots)
+
+    def propose(self, hidden, root):
+        """hidden [B, d] (the target's state at slot L-1), root [B] (the token at slot L) -> (tree tokens
+        [B, 1 + k*c], q [B, k, V] or None)."""
+        bsz = root.shape[0]
+        depth = len(self.blocks)
+        n = self.L[:bsz] - 1  # [B]: the trunk position whose state we hold
+        keys = torch.arange(self.slots, device=root.device)[None, :]
+        h, tok = hidden.to(self._engine.dtype)[:, None], root
+        nodes, qs = [root[:, None]], []
+        for j in range(self.k):
+            m = j % depth
+            slot = (n + j - m)[:, None]  # [B, 1]: module m of cycle j // D sits at trunk position n + j - m
+            rel = keys - n[:, None]  # [B, S]
+            # committed slots, plus the slots this module wrote earlier in this step (stale ones are skipped)
+            mask = ((keys >= self.first) & (rel <= 0)) | ((rel > 0) & (rel % depth == 0) & (keys <= slot))
+            out = self._module(m, h, tok[:, None], slot, mask[:, None, :])
+            logits = self._engine.model.lm_head(self.head_norm[m](out))[:, 0]  # [B, V]
+            if self.temperature is not None:
+                q = torch.softmax(logits.float() / self.temperature, dim=-1)
+                tok = torch.multinomial(q, 1, generator=self.gen)[:, 0]
+                qs.append(q)
+                nodes.append(tok[:, None])
+                if self.trace is not None and j == 0:
+                    self.trace.append({"q": q.clone(), "draft": tok.clone()})
+            else:
+                top = torch.topk(logits, self.width, dim=-1).indices  # [B, c]
+                tok = top[:, 0]
+                nodes.append(top)
+                if self.trace is not None and j == 0:
+                    self.trace.append({"logits": logits.float().clone()})
+            h = self._recycle(m, out)
+        return torch.cat(nodes, dim=1), (torch.stack(qs, dim=1) if qs else None)
+
+    def accept(self, hidden, tree_tokens, acc, path) -> None:
+        """After verification: catch the modules up on slots L..L+a (the accepted positions) and advance L."""
+        bsz, d1 = path.shape
+        L = self.L[:bsz]
+        a = acc.accepted
+        self._stats += torch.stack([torch.ones_like(a).sum(), (a > 0).sum(), a.sum()]).to(torch.float64)
+        if self.trace is not None:
+            self.trace[-1]["accepted"] = a.clone()
+        path_tokens = tree_tokens.gather(1, path)  # [B, D+1]: root, then the path's drafts
+        stream = torch.cat([path_tokens[:, 1:], path_tokens[:, :1]], dim=1)  # the token after each node
+        stream.scatter_(1, acc.accepted[:, None], acc.next[:, None])  # ... valid up to `accepted`
+        stream = torch.cat([stream, stream.new_zeros(bsz, len(self.blocks))], dim=1)
+        h = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, D+1, d]
+        slots = L[:, None] + torch.arange(d1, device=path.device)[None]
+        self._catch_up(h.to(self._engine.dtype), stream, slots)
+        # Rows the engine has finished stop growing there; here they are clamped to stay inside the cache.
+        L.copy_((L + acc.accepted + 1).clamp(max=self.slots - 2 * (self.k + 2)))
