@@ -87,7 +87,7 @@ class CoordinateMapper:
     def to_screen(self, x: float, y: float, dialect: str = "paren") -> tuple[float, float]:
         """Model (x, y) -> screenshot pixels (floats, clamped on screen)."""
         fw, fh = self.frame(dialect)
-        return self.clamp(x / fw * self.width, y / fh * self.height)
+        return self.clamp(x * self.width / fw, y * self.height / fh)
 
     def to_input(self, x: float, y: float, dialect: str = "paren") -> tuple[float, float]:
         """Model (x, y) -> the executor's input units (screenshot pixels / scale_factor)."""

@@ -114,7 +114,7 @@ def evaluate(samples: list[GroundingSample], answer_fn, model_version: str = "1.
             mapper = CoordinateMapper(width, height, version=model_version, **mapper_kw)
             fw, fh = mapper.frame(coord.dialect)
             cx, cy = coord.center
-            point = (cx / fw * width, cy / fh * height)  # not clamped: an off-screen answer is a miss
+            point = (cx * width / fw, cy * height / fh)  # not clamped: an off-screen answer is a miss
             hit = point_in_box(*point, s.box)
         _bucket(by_platform, s.platform, hit)
         _bucket(by_type, s.element_type, hit)
