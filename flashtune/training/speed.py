@@ -49,7 +49,13 @@ def enable_checkpointing(model: torch.nn.Module, fraction: float = 1.0) -> int:
 
 def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     """torch.compile each transformer block in place (they share one graph); return how many were compiled."""
+    import torch._dynamo
+
     blocks = decoder_blocks(model)
+    # Blocks differ in constants (e.g. their layer index): allow one compiled variant per block, not 8.
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 2 * len(blocks) + 8))
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
