@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from flashtune.data.e2e import parse_mr
 
-INSTRUCTION = "Write one restaurant description that states every attribute."
+INSTRUCTION = "Describe this restaurant in one sentence."
 _MARK = "\x00FLASHTUNE\x00"
 
 
