@@ -58,3 +58,28 @@ def test_causal_lm_loss_matches_hf_loss(arch):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(plain, ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out_g, ref_g, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_chunked_loss_sees_prefix_tuning(arch):
+    """The chunked path runs the backbone directly: prefix-tuning's hooks must still apply (vs HF's loss)."""
+    from flashtune.tuners import PrefixConfig, attach, disable_adapters
+
+    model = tiny_model(arch)
+    attach(model, PrefixConfig(num_virtual_tokens=3, prefix_projection=False))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.normal_(0, 1.0)           # a prefix that visibly changes the output
+    ids = random_ids(2, 10, seed=4)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
+    ref = model(**batch).loss
+    with disable_adapters(model), torch.no_grad():
+        assert abs(model(**batch).loss - ref) > 1e-3     # the prefix matters
+    prefix = [p for p in model.parameters() if p.requires_grad]
+    ref_g = torch.autograd.grad(ref, prefix)
+    out = causal_lm_loss_sum(model, batch, chunk_size=4) / count_targets(batch)
+    out_g = torch.autograd.grad(out, prefix)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for a, b in zip(out_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)

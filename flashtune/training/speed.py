@@ -56,6 +56,10 @@ def compile_blocks(model: torch.nn.Module, **compile_kwargs) -> int:
     for knob in ("recompile_limit", "cache_size_limit"):
         if hasattr(torch._dynamo.config, knob):
             setattr(torch._dynamo.config, knob, max(getattr(torch._dynamo.config, knob), 2 * len(blocks) + 8))
+    # The first block's input would be the only one without requires_grad (the embeddings are frozen), which
+    # costs a second compilation of the same graph; make it require grad like the others.
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
     for block in blocks:
         block.compile(**compile_kwargs)
     return len(blocks)
