@@ -113,9 +113,9 @@ CHECK_CASES = [
 ]
 
 
-def run_checks(device, cases=CHECK_CASES, small=False):
+def run_checks(device, cases=CHECK_CASES, small=False, shard=(0, 1)):
     rows, failed = [], 0
-    for name, kw in cases:
+    for name, kw in cases[shard[0]::shard[1]]:
         if small:
             kw = {**kw, "lq": min(kw.get("lq", 40), 40), "lk": min(kw.get("lk", kw.get("lq", 40)), 90),
                   "b": 1, "varlen": kw.get("varlen") and ([3, 9], [3, 9])}
@@ -134,8 +134,26 @@ def run_checks(device, cases=CHECK_CASES, small=False):
 # ---- timing ----------------------------------------------------------------------------------------------
 
 def bench_ms(fn, grads=None):
+    if not torch.cuda.is_available():  # --smoke: one timed call, just to run the code path
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
     from triton.testing import do_bench
     return do_bench(fn, warmup=25, rep=100, return_mode="median", grad_to_none=grads)
+
+
+def graph_ms(fn):
+    """Median time of replaying `fn` captured in a CUDA graph (no Python or launch overhead)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return bench_ms(g.replay)
 
 
 def sdpa_backend(name):
@@ -143,7 +161,8 @@ def sdpa_backend(name):
     return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[name])
 
 
-def grid_rows(dims=(64, 128), lens=(1024, 4096, 16384), hidden=2048, tokens=32768, dtype=torch.bfloat16):
+def grid_rows(dims=(64, 128), lens=(1024, 4096, 16384), hidden=2048, tokens=32768, dtype=torch.bfloat16,
+              device="cuda"):
     rows = []
     for d in dims:
         h = hidden // d
@@ -151,7 +170,7 @@ def grid_rows(dims=(64, 128), lens=(1024, 4096, 16384), hidden=2048, tokens=3276
             b = tokens // n
             for causal in (False, True):
                 flops = 4 * b * h * n * n * d / (2 if causal else 1)
-                q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(3))
+                q, k, v = (torch.randn(b, n, h, d, device=device, dtype=dtype) for _ in range(3))
                 qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))  # (B, H, N, D) for SDPA
                 do = torch.randn_like(q)
                 dot = do.transpose(1, 2).contiguous()
@@ -195,23 +214,32 @@ def grid_rows(dims=(64, 128), lens=(1024, 4096, 16384), hidden=2048, tokens=3276
 
 def _fmt(row):
     keys = [k for k in row if k.endswith(("tflops", "speedup_vs_sdpa_flash", "speedup_vs_cudnn", "speedup", "us",
+                                          "max_abs_diff_vs_sdpa",
                                           "bandwidth_tbs", "error"))]
     head = {k: row[k] for k in row if k in ("kind", "case", "head_dim", "n", "causal")}
     return json.dumps(head) + " " + " ".join(f"{k}={row[k]:.3g}" if isinstance(row[k], float) else f"{k}={row[k]}"
                                              for k in keys)
 
 
-def masked_rows(dtype=torch.bfloat16, hq=32, hk=8, d=128):
+def masked_rows(dtype=torch.bfloat16, hq=32, hk=8, d=128, device="cuda", scale=1):
+    """scale divides every length (the smoke run uses a large one)."""
     rows = []
+    S = lambda n: max(1, n // scale)  # noqa: E731
 
-    def run(case, ours, peer, check_ref=None, nbytes=None, flops=None):
-        out = ours()
-        ref = peer() if check_ref is None else check_ref()
-        diff = _err(out, ref)
+    def run(case, ours, peer, nbytes=None, flops=None, compare=True):
+        diff = _err(ours(), peer()) if compare else None
         with torch.no_grad():
             t_ours, t_peer = bench_ms(ours), bench_ms(peer)
         row = dict(kind="masked", case=case, flashtune_us=t_ours * 1e3, sdpa_us=t_peer * 1e3,
                    speedup=t_peer / t_ours, max_abs_diff_vs_sdpa=diff)
+        if torch.cuda.is_available():  # launch-bound cases: both sides replayed from a CUDA graph
+            try:
+                with torch.no_grad():
+                    g_ours, g_peer = graph_ms(ours), graph_ms(peer)
+                row.update(graph_flashtune_us=g_ours * 1e3, graph_sdpa_us=g_peer * 1e3, graph_speedup=g_peer / g_ours)
+                t_ours = min(t_ours, g_ours)
+            except Exception as e:
+                row["graph_error"] = repr(e)[:200]
         if nbytes:
             row["bandwidth_tbs"] = nbytes / t_ours / 1e9
         if flops:
@@ -220,65 +248,66 @@ def masked_rows(dtype=torch.bfloat16, hq=32, hk=8, d=128):
         print(_fmt(row), flush=True)
 
     def rnd(*s):
-        return torch.randn(*s, device="cuda", dtype=dtype)
+        return torch.randn(*s, device=device, dtype=dtype)
 
     # decoding: q queries at the end of L cached keys (bottom-right causal)
     for b, lq, lk in ((1, 1, 4096), (1, 1, 32768), (8, 1, 32768), (1, 16, 4096), (1, 64, 32768)):
+        lq, lk = min(lq, S(lk)), S(lk)
         q, k, v = rnd(b, lq, hq, d), rnd(b, lk, hk, d), rnd(b, lk, hk, d)
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         mask = None
         if lq > 1:
-            i = torch.arange(lq, device="cuda")[:, None]
-            mask = torch.arange(lk, device="cuda")[None, :] <= i + lk - lq
+            i = torch.arange(lq, device=device)[:, None]
+            mask = torch.arange(lk, device=device)[None, :] <= i + lk - lq
         peer = lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True)  # noqa: E731
         with torch.no_grad():
             run(f"decode q={lq} kv={lk} batch={b}", lambda: flash_attention(q, k, v, causal=True).transpose(1, 2),
                 peer, nbytes=2 * b * lk * hk * d * q.element_size())
     # tree verification: a 64x64 tree mask after a prefix of L committed keys
     for b, L in ((1, 4096), (1, 32768), (8, 32768)):
-        n = 64
+        n, L = min(64, S(L)), S(L)
         q, k, v = rnd(b, n, hq, d), rnd(b, L + n, hk, d), rnd(b, L + n, hk, d)
-        tm = torch.rand(n, n, device="cuda") < 0.2
-        tm = tm.tril() | torch.eye(n, dtype=torch.bool, device="cuda")
-        full = torch.ones(n, L + n, dtype=torch.bool, device="cuda")
+        tm = torch.rand(n, n, device=device) < 0.2
+        tm = tm.tril() | torch.eye(n, dtype=torch.bool, device=device)
+        full = torch.ones(n, L + n, dtype=torch.bool, device=device)
         full[:, L:] = tm
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-        run(f"tree 64x64 after {L} batch={b}",
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        run(f"tree {n}x{n} after {L} batch={b}",
             lambda: flash_attention(q, k, v, tree_mask=tm).transpose(1, 2),
             lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=full, enable_gqa=True),
             nbytes=2 * b * (L + n) * hk * d * 2)
     # varlen: 16 causal sequences of 256..2048 packed, vs a padded batch with a padding+causal mask
     g = torch.Generator().manual_seed(0)
-    lens = torch.randint(256, 2049, (16,), generator=g)
-    lens[0] = 2048
+    lens = torch.randint(S(256), S(2048) + 1, (16,), generator=g)
+    lens[0] = S(2048)
     cu = torch.zeros(17, dtype=torch.int32)
     cu[1:] = lens.cumsum(0)
     total, maxlen = int(cu[-1]), int(lens.max())
     q, k, v = rnd(total, hq, d), rnd(total, hk, d), rnd(total, hk, d)
-    cu_d = cu.cuda()
+    cu_d = cu.to(device)
     pad = lambda t: torch.stack([F.pad(t[cu[i]:cu[i + 1]], (0, 0, 0, 0, 0, maxlen - int(lens[i])))  # noqa: E731
-                                 for i in range(16)]).transpose(1, 2)
+                                 for i in range(16)]).transpose(1, 2).contiguous()
     qp, kp, vp = pad(q), pad(k), pad(v)
     valid = torch.arange(maxlen)[None, :] < lens[:, None]
-    m = (valid[:, None, None, :] & torch.ones(maxlen, maxlen, dtype=torch.bool).tril()[None, None]).cuda()
+    m = (valid[:, None, None, :] & torch.ones(maxlen, maxlen, dtype=torch.bool).tril()[None, None]).to(device)
     ours = lambda: flash_attention(q, k, v, causal=True, cu_seqlens_q=cu_d, cu_seqlens_k=cu_d,  # noqa: E731
                                    max_seqlen_q=maxlen, max_seqlen_k=maxlen)
     useful = sum(4 * hq * int(n_) ** 2 * d / 2 for n_ in lens)
-    run("varlen 16 seqs 256-2048 causal", lambda: pad(ours().unsqueeze(0).squeeze(0)),
-        lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m, enable_gqa=True),
-        flops=useful)
-    rows[-1]["max_abs_diff_vs_sdpa"] = _err(pad(ours())[valid.cuda()[:, None, :].expand(-1, hq, -1)],
+    run("varlen 16 seqs 256-2048 causal", ours,
+        lambda: F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m, enable_gqa=True), flops=useful,
+        compare=False)
+    rows[-1]["max_abs_diff_vs_sdpa"] = _err(pad(ours())[valid.to(device)[:, None, :].expand(-1, hq, -1)],
                                             F.scaled_dot_product_attention(qp, kp, vp, attn_mask=m, enable_gqa=True)
-                                            [valid.cuda()[:, None, :].expand(-1, hq, -1)])
+                                            [valid.to(device)[:, None, :].expand(-1, hq, -1)])
     # prefix-tuning: P prefix keys visible to all + causal over 2048
     for P in (10, 200):
-        b, n = 8, 2048
+        b, n, P = 8, S(2048), S(P)
         q, k, v = rnd(b, n, hq, d), rnd(b, n, hk, d), rnd(b, n, hk, d)
         pk, pv = rnd(1, P, hk, d), rnd(1, P, hk, d)
         kc, vc = torch.cat([pk.expand(b, -1, -1, -1), k], 1), torch.cat([pv.expand(b, -1, -1, -1), v], 1)
-        qt, kt, vt = (t.transpose(1, 2) for t in (q, kc, vc))
-        i = torch.arange(n, device="cuda")[:, None]
-        mask = torch.arange(n + P, device="cuda")[None, :] <= i + P
+        qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, kc, vc))
+        i = torch.arange(n, device=device)[:, None]
+        mask = torch.arange(n + P, device=device)[None, :] <= i + P
         run(f"prefix {P} + causal {n} batch={b}",
             lambda: flash_attention(q, k, v, causal=True, prefix_k=pk, prefix_v=pv).transpose(1, 2),
             lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, enable_gqa=True),
@@ -336,6 +365,47 @@ def tune_rows(dtype=torch.bfloat16, n=4096):
     return rows
 
 
+BWD_CANDIDATES = {  # the first of each list is ops' built-in choice
+    64: [(False, (32, 128, 4, 3)), (False, (64, 128, 8, 3)), (True, (32, 128, 4, 3))],
+    128: [(False, (64, 128, 8, 3)), (False, (64, 128, 8, 2)), (True, (64, 128, 8, 3))],
+}
+
+
+def select_backward(n=4096, dtype=torch.bfloat16):
+    """Time whole backward passes (dK/dV kernel + dQ kernel, or the single pass with atomic dQ) per head dim at
+    the grid's 4k shape, and install the fastest in ops' tables for the rest of the run."""
+    rows = []
+    for d, cands in BWD_CANDIDATES.items():
+        h, b = 2048 // d, 32768 // n
+        q, k, v = (torch.randn(b, n, h, d, device="cuda", dtype=dtype) for _ in range(3))
+        do = torch.randn_like(q)
+        out, lse = flash_attention(q, k, v, return_lse=True)
+        lse_int = lse.permute(0, 2, 1).contiguous()
+        best = None
+        for atomic, cfg in cands:
+            ops._OVERRIDE.clear()
+            ops._OVERRIDE.update(atomic_dq=(atomic,), dkdv=cfg)
+            fn = lambda: ops.bwd_launch(do, q, k, v, out, lse_int, None, None, None, d ** -0.5, False, 0, n, n)  # noqa
+            try:
+                dq = fn()[0]
+                ok = bool(torch.isfinite(dq).all())
+                ms = bench_ms(fn)
+                row = dict(kind="bwd_select", head_dim=d, atomic_dq=atomic, dkdv=list(cfg), ms=ms, finite=ok,
+                           tflops=2.5 * 4 * b * h * n * n * d / ms / 1e9)
+                if ok and (best is None or ms < best[0]):
+                    best = (ms, atomic, cfg)
+            except Exception as e:
+                row = dict(kind="bwd_select", head_dim=d, atomic_dq=atomic, dkdv=list(cfg), error=repr(e)[:200])
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        ops._OVERRIDE.clear()
+        if best is not None:
+            ops._ATOMIC_DQ[d] = best[1]
+            ops._DKDV[d] = best[2]
+        del q, k, v, do, out, lse, lse_int
+    return rows
+
+
 def env_info():
     import transformers
     import triton
@@ -360,13 +430,19 @@ def main(argv=None):
     ap.add_argument("--tune", action="store_true", help="time candidate block shapes")
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run through the Triton interpreter")
     ap.add_argument("--skip-check", action="store_true")
+    ap.add_argument("--shard", default="0/1", help="i/n: run every n-th check case from i (parallel compiles)")
+    ap.add_argument("--no-select", action="store_true", help="keep the built-in backward configs")
+    ap.add_argument("--check-results", nargs="*", default=[], help="JSON files of earlier --check shards to include")
     ap.add_argument("--only", choices=["grid", "masked"], default=None)
     ap.add_argument("--out", default=None, help="JSON output path")
     args = ap.parse_args(argv)
     if args.smoke:
         out = args.out or os.path.join(tempfile.gettempdir(), "attention-smoke.json")
-        rows, failed = run_checks("cpu", CHECK_CASES[:3] + CHECK_CASES[8:10] + CHECK_CASES[10:14:3], small=True)
-        write_json(out, dict(env=env_info(), smoke=True, check=rows))
+        rows, failed = run_checks("cpu", [CHECK_CASES[1], CHECK_CASES[8], CHECK_CASES[10], CHECK_CASES[13]],
+                                  small=True)
+        grid = grid_rows(dims=(32,), lens=(32,), hidden=32, tokens=32, dtype=torch.float32, device="cpu")
+        masked = masked_rows(dtype=torch.float32, hq=2, hk=1, d=16, device="cpu", scale=512)
+        write_json(out, dict(env=env_info(), smoke=True, check=rows, grid=grid, masked=masked))
         print(f"smoke: {len(rows) - failed}/{len(rows)} checks passed -> {out}")
         return 1 if failed else 0
     if not torch.cuda.is_available():
@@ -375,19 +451,32 @@ def main(argv=None):
     payload = dict(env=env_info())
     t0 = time.time()
     if not args.skip_check:
-        payload["check"], failed = run_checks("cuda")
+        shard = tuple(int(x) for x in args.shard.split("/"))
+        payload["check"], failed = run_checks("cuda", shard=shard)
         print(f"check: {len(payload['check']) - failed}/{len(payload['check'])} passed in {time.time() - t0:.0f}s")
+        if args.check and args.out:
+            write_json(args.out, payload)
         if failed:
             return 1
         if args.check:
             return 0
+    for path in args.check_results:
+        with open(path) as f:
+            payload.setdefault("check", []).extend(json.load(f).get("check", []))
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention-h200.json")
     if args.tune:
         payload["tune"] = tune_rows()
     else:
-        if args.only in (None, "grid"):
-            payload["grid"] = grid_rows()
+        if not args.no_select:
+            payload["backward_selection"] = select_backward()
+        payload["configs"] = dict(fwd=ops._FWD, fwd_causal=ops._FWD_CAUSAL, dkdv=ops._DKDV, dq=ops._DQ,
+                                  atomic_dq=ops._ATOMIC_DQ)
+        write_json(out, payload)
         if args.only in (None, "masked"):
             payload["masked"] = masked_rows()
+            write_json(out, payload)
+        if args.only in (None, "grid"):
+            payload["grid"] = grid_rows()
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "attention-h200.json")
     write_json(out, payload)
     print(f"wrote {out} in {time.time() - t0:.0f}s")

@@ -117,6 +117,13 @@ def test_kernel_matches_reference(name):
     run_case(**CASES[name])
 
 
+@pytest.mark.parametrize("name", ["varlen causal gqa", "tree + causal hd80"])
+def test_single_pass_backward_with_atomic_dq(name, monkeypatch):
+    """The dK/dV kernel also producing dQ through float32 atomics (the GPU's choice for some head dims)."""
+    monkeypatch.setitem(ops._OVERRIDE, "atomic_dq", (True,))
+    run_case(**CASES[name])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("case", [dict(lq=203, d=128, causal=True, hq=8, hk=2), dict(lq=203, lk=113, d=64),
                                   dict(varlen=([203, 113, 7], [203, 150, 7]), causal=True, d=128)])

@@ -158,9 +158,13 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal
         max_q, max_k = lq, k.shape[1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
     tree = None if tree_mask is None else tree_mask.to(torch.int8).contiguous()
-    from .ops import FlashAttnFunction  # imports triton
+    from . import ops  # imports triton
 
-    out, lse = FlashAttnFunction.apply(q, k, v, cu_q, cu_k, tree, scale, bool(causal), plen, max_q, max_k)
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+    if needs_grad or torch.compiler.is_compiling():
+        out, lse = ops.FlashAttnFunction.apply(q, k, v, cu_q, cu_k, tree, scale, bool(causal), plen, max_q, max_k)
+    else:  # inference: skip the custom-op and autograd dispatch (tens of microseconds a call when decoding)
+        out, lse = ops.fwd_launch(q, k, v, cu_q, cu_k, tree, scale, bool(causal), plen, max_q, max_k)
     if not return_lse:
         return out
     return out, (lse.transpose(0, 1) if varlen else lse.permute(0, 2, 1))  # (Hq, Tq) / (B, Hq, Lq)

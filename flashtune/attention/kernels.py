@@ -160,15 +160,19 @@ def _fwd_kernel(Q, K, V, O, LSE, TREE, CU_Q, CU_K, qk_scale,
 
 
 @triton.jit(do_not_specialize=_NO_SPEC[:3])
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TREE, CU_Q, CU_K, qk_scale, sm_scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, DQ, TREE, CU_Q, CU_K, qk_scale, sm_scale,
                      stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh,
                      stride_vb, stride_vt, stride_vh, stride_dob, stride_dot, stride_doh,
                      stride_dkb, stride_dkt, stride_dkh, stride_dvb, stride_dvt, stride_dvh,
-                     stride_lb, stride_lt, stride_tb, stride_tq,
+                     stride_dqb, stride_dqt, stride_dqh, stride_lb, stride_lt, stride_tb, stride_tq,
                      seqlen_q, seqlen_k, PREFIX, num_heads_kv,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, GROUP: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr,
-                     HAS_TREE: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr):
+                     HAS_TREE: tl.constexpr, VARLEN: tl.constexpr, PREC: tl.constexpr,
+                     ATOMIC_DQ: tl.constexpr):
+    """dK, dV of one key block (all query heads of its group summed in); with ATOMIC_DQ also this block's share
+    of dQ, added into a float32 buffer with relaxed atomics (FlashAttention-2's single-pass backward), which
+    saves the dQ kernel's recomputation of QK^T and dO V^T."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b, hk, q_start, k_start, lq, lk = _row_setup(pid_n, pid_bh, CU_Q, CU_K, seqlen_q, seqlen_k, num_heads_kv,
@@ -188,6 +192,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TREE, CU_Q, CU_K, qk_scale
     DO_base = DO + b.to(tl.int64) * stride_dob + q_start.to(tl.int64) * stride_dot
     L_off = b.to(tl.int64) * stride_lb + q_start.to(tl.int64) * stride_lt
     TREE_base = TREE + b.to(tl.int64) * stride_tb
+    DQ_base = DQ + b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqt
 
     # Rows (packed) that can see this key block, and from which row on they see all of it.
     m_lo = start_n * 0
@@ -227,6 +232,10 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, TREE, CU_Q, CU_K, qk_scale
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])
         dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT.to(k.dtype)), k, input_precision=PREC) * sm_scale  # (BLOCK_M, BLOCK_D)
+            tl.atomic_add(DQ_base + qpos[:, None] * stride_dqt + hq[:, None] * stride_dqh + offs_d[None, :], dq,
+                          mask=r_mask, sem="relaxed")
     dk = dk * sm_scale
     DK_base = DK + b.to(tl.int64) * stride_dkb + k_start.to(tl.int64) * stride_dkt + hk * stride_dkh
     DV_base = DV + b.to(tl.int64) * stride_dvb + k_start.to(tl.int64) * stride_dvt + hk * stride_dvh
@@ -304,3 +313,38 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, TREE, CU_Q, CU_K, qk_scale, sm_s
     DQ_base = DQ + b.to(tl.int64) * stride_dqb + q_start.to(tl.int64) * stride_dqt
     tl.store(DQ_base + qpos[:, None] * stride_dqt + hq[:, None] * stride_dqh + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=r_mask)
+
+
+@triton.jit
+def _bwd_delta_kernel(O, DO, DELTA, n_rows, seqlen, num_heads, stride_ob, stride_ot, stride_oh,
+                      stride_dob, stride_dot, stride_doh,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr):
+    """delta[r] = sum_d dO[r, d] * O[r, d] over flattened (batch, token, head) rows, in float32."""
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    d = tl.arange(0, BLOCK_D)
+    b = (r // (seqlen * num_heads)).to(tl.int64)
+    t = ((r // num_heads) % seqlen).to(tl.int64)
+    h = r % num_heads
+    m = (r < n_rows)[:, None] & (d[None, :] < HEAD_DIM)
+    o = tl.load(O + (b * stride_ob + t * stride_ot + h * stride_oh)[:, None] + d[None, :], mask=m, other=0.0)
+    do = tl.load(DO + (b * stride_dob + t * stride_dot + h * stride_doh)[:, None] + d[None, :], mask=m, other=0.0)
+    tl.store(DELTA + r, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=r < n_rows)
+
+
+@triton.jit
+def _split_combine_kernel(OP, LP, O, LSE, n_rows, splits, stride_os, stride_ls,
+                          HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Merge split-KV partials: OP (S, rows, D) float32 normalized per split, LP (S, rows) their log-sum-exps."""
+    row = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK_S)
+    d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(LP + s * stride_ls + row, mask=s < splits, other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    w = tl.exp(lse_s - m_use)
+    tot = tl.sum(w, 0)
+    o = tl.load(OP + s[:, None].to(tl.int64) * stride_os + row * HEAD_DIM + d[None, :],
+                mask=(s[:, None] < splits) & (d[None, :] < HEAD_DIM), other=0.0)
+    out = tl.sum(w[:, None] * o, 0) / tl.where(tot == 0.0, 1.0, tot)
+    tl.store(O + row * HEAD_DIM + d, out.to(O.dtype.element_ty), mask=d < HEAD_DIM)
+    tl.store(LSE + row, tl.where(tot == 0.0, float("-inf"), m_use + tl.log(tl.where(tot == 0.0, 1.0, tot))))

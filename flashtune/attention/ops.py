@@ -79,8 +79,10 @@ def _prec(dtype: torch.dtype) -> str:
 # (BLOCK_M, BLOCK_N, num_warps, num_stages)
 _FWD = {32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)}
 _FWD_CAUSAL = {32: (128, 64, 4, 3), 64: (128, 64, 8, 3), 128: (128, 128, 8, 3), 256: (64, 32, 4, 2)}
-_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 2), 256: (32, 64, 4, 1)}
+_DKDV = {32: (32, 128, 4, 3), 64: (32, 128, 4, 3), 128: (64, 128, 8, 3), 256: (32, 64, 4, 1)}
 _DQ = {32: (128, 64, 4, 3), 64: (128, 64, 4, 3), 128: (128, 128, 8, 2), 256: (64, 32, 4, 1)}
+# dQ by float32 atomics inside the dK/dV kernel (one pass) instead of a second kernel, per head dim.
+_ATOMIC_DQ = {32: False, 64: False, 128: False, 256: False}
 _OVERRIDE: dict[str, tuple] = {}  # bench/attention.py's tuning sweep fills this
 
 
@@ -155,9 +157,12 @@ def fwd_launch(q, k, v, cu_q, cu_k, tree, scale: float, causal: bool, prefix_len
         HAS_TREE=tree is not None, VARLEN=varlen, PREC=_prec(q.dtype), num_warps=warps, num_stages=stages)
     if splits == 1:
         return out_buf, lse_buf
-    lse = torch.logsumexp(lse_buf, dim=0)  # (B, Lq, Hq)
-    w = torch.exp(lse_buf - lse.masked_fill(torch.isinf(lse), 0.0)).nan_to_num_(0.0)
-    out = (w.unsqueeze(-1) * out_buf).sum(0).to(q.dtype)
+    out = _empty(q.shape, device=q.device, dtype=q.dtype)
+    lse = _empty(lse_shape, device=q.device, dtype=torch.float32)
+    rows = lse.numel()
+    kernels._split_combine_kernel[(rows,)](out_buf, lse_buf, out, lse, rows, splits, out_buf.stride(0),
+                                           lse_buf.stride(0), HEAD_DIM=d, BLOCK_D=block_d,
+                                           BLOCK_S=max(2, triton.next_power_of_2(splits)))
     return out, lse
 
 
@@ -170,7 +175,12 @@ def bwd_launch(do, q, k, v, out, lse, cu_q, cu_k, tree, scale: float, causal: bo
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
     block_d = max(16, triton.next_power_of_2(d))
     do = do if do.stride(-1) == 1 else do.contiguous()
-    delta = (do.float() * out.float()).sum(-1)  # (B, Lq, Hq) or (Tq, Hq): rowsum(dO * O)
+    delta = _empty(q.shape[:-1], device=q.device, dtype=torch.float32)  # rowsum(dO * O): (B, Lq, Hq) | (Tq, Hq)
+    n_rows = delta.numel()
+    seqlen = q.shape[0] if varlen else q.shape[1]
+    kernels._bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](
+        out, do, delta, n_rows, seqlen, hq, *_strides3(out, varlen), *_strides3(do, varlen),
+        HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=64)
     lse = lse.contiguous()
     dq = _empty(q.shape, device=q.device, dtype=q.dtype)
     dk = _empty(k.shape, device=k.device, dtype=k.dtype)
@@ -180,14 +190,20 @@ def bwd_launch(do, q, k, v, out, lse, cu_q, cu_k, tree, scale: float, causal: bo
     cu_ka = cu_k if varlen else q
     lb, lt = (0, lse.stride(0)) if varlen else (lse.stride(0), lse.stride(1))
     prec = _prec(q.dtype)
+    atomic = _OVERRIDE.get("atomic_dq", (_ATOMIC_DQ.get(block_d, False),))[0]
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     bm, bn, warps, stages = _pick(_DKDV, "dkdv", block_d, max_q * group)
     kernels._bwd_dkdv_kernel[(triton.cdiv(max_k, bn), batch * hk)](
-        q, k, v, do, lse, delta, dk, dv, tree_t, cu_qa, cu_ka, scale * kernels.LOG2E, scale,
+        q, k, v, do, lse, delta, dk, dv, dq_acc, tree_t, cu_qa, cu_ka, scale * kernels.LOG2E, scale,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
-        *_strides3(dk, varlen), *_strides3(dv, varlen), lb, lt, stb, stq,
+        *_strides3(dk, varlen), *_strides3(dv, varlen), *_strides3(dq_acc, varlen), lb, lt, stb, stq,
         max_q, max_k, prefix_len, hk,
         HEAD_DIM=d, BLOCK_D=block_d, GROUP=group, BLOCK_M=bm, BLOCK_N=bn, CAUSAL=causal,
-        HAS_TREE=tree is not None, VARLEN=varlen, PREC=prec, num_warps=warps, num_stages=stages)
+        HAS_TREE=tree is not None, VARLEN=varlen, PREC=prec, ATOMIC_DQ=atomic, num_warps=warps,
+        num_stages=stages)
+    if atomic:
+        dq.copy_(dq_acc)
+        return dq, dk, dv
     bm, bn, warps, stages = _pick(_DQ, "dq", block_d, max_q * group)
     m_blocks = triton.cdiv(max_q * group, bm)
     kernels._bwd_dq_kernel[(m_blocks, batch * hk)](
