@@ -108,7 +108,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
-                 dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", check_every: int = 8):
+                 dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", check_every: int = 8,
+                 fast: bool | None = None):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
         check_choice("attention", attention, ("auto", "sdpa", "matmul", "flash"))
@@ -120,6 +121,8 @@ class Engine:
         self.model = DecoderModel.from_hf(model, state, device=self.device, dtype=dtype)
         self.dtype = self.model.embed.weight.dtype
         self.model.backend = self._pick_backend(attention)
+        if self.device.type == "cuda" if fast is None else fast:
+            self.model.enable_fast()
         self.tokenizer = tokenizer
         a = self.model.args
         if max_seq_len > a.max_positions and a.arch == "gpt2":

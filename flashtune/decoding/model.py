@@ -77,8 +77,11 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.fused = False  # the engine sets it on CUDA: one fused kernel instead of HF's seven
 
     def forward(self, x):  # same arithmetic as transformers' LlamaRMSNorm (fp32 statistics)
+        if self.fused:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
@@ -118,12 +121,20 @@ def attend(q, k, v, mask, scale: float, backend: str = "sdpa"):
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
                                               enable_gqa=hq != hkv)
+    # "matmul": mask is the additive bias [B*Hkv, G*T, S] from `attention_bias`; scale is already in q.
     g = hq // hkv
-    qg = q.reshape(bsz, hkv, g * t, d)  # query head h uses kv head h // g: [B, Hkv, G*T, D]
-    scores = torch.matmul(qg, k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, S]
-    scores = scores.view(bsz, hkv, g, t, -1).masked_fill(~mask[:, None, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype).view(bsz, hkv, g * t, -1)
-    return torch.matmul(probs, v).view(bsz, hq, t, d)
+    qg = q.reshape(bsz * hkv, g * t, d)  # query head h uses kv head h // g: [B*Hkv, G*T, D]
+    seq = k.shape[2]
+    scores = torch.baddbmm(mask, qg, k.reshape(bsz * hkv, seq, d).transpose(1, 2), alpha=scale)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # [B*Hkv, G*T, S]
+    return torch.bmm(probs, v.reshape(bsz * hkv, seq, d)).view(bsz, hq, t, d)
+
+
+def attention_bias(mask, n_kv_heads: int, group: int, dtype):
+    """bool mask [B, T, S] -> additive bias [B*Hkv, G*T, S] (0 or -inf) for the "matmul" backend."""
+    bsz, t, seq = mask.shape
+    bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+    return bias[:, None, None].expand(bsz, n_kv_heads, group, t, seq).reshape(bsz * n_kv_heads, group * t, seq)
 
 
 class Block(nn.Module):
@@ -140,28 +151,35 @@ class Block(nn.Module):
         self.w_out = nn.Linear(a.ffn_dim, a.dim, bias=a.mlp_bias)
         self.act = _act(a.act)
 
-    def forward(self, x, rope, cache: KVCache, layer: int, slots, mask, backend):
+    def forward(self, x, rope, cache: KVCache, layer: int, slots, mask, backend, fast: bool = False):
         a = self.a
-        bsz, t, _ = x.shape
-        qkv = self.wqkv(self.norm1(x))
-        q, k, v = qkv.split([a.n_heads * a.head_dim, a.n_kv_heads * a.head_dim, a.n_kv_heads * a.head_dim], -1)
-        q = q.view(bsz, t, a.n_heads, a.head_dim).transpose(1, 2)  # [B, Hq, T, D]
-        k = k.view(bsz, t, a.n_kv_heads, a.head_dim).transpose(1, 2)  # [B, Hkv, T, D]
-        v = v.view(bsz, t, a.n_kv_heads, a.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = rope  # [B, 1, T, D]
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+        bsz, t, dim = x.shape
+        nq, nkv = a.n_heads, a.n_kv_heads
+        qkv = self.wqkv(self.norm1(x)).view(bsz, t, nq + 2 * nkv, a.head_dim)  # [B, T, Hq + 2 Hkv, D]
+        qk = qkv[:, :, : nq + nkv]
+        if rope is not None:  # q and k rotated together: [B, T, Hq + Hkv, D]
+            cos, sin = rope  # [B, T, 1, D]
+            qk = qk * cos + _rotate_half(qk) * sin
+        q = qk[:, :, :nq].transpose(1, 2)  # [B, Hq, T, D]
+        k = qk[:, :, nq:].transpose(1, 2)  # [B, Hkv, T, D]
+        v = qkv[:, :, nq + nkv:].transpose(1, 2)
         cache.write(layer, slots, k, v)
         kc, vc = cache.view(layer, bsz, mask.shape[-1])
-        y = attend(q, kc, vc, mask, a.head_dim ** -0.5, backend)  # [B, Hq, T, D]
-        x = x + self.wo(y.transpose(1, 2).reshape(bsz, t, a.n_heads * a.head_dim))
+        scale = 1.0 if fast else a.head_dim ** -0.5  # the fast path has the scale folded into W_q
+        y = attend(q, kc, vc, mask, scale, backend)  # [B, Hq, T, D]
+        y = y.transpose(1, 2).reshape(bsz * t, nq * a.head_dim)
+        if fast and self.wo.bias is None:  # residual add fused into the matmul
+            x = torch.addmm(x.reshape(bsz * t, dim), y, self.wo.weight.t()).view(bsz, t, dim)
+        else:
+            x = x + self.wo(y).view(bsz, t, dim)
         h = self.w_in(self.norm2(x))
         if a.arch == "llama":
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
             h = self.act(h)
+        if fast and self.w_out.bias is None:
+            return torch.addmm(x.reshape(bsz * t, dim), h.reshape(bsz * t, -1), self.w_out.weight.t()).view(bsz, t, dim)
         return x + self.w_out(h)
 
 
@@ -181,22 +199,43 @@ class DecoderModel(nn.Module):
         self.register_buffer("inv_freq", torch.ones(max(1, a.head_dim // 2)), persistent=False)
         self.rope_scaling = 1.0
         self.backend = "sdpa"
+        self.fast = False
+
+    def enable_fast(self) -> None:
+        """CUDA decoding: fold the attention scale into W_q, fused RMSNorm, residual adds fused into addmm.
+        (Off on the CPU, where the arithmetic follows transformers' exactly.)"""
+        if self.fast:
+            return
+        a = self.args
+        rows = a.n_heads * a.head_dim
+        with torch.no_grad():
+            for layer in self.layers:
+                layer.wqkv.weight[:rows] *= a.head_dim ** -0.5
+                if layer.wqkv.bias is not None:
+                    layer.wqkv.bias[:rows] *= a.head_dim ** -0.5
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.fused = True
+        self.fast = True
 
     def rope(self, positions, dtype):
-        """positions [B, T] -> (cos, sin) [B, 1, T, D] in `dtype` (fp32 angles, as transformers computes)."""
+        """positions [B, T] -> (cos, sin) [B, T, 1, D] in `dtype` (fp32 angles, as transformers computes)."""
         if self.args.arch != "llama":
             return None
         freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return ((emb.cos() * self.rope_scaling).to(dtype)[:, None], (emb.sin() * self.rope_scaling).to(dtype)[:, None])
+        return ((emb.cos() * self.rope_scaling).to(dtype)[:, :, None], (emb.sin() * self.rope_scaling).to(dtype)[:, :, None])
 
     def forward(self, tokens, positions, cache: KVCache, slots, mask):
         x = self.embed(tokens)
         if self.wpe is not None:
             x = x + self.wpe(positions)
         rope = self.rope(positions, x.dtype)
+        if self.backend == "matmul":  # one additive bias per forward, shared by all layers
+            a = self.args
+            mask = attention_bias(mask, a.n_kv_heads, a.n_heads // a.n_kv_heads, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, cache, i, slots, mask, self.backend)
+            x = layer(x, rope, cache, i, slots, mask, self.backend, self.fast)
         return self.norm(x)
 
     @classmethod

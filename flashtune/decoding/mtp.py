@@ -294,7 +294,8 @@ class MTPModules(nn.Module):
 
     def logits(self, m: int, out: torch.Tensor) -> torch.Tensor:
         """Module m's output [B, q, d] -> logits [B, q, V]."""
-        return self.lm_head(self.layers[m].shared_head.norm(out))
+        normed = self.layers[m].shared_head.norm(out)
+        return self.lm_head(normed.to(self.lm_head.weight.dtype))
 
     def recycled(self, m: int, out: torch.Tensor) -> torch.Tensor:
         """What module m passes on to the next depth."""
@@ -314,11 +315,13 @@ class MTPModules(nn.Module):
         mask = causal_mask(positions, positions, valid, hidden.dtype)
         mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=mask.device), 0.0)  # no empty rows
         rope = rotary(self.base)
-        outs, h = [], hidden
+        dtype = self.layers[0].eh_proj.weight.dtype  # the modules may train in fp32 on a bf16 base
+        outs, h = [], hidden.to(dtype)
+        mask = mask.to(dtype)
         for m, layer in enumerate(self.layers):
             k = m + 1
             ahead = F.pad(input_ids[:, k:], (0, k), value=0)  # [B, T]: token i+k at position i
-            out = layer(h, self.embed_tokens(ahead).to(h.dtype), positions, mask, rope)
+            out = layer(h, self.embed_tokens(ahead).to(dtype), positions, mask, rope)
             outs.append(out)
             h = self.recycled(m, out)
         return outs

@@ -93,7 +93,8 @@ class ParallelHeads(nn.Module):
 
     def logits(self, m: int, out: torch.Tensor) -> torch.Tensor:
         """Head m+2's output [B, q, d] -> logits [B, q, V] through the shared unembedding (final norm + head)."""
-        return self.lm_head(final_norm(self.base)(out))
+        norm = final_norm(self.base)
+        return self.lm_head(norm(out.to(norm.weight.dtype)).to(self.lm_head.weight.dtype))
 
     def forward(self, z: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[torch.Tensor]:
         """z [B, T, d]: trunk states (input of the base's last layer). Returns n-1 tensors [B, T, d]; entry m at
@@ -104,6 +105,8 @@ class ParallelHeads(nn.Module):
         mask = causal_mask(positions, positions, valid, z.dtype)
         mask = mask.masked_fill(torch.eye(T, dtype=torch.bool, device=mask.device), 0.0)
         rope = rotary(self.base)
+        dtype = next(self.heads[0].parameters()).dtype  # the heads may train in fp32 on a bf16 base
+        z, mask = z.to(dtype), mask.to(dtype)
         return [run_block(head, z, positions, mask, rope) for head in self.heads]
 
     def head_losses(self, outs: list[torch.Tensor], labels: torch.Tensor) -> list[torch.Tensor]:

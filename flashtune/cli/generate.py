@@ -1,0 +1,103 @@
+"""`flashtune generate`: generate text with the decoding engine, optionally with Medusa heads.
+
+    flashtune generate --prompt "Tell me about Paris."
+    flashtune generate --mr "name[Aromi], eatType[coffee shop], area[city centre]" --speculative medusa --heads runs/heads
+    flashtune generate --prompt "Hi" --temperature 0.7 --top-p 0.9 --seed 1 --stream
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from flashtune.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "generate", help="generate text (static-cache engine; optional Medusa speculative decoding)",
+        description="Generate from one or more prompts with flashtune's decoding engine. Greedy by default; "
+                    "speculative decoding with Medusa heads is lossless (same output as without).",
+        epilog="Train heads first: flashtune train-heads --method medusa --out runs/heads")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+    p.add_argument("--mr", action="append", default=[], help="an E2E meaning representation, prompted as in training")
+    p.add_argument("--raw", action="store_true", help="do not wrap --prompt in the chat template")
+    p.add_argument("--model", default="", help="base model: local path or HF id (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--adapter", help="a LoRA / prefix adapter folder (PEFT format) to apply")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--speculative", choices=["none", "medusa"], default="none")
+    p.add_argument("--heads", help="folder with Medusa heads (from train-heads)")
+    p.add_argument("--acceptance", choices=["lossless", "typical"], default="lossless",
+                   help="speculative sampling rule: lossless (exact) or typical (Medusa's, lossy)")
+    p.add_argument("--stream", action="store_true", help="print tokens as they come (first prompt only shown)")
+    p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
+    p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from flashtune.decoding import Engine, MedusaHeads
+    from flashtune.models import load_base_model
+
+    if not args.prompt and not args.mr:
+        raise ConfigError("nothing to generate from; pass --prompt TEXT or --mr MR (repeatable)")
+    if args.speculative == "medusa" and not args.heads:
+        raise ConfigError("--speculative medusa needs --heads DIR (train them with `flashtune train-heads`)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
+    model, tok = load_base_model(args.model or None, dtype=dtype)
+    if args.adapter:
+        from flashtune.tuners import load_adapter
+
+        load_adapter(model, args.adapter)
+    model.to(device).eval()
+    from flashtune.data import encode_prompt, stop_token_ids
+    prompts = []
+    for text in args.prompt:
+        if not args.raw and getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                           add_generation_prompt=True)
+            prompts.append(tok(text, add_special_tokens=False)["input_ids"])
+        else:
+            prompts.append(tok(text)["input_ids"])
+    prompts += [encode_prompt(tok, mr) for mr in args.mr]
+    heads = None
+    if args.speculative == "medusa":
+        heads = MedusaHeads.load(args.heads, device=device, dtype=model.dtype)
+    longest = max(len(p) for p in prompts)
+    tree_nodes = heads.tree.num_nodes if heads is not None else 1
+    engine = Engine(model, tok, max_batch_size=len(prompts), device=device,
+                    max_seq_len=longest + args.max_new_tokens + tree_nodes + 8)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop_tokens=stop_token_ids(tok), speculative=heads,
+              acceptance=args.acceptance)
+    t0 = time.perf_counter()
+    if args.stream:
+        got = [[] for _ in prompts]
+        for chunk in engine.stream(prompts, **kw):
+            for b, new in enumerate(chunk):
+                got[b] += new
+            if chunk[0]:
+                sys.stdout.write(tok.decode(chunk[0], skip_special_tokens=True))
+                sys.stdout.flush()
+        print()
+        tokens, steps, per_step = got, None, None
+        for text in [tok.decode(t, skip_special_tokens=True) for t in got[1:]]:
+            print(text)
+    else:
+        out = engine.generate(prompts, **kw)
+        tokens, steps, per_step = out.tokens, out.steps, out.accepted_per_step
+        for text in out.texts:
+            print(text)
+    dt = time.perf_counter() - t0
+    n = sum(len(t) for t in tokens)
+    extra = f", {per_step:.2f} tokens/step over {steps} steps" if per_step is not None else ""
+    print(f"[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
+    return 0
