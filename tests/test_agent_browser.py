@@ -124,10 +124,11 @@ def test_hotkeys(env):
     env.run(answer(f"click({env.coord('#inp')})\n\ntype(content='abc')"))
     env.run(answer("hotkey(key='ctrl a')\n\ntype(content='x')"))
     assert env.page.input_value("#inp") == "x"  # ctrl+a selected everything, typing replaced it
-    env.run(answer("hotkey(key='arrowleft')\n\nhotkey(key='pagedown')\n\nhotkey(key='Return')"))
+    env.run(answer("hotkey(key='arrowleft')\n\nhotkey(key='pagedown')\n\nhotkey(key='space')\n\n"
+                   "hotkey(key='Return')"))
     keys = env.state()["keys"]
     assert "Control+a" in keys
-    assert keys[-3:] == ["ArrowLeft", "PageDown", "Enter"]
+    assert keys[-4:] == ["ArrowLeft", "PageDown", " ", "Enter"]
 
 
 def test_scroll_each_way(env):

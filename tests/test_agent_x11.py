@@ -96,10 +96,10 @@ def test_type_enter_and_hotkeys(x):
     assert x.page.input_value("#inp") == "it's (a, b)"
     x.run(answer("hotkey(key='ctrl a')\n\ntype(content='z')"))
     x.page.wait_for_function("document.getElementById('inp').value == 'z'", timeout=3000)
-    x.run(answer("hotkey(key='arrowleft')\n\nhotkey(key='pagedown')"))
+    x.run(answer("hotkey(key='arrowleft')\n\nhotkey(key='space')\n\nhotkey(key='pagedown')"))
     x.page.wait_for_function("window.state.keys.includes('PageDown')", timeout=3000)
     keys = x.state()["keys"]
-    assert "Control+a" in keys and keys[-2:] == ["ArrowLeft", "PageDown"]
+    assert "Control+a" in keys and keys[-3:] == ["ArrowLeft", " ", "PageDown"]
 
 
 def test_scroll_each_way(x):
