@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from flashtune.tuners import LoraConfig, attach, load_adapter, save_adapter, unload
+from flashtune.tuners import LoraConfig, PrefixConfig, attach, load_adapter, save_adapter, unload
 from tiny import random_ids, tiny_model
 
 ATOL = 1e-5
@@ -109,3 +109,42 @@ def test_lora_smollm2_both_ways(tmp_path, smollm2):
     load_adapter(model, tmp_path / "theirs")
     torch.testing.assert_close(_logits(model, ids, "llama"), theirs, atol=ATOL, rtol=0)
     unload(model, merge=False)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen2"])
+def test_prefix_flashtune_to_peft(tmp_path, arch):
+    model = tiny_model(arch)
+    attach(model, PrefixConfig(num_virtual_tokens=4, encoder_hidden_size=24))  # trained through the MLP
+    ids = random_ids(2, 7)
+    mask = torch.ones_like(ids)
+    ours = _logits(model, ids, arch)
+    save_adapter(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["peft_type"] == "PREFIX_TUNING" and config["prefix_projection"] is False
+    assert list(load_file(str(tmp_path / "adapter_model.safetensors"))) == ["prompt_embeddings"]
+
+    theirs = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(input_ids=ids).logits, ours, atol=ATOL, rtol=0)
+        torch.testing.assert_close(theirs(input_ids=ids, attention_mask=mask).logits, ours, atol=ATOL, rtol=0)
+    model.generation_config.eos_token_id = None
+    theirs.base_model.generation_config.eos_token_id = None
+    ours_gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    theirs_gen = theirs.generate(input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
+    assert ours_gen.tolist() == theirs_gen.tolist()
+
+
+@pytest.mark.parametrize("arch,projection", [("llama", True), ("gpt2", False)])
+def test_prefix_peft_to_flashtune(tmp_path, arch, projection):
+    pconfig = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=projection)
+    pmodel = peft.get_peft_model(tiny_model(arch), pconfig)
+    ids = random_ids(2, 6, seed=3)
+    with torch.no_grad():
+        theirs = pmodel(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    pmodel.save_pretrained(str(tmp_path))
+
+    model = tiny_model(arch)
+    load_adapter(model, tmp_path)
+    torch.testing.assert_close(_logits(model, ids, arch), theirs, atol=ATOL, rtol=0)
+    base = _logits(tiny_model(arch), ids, arch)
+    assert (theirs - base).abs().max() > 1e-3
