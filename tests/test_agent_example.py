@@ -35,3 +35,20 @@ def test_example_run_browser(tmp_path, capsys):
     assert last.getpixel((900, 600)) == (200, 247, 197)  # #c8f7c5 once subscribed
     assert record["steps"][0]["model_size"] == [1288, 728]
     assert (tmp_path / "report.html").read_text().count("<img ") == 4
+
+
+def test_example_run_x11(tmp_path, capsys):
+    """The same example on a fresh Xvfb, in a kiosk Chromium window, driven by xdotool."""
+    from PIL import Image
+
+    pages = PageServer(EXAMPLE)
+    try:
+        with FakeModelServer(load_script(os.path.join(EXAMPLE, "script.json"))) as fake:
+            code = main(["agent", "run", "--task", "Subscribe to the newsletter as Ada", "--endpoint", fake.url,
+                         "--executor", "x11", "--start-url", pages.url("page.html"), "--size", "1280x720",
+                         "--max-steps", "6", "--out", str(tmp_path)])
+    finally:
+        pages.close()
+    assert code == 0 and "status: finished after 4 step(s)" in capsys.readouterr().out
+    last = Image.open(io.BytesIO((tmp_path / "step_003.png").read_bytes())).convert("RGB")
+    assert last.size == (1280, 720) and last.getpixel((900, 600)) == (200, 247, 197)

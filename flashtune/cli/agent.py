@@ -64,7 +64,7 @@ def cmd_run(args) -> int:
             if args.start_url:
                 window = ChromiumWindow(display, args.start_url, width, height)
                 closers.append(window.close)
-                time.sleep(args.startup_seconds)
+                window.wait_until_drawn(args.startup_seconds)
             executor = X11Executor(display)
         record = run_agent(args.task, _client(args), executor, out, config, executor_name=args.executor)
     finally:
@@ -155,7 +155,8 @@ def register(subparsers) -> None:
     r.add_argument("--size", type=_size, default=(1280, 720), help="viewport / screen WIDTHxHEIGHT (1280x720)")
     r.add_argument("--scale-factor", type=float, default=1.0, help="browser device scale factor (default 1)")
     r.add_argument("--display", default=None, help="x11: an existing display such as :0 (default: start Xvfb)")
-    r.add_argument("--startup-seconds", type=float, default=3.0, help="x11: wait for the window to appear")
+    r.add_argument("--startup-seconds", type=float, default=30.0,
+                   help="x11: the longest wait for the --start-url window to draw (default 30)")
     r.add_argument("--max-steps", type=int, default=15)
     r.add_argument("--template", choices=["computer", "mobile"], default="computer")
     r.add_argument("--language", default="English", help="language of the Thought part (default English)")

@@ -247,6 +247,24 @@ class ChromiumWindow:
             [find_chromium(), *CHROMIUM_ARGS, "--kiosk", f"--user-data-dir={self.profile}",
              "--window-position=0,0", f"--window-size={width},{height}", "--no-default-browser-check", url],
             env=dict(os.environ, DISPLAY=display), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.display = display
+
+    def wait_until_drawn(self, timeout: float = 30.0, interval: float = 0.3) -> None:
+        """Block until the screen shows more than one colour and two grabs in a row are identical."""
+        from PIL import Image
+
+        deadline, last = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FlashtuneError(f"Chromium exited with code {self.proc.returncode} on {self.display}")
+            png = grab_screen(self.display)
+            with Image.open(io.BytesIO(png)) as im:
+                drawn = im.convert("RGB").getcolors(maxcolors=1) is None  # None: more than one colour
+            if drawn and png == last:
+                return
+            last = png if drawn else None
+            time.sleep(interval)
+        raise FlashtuneError(f"the Chromium window on {self.display} did not finish drawing in {timeout:.0f} s")
 
     def close(self) -> None:
         if self.proc.poll() is None:
