@@ -47,6 +47,11 @@ def test_greedy_with_mtp_drafts_is_token_identical(arch):
         out = engine.generate(ps, max_new_tokens=20, stop_tokens=[], speculative=MTPDrafter(mtp, k=k, tree_width=width))
         assert out.tokens == plain, (depth, k, width)
         assert 1.0 <= out.accepted_per_step <= k + 1
+    # The engine's CUDA arithmetic (scale folded into W_q, fused norms, additive-bias attention), run here.
+    fast = Engine(model, max_batch_size=3, max_seq_len=96, attention="matmul", fast=True)
+    mtp = MTPModules.build(model, depth=2)
+    out = fast.generate(ps, max_new_tokens=20, stop_tokens=[], speculative=MTPDrafter(mtp, k=3))
+    assert out.tokens == fast.generate(ps, max_new_tokens=20, stop_tokens=[]).tokens
 
 
 def test_drafter_cache_reproduces_the_teacher_forced_modules():

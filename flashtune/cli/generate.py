@@ -30,8 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--speculative", choices=["none", "medusa"], default="none")
-    p.add_argument("--heads", help="folder with Medusa heads (from train-heads)")
+    p.add_argument("--speculative", choices=["none", "medusa", "mtp"], default="none")
+    p.add_argument("--heads", help="folder with Medusa heads or MTP modules (from train-heads)")
+    p.add_argument("--draft-tokens", type=int, default=3, help="tokens drafted per step (--speculative mtp)")
     p.add_argument("--acceptance", choices=["lossless", "typical"], default="lossless",
                    help="speculative sampling rule: lossless (exact) or typical (Medusa's, lossy)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (first prompt only shown)")
@@ -48,8 +49,9 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.mr:
         raise ConfigError("nothing to generate from; pass --prompt TEXT or --mr MR (repeatable)")
-    if args.speculative == "medusa" and not args.heads:
-        raise ConfigError("--speculative medusa needs --heads DIR (train them with `flashtune train-heads`)")
+    if args.speculative in ("medusa", "mtp") and not args.heads:
+        raise ConfigError(f"--speculative {args.speculative} needs --heads DIR (train them with "
+                          f"`flashtune train-heads --method {args.speculative}`)")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tok = load_base_model(args.model or None, dtype=dtype)
@@ -71,6 +73,10 @@ def main(args: argparse.Namespace) -> int:
     heads = None
     if args.speculative == "medusa":
         heads = MedusaHeads.load(args.heads, device=device, dtype=model.dtype)
+    elif args.speculative == "mtp":  # flashtune/decoding/mtp.py (helper E)
+        from flashtune.decoding.mtp import MTPDrafter, MTPModules
+
+        heads = MTPDrafter(MTPModules.load(args.heads, model), k=args.draft_tokens)
     longest = max(len(p) for p in prompts)
     tree_nodes = heads.tree.num_nodes if heads is not None else 1
     engine = Engine(model, tok, max_batch_size=len(prompts), device=device,

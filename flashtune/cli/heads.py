@@ -134,6 +134,7 @@ def train_medusa_heads(recipe: HeadsRecipe, model=None, tokenizer=None, progress
     paths = build_tree(acc, recipe.tree_nodes, topk=recipe.topk) if recipe.tree_nodes else None
     heads.set_tree(paths)
     heads.save(out)
+    (out / "head_accuracy.json").write_text(json.dumps(acc.tolist()))  # [K, topk]: rebuild trees later
     if recipe.stage == 2:
         from flashtune.tuners import save_adapter
 
@@ -157,7 +158,9 @@ def register(subparsers) -> None:
         description="Train Medusa heads (Medusa-1: frozen model; Medusa-2: with LoRA) on the model's own answers "
                     "to E2E-style prompts, then build a candidate tree from their measured accuracies.",
         epilog="Then: flashtune generate --speculative medusa --heads OUT --prompt '...'")
-    p.add_argument("--method", choices=["medusa"], default="medusa", help="head type (MTP: see docs)")
+    p.add_argument("--method", choices=["medusa", "mtp", "parallel"], default="medusa",
+                   help="medusa heads, DeepSeek-V3 MTP modules (docs/mtp.md) or Gloeckle et al. parallel heads")
+    p.add_argument("--depth", type=int, default=1, help="MTP modules (--method mtp)")
     p.add_argument("--out", required=True, help="folder for the heads (medusa_heads.safetensors + config)")
     p.add_argument("--model", default="", help="base model: local path or HF id (default: SmolLM2-135M-Instruct)")
     p.add_argument("--stage", type=int, default=1, choices=[1, 2], help="1: Medusa-1 (frozen base), 2: Medusa-2")
@@ -179,6 +182,17 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.method in ("mtp", "parallel"):  # recipe in flashtune/decoding/mtp_train.py (helper E)
+        from flashtune.decoding.mtp_train import MTPRecipe, train_mtp_heads
+
+        report = train_mtp_heads(MTPRecipe(
+            out_dir=args.out, method=args.method, model=args.model, device=args.device, depth=args.depth,
+            n_heads=args.num_heads, joint=args.stage == 2, self_distill=not args.no_self_distill, data=args.data,
+            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, precision=args.precision, seed=args.seed))
+        acc = ", ".join(f"{a:.2f}" for a in report["depth_top1"])
+        print(f"{args.method} saved to {args.out}: held-out top-1 accuracy per depth [{acc}]")
+        return 0
     recipe = HeadsRecipe(out_dir=args.out, model=args.model, device=args.device, stage=args.stage,
                          num_heads=args.num_heads, num_layers=args.num_layers,
                          self_distill=not args.no_self_distill, data=args.data, num_prompts=args.num_prompts,

@@ -475,7 +475,32 @@ def _compact_block(hf_block: nn.Module, engine) -> nn.Module:
     own = {k[len("layers.0."):]: v for k, v in _convert(a, sd).items() if k.startswith("layers.0.")}
     block = Block(a)
     block.load_state_dict(own)
+    if engine.model.fast:  # the engine's CUDA arithmetic (model.DecoderModel.enable_fast), for this block too
+        rows = a.n_heads * a.head_dim
+        with torch.no_grad():
+            block.wqkv.weight[:rows] *= a.head_dim ** -0.5
+            if block.wqkv.bias is not None:
+                block.wqkv.bias[:rows] *= a.head_dim ** -0.5
+        for m in block.modules():
+            if hasattr(m, "fused"):
+                m.fused = True
     return block.to(device=engine.device, dtype=engine.dtype).eval()
+
+
+def _engine_norm(norm: nn.Module, engine) -> nn.Module:
+    """An RMSNorm as the engine's own class (one fused kernel on CUDA), a LayerNorm as is; on the engine's
+    device and dtype."""
+    from flashtune.decoding.model import RMSNorm
+
+    if isinstance(norm, nn.LayerNorm):
+        out = copy.deepcopy(norm)
+    else:
+        eps = getattr(norm, "eps", None) or getattr(norm, "variance_epsilon", 1e-6)
+        out = RMSNorm(norm.weight.shape[0], eps)
+        with torch.no_grad():
+            out.weight.copy_(norm.weight)
+        out.fused = engine.model.fast
+    return out.to(device=engine.device, dtype=engine.dtype).eval()
 
 
 class MTPDrafter:
@@ -527,10 +552,10 @@ class MTPDrafter:
         dev, dt = engine.device, engine.dtype
         layers = self.mtp.layers
         self.blocks = [_compact_block(layer.block, engine) for layer in layers]
-        self.enorm = [copy.deepcopy(layer.enorm).to(dev, dt).eval() for layer in layers]
-        self.hnorm = [copy.deepcopy(layer.hnorm).to(dev, dt).eval() for layer in layers]
+        self.enorm = [_engine_norm(layer.enorm, engine) for layer in layers]
+        self.hnorm = [_engine_norm(layer.hnorm, engine) for layer in layers]
         self.eh_proj = [copy.deepcopy(layer.eh_proj).to(dev, dt).eval() for layer in layers]
-        self.head_norm = [copy.deepcopy(layer.shared_head.norm).to(dev, dt).eval() for layer in layers]
+        self.head_norm = [_engine_norm(layer.shared_head.norm, engine) for layer in layers]
         a = engine.model.args
         self.slots = engine.max_seq_len + 2 * (self.k + 2)
         from flashtune.decoding.cache import KVCache
@@ -550,7 +575,12 @@ class MTPDrafter:
         e = model.embed(tokens)
         x = self.eh_proj[m](torch.cat([self.enorm[m](e), self.hnorm[m](h)], dim=-1))  # [B, q, 2d] -> [B, q, d]
         rope = model.rope(slots, x.dtype)
-        return self.blocks[m](x, rope, self.cache, m, slots, mask, model.backend)
+        if model.backend == "matmul":  # that backend takes an additive bias [B*Hkv, G*T, S]
+            from flashtune.decoding.model import attention_bias
+
+            a = model.args
+            mask = attention_bias(mask, a.n_kv_heads, a.n_heads // a.n_kv_heads, x.dtype)
+        return self.blocks[m](x, rope, self.cache, m, slots, mask, model.backend, model.fast)
 
     def _recycle(self, m: int, out):
         return self.head_norm[m](out) if self.mtp.config.recycle == "post_norm" else out
