@@ -73,7 +73,6 @@ class _GraphCache:
     def __init__(self, enabled: bool):
         self.enabled = enabled
         self.graphs = {}
-        self.pool = None
 
     def __call__(self, key, fn, *args):
         if not self.enabled:
@@ -87,9 +86,7 @@ class _GraphCache:
                     fn(*static)
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            if self.pool is None:
-                self.pool = torch.cuda.graph_pool_handle()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with torch.cuda.graph(graph):  # a private memory pool per graph
                 out = fn(*static)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
@@ -112,7 +109,7 @@ class Engine:
                  fast: bool | None = None):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
-        check_choice("attention", attention, ("auto", "sdpa", "matmul", "flash"))
+        check_choice("attention", attention, ("auto", "sdpa", "matmul"))
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if getattr(model.config, "is_encoder_decoder", False):
@@ -141,15 +138,12 @@ class Engine:
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
 
     def _pick_backend(self, attention: str) -> str:
+        """SDPA with an explicit mask on the CPU; on CUDA, grouped matmuls with an additive bias. (The Triton
+        kernel's tree mask assumes the tree ends every row's keys; here rows have different lengths inside
+        one static, graph-captured shape, which docs/decoding.md explains.)"""
         if attention != "auto":
             return attention
-        if self.device.type != "cuda":
-            return "sdpa"
-        try:  # helper kernel with a tree-mask path; plain grouped matmuls otherwise
-            from flashtune.attention import flash_attention  # noqa: F401
-        except ImportError:
-            return "matmul"
-        return "flash"
+        return "matmul" if self.device.type == "cuda" else "sdpa"
 
     # ---------------------------------------------------------------- forward passes
     def forward(self, tokens, lengths, tree: TreeBuffers):
@@ -227,7 +221,7 @@ class Engine:
         dump = self._out.shape[1] - 1
         cols = torch.where(valid, (n_out[:, None] + j).clamp(max=dump - 1), torch.full_like(j, dump))
         self._out[ar[:, None], cols] = emitted
-        stop_hit = (torch.isin(emitted, self._stop) & valid).any(1)
+        stop_hit = ((emitted[:, :, None] == self._stop).any(-1) & valid).any(1)
         n_emit = torch.where(active, acc.accepted + 1, torch.zeros_like(acc.accepted))
         new_len = lengths + n_emit
         new_out = n_out + n_emit
@@ -318,7 +312,7 @@ class Engine:
         self._out[:bsz, 0] = first
         n_out = torch.ones(bsz, dtype=torch.long, device=self.device)
         max_new = torch.full((bsz,), max_new_tokens, dtype=torch.long, device=self.device)
-        active = (~torch.isin(first, self._stop)) & (n_out < max_new)
+        active = ~(first[:, None] == self._stop).any(-1) & (n_out < max_new)
         root = first
         state = (root, hidden_last, lengths, active, n_out, torch.zeros_like(n_out))
         sent = [0] * bsz

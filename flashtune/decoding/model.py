@@ -108,16 +108,10 @@ def attend(q, k, v, mask, scale: float, backend: str = "sdpa"):
     """q [B, Hq, T, D], k/v [B, Hkv, S, D], mask bool [B, T, S] -> [B, Hq, T, D].
 
     "sdpa": torch SDPA with an explicit mask (the CPU path). "matmul": grouped-query matmuls without
-    repeating K/V (the CUDA path for short query blocks). "flash": flashtune.attention.flash_attention.
+    repeating K/V, the mask given as `attention_bias` (the CUDA path: few kernels, graph-capturable).
     """
     bsz, hq, t, d = q.shape
     hkv = k.shape[1]
-    if backend == "flash":
-        from flashtune.attention import flash_attention
-
-        out = flash_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask=mask,
-                              softmax_scale=scale)
-        return out.transpose(1, 2)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=scale,
                                               enable_gqa=hq != hkv)
