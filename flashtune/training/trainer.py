@@ -32,6 +32,7 @@ import torch
 
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 from flashtune.training import checkpoint as ckpt
+from flashtune.training.fused_lora import fuse_lora, unfuse_lora
 from flashtune.training.loss import causal_lm_loss_sum, count_targets
 from flashtune.training.precision import PRECISIONS, PrecisionPolicy
 from flashtune.training.sampler import make_batches
@@ -68,6 +69,7 @@ class TrainConfig:
     ce_chunk_size: int = 4096                # rows per block of the chunked head + cross-entropy; 0: plain
     gradient_checkpointing: float = 0.0      # fraction of blocks recomputed in backward (False 0 .. True 1)
     compile: bool = False                    # torch.compile each transformer block
+    fused_lora: bool = True                  # LoRA layers as one fused autograd node while training
 
     def __post_init__(self):
         check_choice("precision", self.precision, PRECISIONS)
@@ -85,8 +87,9 @@ class TrainConfig:
         if isinstance(self.gradient_checkpointing, bool):
             self.gradient_checkpointing = float(self.gradient_checkpointing)
         check_range("gradient_checkpointing", self.gradient_checkpointing, 0, 1)
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile={self.compile!r} must be true or false")
+        for name in ("compile", "fused_lora", "resume", "overwrite", "drop_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         check_range("max_grad_norm", self.max_grad_norm, 0)
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
         if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
@@ -278,6 +281,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()}
 
     bar = _progress_bar(total, step, progress)
+    if config.fused_lora:
+        fuse_lora(model)
     model.train()
     try:
         with _SignalGuard() as guard, metrics_path.open("a") as metrics_file:
@@ -357,6 +362,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                 path = checkpoint_now()
     finally:
         bar.close()
+        unfuse_lora(model)
     return TrainResult(history=history, step=step, checkpoint=str(path), eval=last_eval,
                        skipped_steps=acc["skipped_total"], train_time_s=train_time)
 
