@@ -3,9 +3,9 @@
 Part "peft": flashtune's `fit` against Hugging Face PEFT + transformers, same model, batch 4 x 2048, LoRA r=16
 on all seven projections, bf16 autocast over a bf16 base with fp32 adapters, AdamW, clipping. One PEFT row,
 then flashtune rows that switch on one technique after another (the ablation): chunked linear
-cross-entropy, activation checkpointing (all blocks / part of them), torch.compile of the blocks, and the
-"flashtune" FlashAttention kernel when `flashtune.attention` registers it. Target (TARGETS.md): >= 2x PEFT's
-tokens/s at <= 0.6x its peak memory.
+cross-entropy, the fused LoRA linear, activation checkpointing of half the blocks, torch.compile of the
+blocks, and the "flashtune" FlashAttention kernel when `flashtune.attention` registers it.
+Target (TARGETS.md): >= 2x PEFT's tokens/s at <= 0.6x its peak memory.
 
 Part "precision": fp32 vs bf16 vs fp16 (GradScaler) on one LoRA fine-tune of the same shape, base held in
 the precision's dtype (fp32 / bf16 / fp16), on real text (the E2E csv at $FLASHTUNE_E2E_DATA tokenized with
@@ -49,18 +49,20 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The flashtune ablation, cumulative from plain to everything. chunk: ce_chunk_size (0 = full logits);
-# ckpt: fraction of blocks checkpointed; attn: HF attention implementation.
+# fused: fused LoRA linear; ckpt: fraction of blocks checkpointed; attn: HF attention implementation.
 ABLATION = [
-    dict(name="flashtune plain", chunk=0, ckpt=0.0, compile=False, attn="sdpa"),
-    dict(name="+ chunked CE", chunk=4096, ckpt=0.0, compile=False, attn="sdpa"),
-    dict(name="+ chunked CE, checkpoint all blocks", chunk=4096, ckpt=1.0, compile=False, attn="sdpa"),
-    dict(name="+ chunked CE, flashtune attention", chunk=4096, ckpt=0.0, compile=False, attn="flashtune"),
+    dict(name="flashtune plain", chunk=0, fused=False, ckpt=0.0, compile=False, attn="sdpa"),
+    dict(name="+ chunked CE", chunk=4096, fused=False, ckpt=0.0, compile=False, attn="sdpa"),
+    dict(name="+ fused LoRA", chunk=4096, fused=True, ckpt=0.0, compile=False, attn="sdpa"),
+    dict(name="+ fused LoRA, checkpoint half", chunk=4096, fused=True, ckpt=0.5, compile=False, attn="sdpa"),
+    dict(name="+ fused LoRA, flashtune attention", chunk=4096, fused=True, ckpt=0.0, compile=False,
+         attn="flashtune"),
     # torch.compile's partitioner recomputes cheap elementwise ops in backward instead of saving them, so
     # compiled blocks may need no checkpointing at all to meet the memory target.
-    dict(name="+ chunked CE, compile", chunk=4096, ckpt=0.0, compile=True, attn="sdpa"),
-    dict(name="+ chunked CE, compile, checkpoint half", chunk=4096, ckpt=0.5, compile=True, attn="sdpa"),
-    dict(name="+ chunked CE, compile, checkpoint all", chunk=4096, ckpt=1.0, compile=True, attn="sdpa"),
-    dict(name="+ chunked CE, compile, flashtune attention", chunk=4096, ckpt=0.0, compile=True,
+    dict(name="+ fused LoRA, compile", chunk=4096, fused=True, ckpt=0.0, compile=True, attn="sdpa"),
+    dict(name="+ fused LoRA, compile, checkpoint half", chunk=4096, fused=True, ckpt=0.5, compile=True,
+         attn="sdpa"),
+    dict(name="+ fused LoRA, compile, flashtune attention", chunk=4096, fused=True, ckpt=0.0, compile=True,
          attn="flashtune"),
 ]
 
@@ -186,7 +188,7 @@ def flashtune_row(args, shape, device, data, spec, out_root):
     cfg = TrainConfig(out_dir=str(out_root / spec["name"].replace(" ", "_").replace(",", "")), precision="bf16",
                       lr=1e-4, max_steps=args.warm + args.timed, batch_size=args.batch, log_every=1,
                       save_every=0, schedule="constant", ce_chunk_size=spec["chunk"],
-                      gradient_checkpointing=spec["ckpt"], overwrite=True)
+                      gradient_checkpointing=spec["ckpt"], fused_lora=spec["fused"], overwrite=True)
     reset_memory(device)
     res = fit(model, data, cfg, progress=False)
     row = {**spec, **step_stats(res.history, args.warm, args.batch * args.seq), "peak_gib": peak_gib(device),
