@@ -109,3 +109,21 @@ def test_dispatch_errors_and_keys():
     assert [normalize_key(k) for k in ("Return", "ESC", "cmd", "PgDn", "A", "F5")] == \
         ["enter", "escape", "meta", "pagedown", "a", "f5"]
     assert split_typed_text("\n\nx") == ["\n", "\n", "x"]
+
+
+def test_annotate_draws_at_the_mapped_point():
+    import io
+
+    from PIL import Image
+
+    from flashtune.agent.report import COLORS, annotate
+
+    buf = io.BytesIO()
+    Image.new("RGB", (400, 300), (10, 10, 10)).save(buf, format="PNG")
+    mapper = CoordinateMapper(400, 300, version="1.0")
+    actions = parse_response("Action: click(start_box='(500,500)')\n\nhotkey(key='ctrl c')").actions
+    out = Image.open(io.BytesIO(annotate(buf.getvalue(), actions, mapper))).convert("RGB")
+    assert out.size == (400, 300 + 8 + 20 * 2)  # a caption strip with one line per action
+    # (500,500) in the 0-1000 frame is pixel (200,150): the crosshair passes through it
+    assert out.getpixel((214, 150)) == COLORS["left"] and out.getpixel((200, 164)) == COLORS["left"]
+    assert out.getpixel((50, 250)) == (10, 10, 10) and out.getpixel((380, 20)) == (10, 10, 10)

@@ -43,11 +43,13 @@ def annotate(png: bytes, actions: list[Action] | tuple[Action, ...], mapper: Coo
     """The screenshot with each action drawn at its screen position, as PNG bytes."""
     from PIL import Image, ImageDraw
 
-    img = Image.open(io.BytesIO(png)).convert("RGB")
+    shot = Image.open(io.BytesIO(png)).convert("RGB")
+    # a strip under the screenshot lists the actions, so labels never hide what was clicked
+    img = Image.new("RGB", (shot.width, shot.height + 8 + 20 * len(actions)), (255, 255, 255))
+    img.paste(shot, (0, 0))
     draw = ImageDraw.Draw(img)
     r = max(8, img.width // 100)
-    label_y = 4
-    for a in actions:
+    for n, a in enumerate(actions, start=1):
         p = mapper.to_screen(*a.start.center, dialect=a.start.dialect) if a.start else None
         q = mapper.to_screen(*a.end.center, dialect=a.end.dialect) if a.end else None
         if a.start is not None and len(a.start.values) == 4:  # show the box the model chose
@@ -58,9 +60,9 @@ def annotate(png: bytes, actions: list[Action] | tuple[Action, ...], mapper: Coo
             _arrow(draw, *p, *q, COLORS["drag"])
             draw.ellipse([p[0] - r, p[1] - r, p[0] + r, p[1] + r], outline=COLORS["drag"], width=3)
         elif a.name == "scroll":
-            c = p or (img.width / 2, img.height / 2)
+            p = p or (shot.width / 2, shot.height / 2)
             dx, dy = {"up": (0, -1), "down": (0, 1), "left": (-1, 0), "right": (1, 0)}[a.direction]
-            _arrow(draw, *c, c[0] + dx * 6 * r, c[1] + dy * 6 * r, COLORS["scroll"])
+            _arrow(draw, *p, p[0] + dx * 6 * r, p[1] + dy * 6 * r, COLORS["scroll"])
         elif p is not None:
             color = COLORS["right"] if a.name == "right_single" else COLORS["left"]
             rings = 2 if a.name == "left_double" else 1
@@ -69,11 +71,10 @@ def annotate(png: bytes, actions: list[Action] | tuple[Action, ...], mapper: Coo
                 draw.ellipse([p[0] - rr, p[1] - rr, p[0] + rr, p[1] + rr], outline=color, width=3)
             draw.line([(p[0] - 2 * r, p[1]), (p[0] + 2 * r, p[1])], fill=color, width=1)
             draw.line([(p[0], p[1] - 2 * r), (p[0], p[1] + 2 * r)], fill=color, width=1)
-        text = str(a)
-        tw = draw.textlength(text)
-        draw.rectangle([4, label_y, 12 + tw, label_y + 16], fill=(255, 255, 224), outline=COLORS["key"])
-        draw.text((8, label_y + 2), text, fill=(0, 0, 0))
-        label_y += 20
+        if p is not None:  # the action's number next to its marker
+            draw.rectangle([p[0] + r + 2, p[1] - r - 14, p[0] + r + 14, p[1] - r], fill=COLORS["key"])
+            draw.text((p[0] + r + 5, p[1] - r - 13), str(n), fill=(255, 255, 255))
+        draw.text((8, shot.height + 6 + 20 * (n - 1)), f"{n}. {a}", fill=(0, 0, 0))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return buf.getvalue()
