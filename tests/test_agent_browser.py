@@ -140,7 +140,7 @@ def test_scroll_each_way(env):
         before = pos()
         env.run(answer(f"scroll({env.coord('#scroller')}, direction='{direction}')"))
         env.page.wait_for_function(f"(s => s.{['scrollLeft', 'scrollTop'][axis]} != {before[axis]})"
-                                   "(document.getElementById('scroller'))", timeout=3000)
+                                   "(document.getElementById('scroller'))", timeout=10000)
         after = pos()
         assert (after[axis] - before[axis]) * sign > 0, direction
         assert after[1 - axis] == before[1 - axis], direction

@@ -85,19 +85,19 @@ def test_clicks_and_hover(x):
     x.run(answer(f"left_double({x.coord('#dbl')})"))
     x.run(answer(f"right_single({x.coord('#ctx')})"))
     x.run(answer(f"hover({x.coord('#hover')})"))
-    x.page.wait_for_function("window.state.hover >= 1", timeout=3000)
+    x.page.wait_for_function("window.state.hover >= 1", timeout=10000)
     s = x.state()
     assert (s["clicks"], s["dbl"], s["ctx"], s["hover"]) == (1, 1, 1, 1)
 
 
 def test_type_enter_and_hotkeys(x):
     x.run(answer(f"click({x.coord('#inp')})\n\ntype(content='it\\'s (a, b)\\n')"))
-    x.page.wait_for_function("window.state.enter >= 1", timeout=3000)
+    x.page.wait_for_function("window.state.enter >= 1", timeout=10000)
     assert x.page.input_value("#inp") == "it's (a, b)"
     x.run(answer("hotkey(key='ctrl a')\n\ntype(content='z')"))
-    x.page.wait_for_function("document.getElementById('inp').value == 'z'", timeout=3000)
+    x.page.wait_for_function("document.getElementById('inp').value == 'z'", timeout=10000)
     x.run(answer("hotkey(key='arrowleft')\n\nhotkey(key='space')\n\nhotkey(key='pagedown')"))
-    x.page.wait_for_function("window.state.keys.includes('PageDown')", timeout=3000)
+    x.page.wait_for_function("window.state.keys.includes('PageDown')", timeout=10000)
     keys = x.state()["keys"]
     assert "Control+a" in keys and keys[-3:] == ["ArrowLeft", " ", "PageDown"]
 
@@ -111,7 +111,7 @@ def test_scroll_each_way(x):
         before = pos()
         x.run(answer(f"scroll({x.coord('#scroller')}, direction='{direction}')"))
         x.page.wait_for_function(f"(s => s.{['scrollLeft', 'scrollTop'][axis]} != {before[axis]})"
-                                 "(document.getElementById('scroller'))", timeout=3000)
+                                 "(document.getElementById('scroller'))", timeout=10000)
         after = pos()
         assert (after[axis] - before[axis]) * sign > 0, direction
         assert after[1 - axis] == before[1 - axis], direction
@@ -121,7 +121,7 @@ def test_drag(x):
     start = x.coord("#handle", pair=True)
     end = x.coord("#pad", end=True, dx=120, dy=30)
     x.run(answer(f"drag({start}, {end})"))
-    x.page.wait_for_function("window.state.drops.length == 1", timeout=3000)
+    x.page.wait_for_function("window.state.drops.length == 1", timeout=10000)
     drop = x.state()["drops"][0]
     pad = x.page.locator("#pad").bounding_box()
     target = (pad["x"] + pad["width"] / 2 + 120, pad["y"] + pad["height"] / 2 + 30)

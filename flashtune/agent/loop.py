@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass
 
 from flashtune.agent.client import EndpointError
 from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS
-from flashtune.agent.executors.base import UnsupportedActionError
 from flashtune.agent.parser import ActionParseError
 from flashtune.agent.prompts import HISTORY_N, TEMPLATES, build_messages
 from flashtune.agent.report import annotate, write_atomic, write_record
@@ -119,7 +118,7 @@ def run_agent(task: str, client, executor, out_dir: str, config: AgentConfig | N
                     sleep(config.wait_seconds)
                 else:
                     executor.execute(action, mapper)
-        except (UnsupportedActionError, FlashtuneError) as exc:
+        except FlashtuneError as exc:  # UnsupportedActionError, xdotool failures, ...
             entry["error"] = str(exc)
             status = "error"
             break
