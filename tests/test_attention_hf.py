@@ -100,3 +100,26 @@ def test_custom_4d_mask_falls_back_to_reference():
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, attention_mask=mask4).logits, ref(ids, attention_mask=mask4).logits,
                                    atol=2e-5, rtol=1e-4)
+
+
+def test_attention_dropout_in_training_matches_sdpa():
+    """With attention dropout (GPT-2's attn_pdrop) in train mode both paths call torch's SDPA with the same mask
+    and seed, so they agree exactly; padded rows stay finite."""
+    ref = tiny_model("gpt2", attn_implementation="sdpa", attn_pdrop=0.3).train()
+    ours = tiny_model("gpt2", attn_implementation="sdpa", attn_pdrop=0.3).train()
+    ours.set_attn_implementation("flashtune")
+    ids, mask = _batch()
+    torch.manual_seed(7)
+    want = ref(ids, attention_mask=mask).logits
+    torch.manual_seed(7)
+    got = ours(ids, attention_mask=mask).logits
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got[mask.bool()], want[mask.bool()], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_static_cache_generation_matches_sdpa():
+    ref, ours = _pair("llama")
+    ids, mask = _batch()
+    kw = dict(attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0, cache_implementation="static")
+    assert torch.equal(ours.generate(ids, **kw), ref.generate(ids, **kw))

@@ -12,8 +12,9 @@ How masks are served:
   packed sequences (position_ids restarting at 0, no mask, no cache) become a varlen call;
 - a 2-D padding mask: the padded tokens are dropped and the rest packed into one varlen call (queries are the
   last q_len positions of the mask, as in HF's own FlashAttention path); padded query rows get zeros;
-- anything else (a 4-D custom mask such as a Medusa tree, sliding windows, dropout, soft-capping, attention
-  sinks): the plain reference with the full mask, which is exact but materializes the scores.
+- attention dropout while training: torch's SDPA with the equivalent boolean mask;
+- anything else (a 4-D custom mask such as a Medusa tree, sliding windows, soft-capping, attention sinks): the
+  plain reference with the full mask, which is exact but materializes the scores.
 """
 
 from __future__ import annotations
@@ -70,13 +71,21 @@ def flashtune_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
     if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < k.shape[1]:
         k, v = k[:, :attention_mask.shape[1]], v[:, :attention_mask.shape[1]]  # static cache: unused slots
     lk = k.shape[1]
-    unsupported = (dropout and module.training) or softcap or kwargs.get("s_aux") is not None or sliding_window
+    if dropout and module.training:
+        # attention dropout: torch's SDPA (math or fused) with the equivalent boolean mask
+        mask = _fallback_mask(attention_mask, b, lq, lk, causal, sliding_window, q.device)
+        if mask.dtype != torch.bool:
+            mask = mask.to(query.dtype)
+        else:  # a padded query row that sees nothing would give NaN: let it see everything (it is ignored)
+            mask = mask | ~mask.any(-1, keepdim=True)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            query, key[:, :, :lk], value[:, :, :lk], attn_mask=mask, dropout_p=dropout, scale=scaling,
+            enable_gqa=query.shape[1] != key.shape[1])
+        return out.transpose(1, 2), None
+    unsupported = softcap or kwargs.get("s_aux") is not None or sliding_window
     if unsupported or (attention_mask is not None and attention_mask.dim() != 2):
         mask = _fallback_mask(attention_mask, b, lq, lk, causal, sliding_window, q.device)
-        out = attention_reference(q, k, v, softmax_scale=scaling, attn_mask=mask)
-        if dropout and module.training:
-            raise NotImplementedError("flashtune attention has no dropout; set attention_dropout=0")
-        return out, None
+        return attention_reference(q, k, v, softmax_scale=scaling, attn_mask=mask), None
 
     if attention_mask is None:
         pos = kwargs.get("position_ids")
@@ -90,7 +99,9 @@ def flashtune_attention_forward(module: torch.nn.Module, query: torch.Tensor, ke
 
     # 2-D padding mask (B, Lk): drop padded tokens, one varlen call, scatter the rows back.
     keep_k = attention_mask[:, -lk:].bool()
-    keep_q = keep_k[:, -lq:]
+    # queries are the last lq positions (left padding, dynamic cache); a single query is always real (as in
+    # HF's FlashAttention path, which also covers static caches whose unused slots sit after it)
+    keep_q = keep_k[:, -lq:] if lq > 1 else torch.ones(b, 1, dtype=torch.bool, device=q.device)
     idx_k = torch.nonzero(keep_k.reshape(-1)).flatten()
     idx_q = torch.nonzero(keep_q.reshape(-1)).flatten()
     cu_k = torch.zeros(b + 1, dtype=torch.int32, device=q.device)
