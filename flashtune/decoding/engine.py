@@ -35,6 +35,7 @@ Drafter interface (used by `MedusaHeads` and helper E's MTP drafter):
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Protocol, Sequence
 
@@ -68,32 +69,59 @@ class GenerationOutput:
 
 
 class _GraphCache:
-    """Captures `fn` once per key in a CUDA graph and replays it; calls it directly off the GPU."""
+    """Captures `fn` once per key in a CUDA graph and replays it; calls it directly off the GPU.
 
-    def __init__(self, enabled: bool):
+    With `compile`, `fn` first goes through torch.compile (Inductor fuses the elementwise kernels), and the
+    compiled code is what gets captured. The entry keeps `fn` (and so the tensors its closure reads) alive.
+    """
+
+    MAX_GRAPHS = 24
+
+    def __init__(self, enabled: bool, compile: bool = False):
         self.enabled = enabled
+        self.compile = compile
         self.graphs = {}
 
     def __call__(self, key, fn, *args):
         if not self.enabled:
             return fn(*args)
         if key not in self.graphs:
-            static = [a.clone() for a in args]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                for _ in range(2):  # warm-up (allocator, cuBLAS workspaces) outside the capture
-                    fn(*static)
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):  # a private memory pool per graph
-                out = fn(*static)
-            self.graphs[key] = (graph, static, out)
-        graph, static, out = self.graphs[key]
+            if len(self.graphs) >= self.MAX_GRAPHS:
+                self.graphs.pop(next(iter(self.graphs)))
+            try:
+                self.graphs[key] = self._capture(torch.compile(fn, dynamic=False) if self.compile else fn, args)
+            except Exception as exc:  # noqa: BLE001 - fall back to eager kernels rather than fail generation
+                if self.compile:
+                    raise
+                warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly")
+                self.enabled = False
+                return fn(*args)
+        graph, static, out, _ = self.graphs[key]
         for s, a in zip(static, args):
             s.copy_(a)
         graph.replay()
         return out
+
+    @staticmethod
+    def _capture(fn, args):
+        static = [a.clone() for a in args]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):  # warm-up (compilation, allocator, cuBLAS workspaces) outside the capture
+                fn(*static)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # a private memory pool per graph
+            out = fn(*static)
+        return graph, static, out, fn
+
+
+def _params_key(drafter):
+    """Addresses of a module drafter's parameters: a graph captured before `.to(...)` must not be replayed."""
+    if drafter is None or not hasattr(drafter, "parameters"):
+        return None
+    return tuple(p.data_ptr() for p in drafter.parameters())
 
 
 class Engine:
@@ -106,12 +134,14 @@ class Engine:
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
                  dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", check_every: int = 8,
-                 fast: bool | None = None):
+                 fast: bool | None = None, compile: bool = False):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
         check_choice("attention", attention, ("auto", "sdpa", "matmul"))
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
+        if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
+            self.device = torch.device("cuda", torch.cuda.current_device())
         if getattr(model.config, "is_encoder_decoder", False):
             raise FlashtuneError("the decoding engine runs decoder-only models; this one is encoder-decoder")
         state, prefix = hf_state_and_prefix(model)
@@ -131,7 +161,7 @@ class Engine:
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         self.check_every = check_every
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs = _GraphCache(use_graphs and self.device.type == "cuda")
+        self._graphs = _GraphCache(use_graphs and self.device.type == "cuda", compile=compile)
         self._root_tree = tree_buffers([]).to(self.device)
         self._stop = torch.full((_MAX_STOP,), -1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(max_batch_size, max_seq_len + 2, dtype=torch.long, device=self.device)
@@ -322,7 +352,7 @@ class Engine:
         steps = 0
         while steps < max_new_tokens - 1:
             if whole_graph:
-                key = ("step", bsz, id(tree), id(drafter))
+                key = ("step", bsz, id(tree), id(drafter), _params_key(drafter))
                 fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
                 state = self._graphs(key, fn, *state, max_new)
             else:
