@@ -151,3 +151,21 @@ def test_ground_command_end_to_end(dataset, tmp_path, capsys):
     assert result["by_platform"]["web"]["accuracy"] == 1.0 and result["by_platform"]["ios"]["accuracy"] == 0.0
     parts = req["messages"][0]["content"]
     assert "find web.png" in parts[0]["text"] and parts[1]["image_url"]["url"].startswith("data:image/png;base64,")
+
+
+def test_ground_command_uses_the_servers_pixel_limits(dataset, tmp_path, capsys):
+    """Answers written in the frame of a server with max_pixels = 1000*28*28 score only with that flag."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+    small = 1000 * 28 * 28
+    script = []
+    for name, size, bbox, fmt, _, _ in RECORDS:
+        b = xyxy(bbox, fmt)
+        h, w = smart_resize(size[1], size[0], 28, 100 * 28 * 28, small)
+        cx, cy = (b[0] + b[2]) / 2, (b[1] + b[3]) / 2
+        script.append(f"Action: click(start_box='({cx * w / size[0]:.4f},{cy * h / size[1]:.4f})')")
+    with FakeModelServer(script * 2) as fake:
+        main(["agent", "ground", "--data", str(dataset), "--endpoint", fake.url, "--max-pixels", str(small)])
+        assert "accuracy 1.0000 (4/4)" in capsys.readouterr().out
+        main(["agent", "ground", "--data", str(dataset), "--endpoint", fake.url])
+        assert "accuracy 1.0000" not in capsys.readouterr().out

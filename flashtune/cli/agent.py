@@ -8,6 +8,8 @@ import os
 import sys
 import time
 
+from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS
+
 
 def _size(text: str) -> tuple[int, int]:
     try:
@@ -33,6 +35,11 @@ def _add_model_args(p) -> None:
     p.add_argument("--api-key", default=None, help="bearer token (default: $OPENAI_API_KEY, if set)")
     p.add_argument("--model-version", default="1.5", choices=["1.5", "1.0", "doubao"],
                    help="coordinate system: 1.5 = pixels of the smart-resized image; 1.0 / doubao = 0-1000")
+    p.add_argument("--min-pixels", type=int, default=MIN_PIXELS,
+                   help=f"the server processor's min_pixels (default {MIN_PIXELS} = 100*28*28)")
+    p.add_argument("--max-pixels", type=int, default=MAX_PIXELS,
+                   help=f"the server processor's max_pixels (default {MAX_PIXELS} = 16384*28*28); a mismatch "
+                        "shifts every 1.5 click")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds per request (default 120)")
     p.add_argument("--retries", type=int, default=3, help="retries after 5xx/429/timeouts (default 3)")
     p.add_argument("--temperature", type=float, default=0.0)
@@ -43,7 +50,8 @@ def cmd_run(args) -> int:
     from flashtune.agent.loop import AgentConfig, run_agent
 
     config = AgentConfig(max_steps=args.max_steps, model_version=args.model_version, template=args.template,
-                         language=args.language, wait_seconds=args.wait_seconds)
+                         language=args.language, wait_seconds=args.wait_seconds,
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
     out = args.out or os.path.join("agent_runs", time.strftime("%Y%m%d-%H%M%S"))
     width, height = args.size
     closers = []
@@ -91,7 +99,8 @@ def cmd_ground(args) -> int:
             image = f.read()
         return client.complete(grounding_messages(sample.instruction, image))
 
-    result = evaluate(samples, answer, model_version=args.model_version)
+    result = evaluate(samples, answer, model_version=args.model_version, min_pixels=args.min_pixels,
+                      max_pixels=args.max_pixels)
     print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']}), "
           f"wrong_format {result['wrong_format']}")
     for title, table in (("platform", result["by_platform"]), ("element type", result["by_type"])):
