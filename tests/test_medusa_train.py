@@ -109,3 +109,30 @@ def test_train_heads_recipe_on_the_default_model_end_to_end(tmp_path):
     prompt = tok("The capital of France is")["input_ids"]
     plain = engine.generate([prompt], max_new_tokens=8).tokens
     assert engine.generate([prompt], max_new_tokens=8, speculative=heads).tokens == plain
+
+
+def test_medusa2_loss_terms_against_hf_and_a_zero_kl_at_init():
+    """Medusa-2: L = L_LM + lambda0 * heads loss. L_LM equals HF's own causal-LM loss; with self-distillation
+    and fresh LoRA (B = 0) the student equals the teacher, so the KL term is exactly 0. Gradients reach the
+    LoRA matrices and the heads."""
+    from flashtune.tuners import LoraConfig, attach
+
+    model = tiny_model("llama")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    attach(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    heads = MedusaHeads.for_model(model.lm_head.weight, num_heads=2)
+    lm = HeadsLM(model, heads, head_lr_scale=4.0)
+    batch = _counting_batch(4, 12)
+    hidden = lm.hidden(batch["input_ids"])
+    heads_part = MedusaLoss().heads_loss(lm.heads, hidden, batch["labels"])
+    plain = MedusaLoss(mode="medusa2")(lm, batch)
+    hf_lm = model(input_ids=batch["input_ids"], labels=batch["labels"]).loss
+    torch.testing.assert_close(plain, hf_lm + 0.2 * heads_part, atol=1e-5, rtol=1e-5)
+    distill = MedusaLoss(mode="medusa2", distill=True)(lm, batch)
+    torch.testing.assert_close(distill, 0.2 * heads_part, atol=1e-5, rtol=1e-5)
+    distill.backward()
+    lora_grads = [p.grad for n, p in model.named_parameters() if "lora_A" in n or "lora_B" in n]
+    assert lora_grads and all(g is not None for g in lora_grads)
+    assert any(float(g.abs().sum()) > 0 for g in lora_grads)
+    assert all(p.grad is not None for p in lm.heads.parameters() if p.requires_grad)
