@@ -1,6 +1,13 @@
 import os
 import sys
 
+# Triton decides at decoration time whether @triton.jit kernels run in its CPU interpreter, so the switch
+# must be set before any test module imports flashtune.attention (xdist workers share one interpreter).
+import torch as _torch  # noqa: E402
+
+if not _torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 
