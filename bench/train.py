@@ -84,6 +84,11 @@ def peak_gib(device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
 
 
+def allocated_gib(device):
+    """Memory held when a row starts training (weights, adapters; more would mean a leak from a prior row)."""
+    return torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
 def build_model(shape, dtype, device, attn, seed=0):
     """A random Llama of `shape`: initialized in fp32 from `seed` (same weights for every dtype), then cast."""
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -157,6 +162,7 @@ def peft_row(args, shape, device, data):
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
     model.train()
     reset_memory(device)
+    start_gib = allocated_gib(device)
     times, losses = [], []
     order, position = make_batches(data, args.batch, seed=0), (0, 0)   # fit's order (TrainConfig.seed=0)
     for _ in range(args.warm + args.timed):
@@ -175,7 +181,7 @@ def peft_row(args, shape, device, data):
         times.append(time.perf_counter() - t0)
     med = statistics.median(times[args.warm:])
     row = {"name": "HF PEFT", "step_ms": 1e3 * med, "tokens_per_s": args.batch * args.seq / med,
-           "peak_gib": peak_gib(device), "loss_first": losses[0], "loss_last": losses[-1],
+           "peak_gib": peak_gib(device), "start_gib": start_gib, "loss_first": losses[0], "loss_last": losses[-1],
            "adapter_dtype": str(params[0].dtype), "trainable": sum(p.numel() for p in params)}
     del model, opt, params
     return row
@@ -190,8 +196,10 @@ def flashtune_row(args, shape, device, data, spec, out_root):
                       save_every=0, schedule="constant", ce_chunk_size=spec["chunk"],
                       gradient_checkpointing=spec["ckpt"], fused_lora=spec["fused"], overwrite=True)
     reset_memory(device)
+    start_gib = allocated_gib(device)
     res = fit(model, data, cfg, progress=False)
     row = {**spec, **step_stats(res.history, args.warm, args.batch * args.seq), "peak_gib": peak_gib(device),
+           "start_gib": start_gib,
            "loss_first": res.history[0]["loss"], "loss_last": res.history[-1]["loss"],
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     del model, res
@@ -205,11 +213,12 @@ def precision_row(args, shape, device, data, precision, out_root):
                       warmup_steps=max(1, args.precision_steps // 8), schedule="cosine", min_lr_ratio=0.1,
                       overwrite=True)
     reset_memory(device)
+    start_gib = allocated_gib(device)
     res = fit(model, data, cfg, progress=False)
     tail = [r["loss"] for r in res.history[-4:]]
     row = {"precision": precision, "base_dtype": str(DTYPES[precision]),
            **step_stats(res.history, min(3, len(res.history) - 1), args.batch * args.seq),
-           "peak_gib": peak_gib(device), "loss_first": res.history[0]["loss"],
+           "peak_gib": peak_gib(device), "start_gib": start_gib, "loss_first": res.history[0]["loss"],
            "loss_final": res.history[-1]["loss"], "loss_last4_mean": sum(tail) / len(tail),
            "skipped_steps": res.skipped_steps, "loss_curve": [round(r["loss"], 5) for r in res.history]}
     del model, res
