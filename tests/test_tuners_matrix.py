@@ -247,7 +247,8 @@ def test_padded_batch_equals_each_alone(method, arch):
         torch.testing.assert_close(derived[1, 3:], batch[1, 3:], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("method,arch", [(m, a) for m in METHODS for a in DECODER_ARCHS])
+# Bottleneck adapters leave the cache alone (covered by the incremental-decoding test); LoRA stands for them.
+@pytest.mark.parametrize("method,arch", [(m, a) for m in ("lora", "prefix") for a in DECODER_ARCHS])
 def test_generate_matches_manual_greedy_with_left_padding(method, arch):
     model = adapted(method, arch)
     ids = torch.stack([random_ids(1, 6, seed=6)[0], torch.cat([torch.zeros(2, dtype=torch.long),

@@ -10,7 +10,8 @@ by the table it computes, which is also what the file holds (`prompt_embeddings`
 Injection uses hooks, never forked model code:
 - decoder-only: a forward pre-hook on the base transformer seeds an empty `DynamicCache` with the prefix
   (cache slots [0, P), no RoPE applied), prepends P ones to a 2-D attention mask, and offsets positions so
-  real tokens sit at P + cumsum(mask) - 1, which keeps `generate`, KV caches and left padding right;
+  real tokens sit at P + cumsum(mask) - 1, which keeps `generate`, KV caches and left padding right. Other
+  cache classes are left alone: their owner (the decoding engine) puts `prefix_key_values(model)` in them;
 - encoder-decoder (BART): three independent prefixes. Encoder self-attention gets its prefix through a
   per-layer one-shot cache, decoder self-attention and cross-attention through the `EncoderDecoderCache`
   seeded before the first decoder step; the 4-D masks of the encoder and cross attentions get P visible
@@ -198,6 +199,8 @@ def _decoder_only_hook(model: nn.Module):
         table = enc.sites["self"]
         batch, new = _batch_len(args, kwargs)
         cache = kwargs.get("past_key_values")
+        if cache is not None and not isinstance(cache, DynamicCache):
+            return None  # a caller-managed cache (e.g. a static one) carries the prefix itself: prefix_key_values
         if cache is None or cache.get_seq_length() == 0:
             cache = cache if cache is not None else DynamicCache(config=model.config)
             for i, (k, v) in enumerate(table.layer_kv(batch, _model_dtype(model))):
