@@ -281,3 +281,17 @@ def test_checkpointing_and_compiled_blocks_change_nothing_but_speed(tmp_path):
         assert out[name][0] == pytest.approx(out["plain"][0], rel=1e-6)
         for n, w in out["plain"][1].items():
             torch.testing.assert_close(out[name][1][n], w, rtol=1e-6, atol=1e-7)
+
+
+def test_overwrite_starts_over_and_fit_restores_eval_mode(tmp_path):
+    data = _dataset(8)
+    model = _subset_trainable(tiny_model("llama"))            # tiny_model returns eval mode
+    fit(model, data, TrainConfig(out_dir=str(tmp_path), max_steps=4, batch_size=4, save_every=1), _collate,
+        progress=False)
+    assert not model.training
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+    res = fit(model, data, TrainConfig(out_dir=str(tmp_path), max_steps=2, batch_size=4, save_every=1,
+                                       overwrite=True, log_every=1), _collate, progress=False)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    assert [r["step"] for r in res.history] == [1, 2]

@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import random
+import shutil
 import signal
 import threading
 import time
@@ -235,6 +236,10 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     if existing is not None and not config.resume and not config.overwrite:
         raise ConfigError(f"out_dir={str(out_dir)!r} already holds a checkpoint ({existing.name}); pass "
                           f"resume=True to continue it, overwrite=True to start over, or another out_dir")
+    if existing is not None and not config.resume:     # overwrite: drop our own files of the old run
+        (out_dir / "latest.json").unlink()
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        existing = None
 
     seed_everything(config.seed)
     policy = PrecisionPolicy(config.precision, device)
@@ -283,6 +288,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     bar = _progress_bar(total, step, progress)
     if config.fused_lora:
         fuse_lora(model)
+    was_training = model.training
     model.train()
     try:
         with _SignalGuard() as guard, metrics_path.open("a") as metrics_file:
@@ -363,6 +369,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     finally:
         bar.close()
         unfuse_lora(model)
+        model.train(was_training)
     return TrainResult(history=history, step=step, checkpoint=str(path), eval=last_eval,
                        skipped_steps=acc["skipped_total"], train_time_s=train_time)
 
