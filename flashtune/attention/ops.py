@@ -61,6 +61,15 @@ if _INTERPRET:
     _interpreter_fixes()
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _pow2(n: int) -> int:
+    """Smallest power of two >= n (plain Python: triton.next_power_of_2 costs microseconds a call)."""
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _empty(shape, device, dtype) -> torch.Tensor:
     """Output allocation; the tests replace it with a NaN-filled one to prove every element gets written."""
     return torch.empty(shape, device=device, dtype=dtype)
@@ -93,7 +102,7 @@ def _pick(table: dict, name: str, block_d: int, rows: int):
         return (32, 32, 4, 1)
     bm, bn, warps, stages = table[block_d]
     if name in ("fwd", "fwd_causal", "dq"):
-        bm = min(bm, max(16, triton.next_power_of_2(max(rows, 1))))  # decoding: few rows
+        bm = min(bm, max(16, _pow2(max(rows, 1))))  # decoding: few rows
     return bm, bn, warps, stages
 
 
@@ -117,7 +126,7 @@ def _splits(programs: int, lk: int, device: torch.device, block_n: int) -> int:
     sms = _num_sms(device.index or 0)
     if programs >= sms or lk < 1024:
         return 1
-    return max(1, min(triton.cdiv(2 * sms, programs), lk // 256, 64))
+    return max(1, min(_cdiv(2 * sms, programs), lk // 256, 64))
 
 
 def fwd_launch(q, k, v, cu_q, cu_k, tree, scale: float, causal: bool, prefix_len: int, max_q: int, max_k: int,
@@ -127,14 +136,14 @@ def fwd_launch(q, k, v, cu_q, cu_k, tree, scale: float, causal: bool, prefix_len
     hq, hk = q.shape[-2], k.shape[-2]
     group = hq // hk
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _pow2(d))
     name = "fwd_causal" if causal else "fwd"
     bm, bn, warps, stages = _pick(_FWD_CAUSAL if causal else _FWD, name, block_d, max_q * group)
-    m_blocks = triton.cdiv(max_q * group, bm)
+    m_blocks = _cdiv(max_q * group, bm)
     lse_shape = q.shape[:-1]  # (B, Lq, Hq) or (Tq, Hq)
     splits = num_splits or _splits(m_blocks * batch * hk, max_k, q.device, bn)
-    split_len = triton.cdiv(triton.cdiv(max_k, splits), bn) * bn
-    splits = triton.cdiv(max_k, split_len) if max_k > 0 else 1
+    split_len = _cdiv(_cdiv(max_k, splits), bn) * bn
+    splits = _cdiv(max_k, split_len) if max_k > 0 else 1
     if splits > 1:
         out_buf = _empty((splits, *q.shape), device=q.device, dtype=torch.float32)
         lse_buf = _empty((splits, *lse_shape), device=q.device, dtype=torch.float32)
@@ -162,7 +171,7 @@ def fwd_launch(q, k, v, cu_q, cu_k, tree, scale: float, causal: bool, prefix_len
     rows = lse.numel()
     kernels._split_combine_kernel[(rows,)](out_buf, lse_buf, out, lse, rows, splits, out_buf.stride(0),
                                            lse_buf.stride(0), HEAD_DIM=d, BLOCK_D=block_d,
-                                           BLOCK_S=max(2, triton.next_power_of_2(splits)))
+                                           BLOCK_S=max(2, _pow2(splits)))
     return out, lse
 
 
@@ -173,12 +182,12 @@ def bwd_launch(do, q, k, v, out, lse, cu_q, cu_k, tree, scale: float, causal: bo
     hq, hk = q.shape[-2], k.shape[-2]
     group = hq // hk
     batch = cu_q.numel() - 1 if varlen else q.shape[0]
-    block_d = max(16, triton.next_power_of_2(d))
+    block_d = max(16, _pow2(d))
     do = do if do.stride(-1) == 1 else do.contiguous()
     delta = _empty(q.shape[:-1], device=q.device, dtype=torch.float32)  # rowsum(dO * O): (B, Lq, Hq) | (Tq, Hq)
     n_rows = delta.numel()
     seqlen = q.shape[0] if varlen else q.shape[1]
-    kernels._bwd_delta_kernel[(triton.cdiv(n_rows, 64),)](
+    kernels._bwd_delta_kernel[(_cdiv(n_rows, 64),)](
         out, do, delta, n_rows, seqlen, hq, *_strides3(out, varlen), *_strides3(do, varlen),
         HEAD_DIM=d, BLOCK_D=block_d, BLOCK_R=64)
     lse = lse.contiguous()
@@ -193,7 +202,7 @@ def bwd_launch(do, q, k, v, out, lse, cu_q, cu_k, tree, scale: float, causal: bo
     atomic = _OVERRIDE.get("atomic_dq", (_ATOMIC_DQ.get(block_d, False),))[0]
     dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dq
     bm, bn, warps, stages = _pick(_DKDV, "dkdv", block_d, max_q * group)
-    kernels._bwd_dkdv_kernel[(triton.cdiv(max_k, bn), batch * hk)](
+    kernels._bwd_dkdv_kernel[(_cdiv(max_k, bn), batch * hk)](
         q, k, v, do, lse, delta, dk, dv, dq_acc, tree_t, cu_qa, cu_ka, scale * kernels.LOG2E, scale,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
         *_strides3(dk, varlen), *_strides3(dv, varlen), *_strides3(dq_acc, varlen), lb, lt, stb, stq,
@@ -205,7 +214,7 @@ def bwd_launch(do, q, k, v, out, lse, cu_q, cu_k, tree, scale: float, causal: bo
         dq.copy_(dq_acc)
         return dq, dk, dv
     bm, bn, warps, stages = _pick(_DQ, "dq", block_d, max_q * group)
-    m_blocks = triton.cdiv(max_q * group, bm)
+    m_blocks = _cdiv(max_q * group, bm)
     kernels._bwd_dq_kernel[(m_blocks, batch * hk)](
         q, k, v, do, lse, delta, dq, tree_t, cu_qa, cu_ka, scale * kernels.LOG2E, scale,
         *_strides3(q, varlen), *_strides3(k, varlen), *_strides3(v, varlen), *_strides3(do, varlen),
