@@ -264,10 +264,13 @@ class MTPModules(nn.Module):
     Build new ones with `MTPModules.build(model, depth=...)`, or load with `MTPModules.load(dir, model)`.
     """
 
-    def __init__(self, config: MTPConfig, model):
+    def __init__(self, config: MTPConfig, model, fresh: bool = False):
         super().__init__()
         self.config = config
-        self.layers = nn.ModuleList(MTPLayer(model, m, config.init) for m in range(config.depth))
+        # fresh: new layers of the base's class rather than copies (for loading, and for a base whose last
+        # layer already carries LoRA wrappers)
+        init = "random" if fresh else config.init
+        self.layers = nn.ModuleList(MTPLayer(model, m, init) for m in range(config.depth))
         self.bind(model)
 
     @classmethod
@@ -393,7 +396,7 @@ class MTPModules(nn.Module):
                                  f"train them with `flashtune train-heads --method mtp`")
         config = MTPConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         check_base(asdict(config), model)
-        mtp = cls(config, model)
+        mtp = cls(config, model, fresh=True)
         mtp.load_state_dict_deepseek(load_file(str(directory / WEIGHTS_NAME)), first_layer=config.num_base_layers)
         return mtp
 

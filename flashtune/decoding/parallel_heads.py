@@ -67,10 +67,11 @@ class ParallelHeadsConfig:
 class ParallelHeads(nn.Module):
     """Heads 2..n (head 1 is the base's last layer), bound to the base's final norm, lm_head and rotary."""
 
-    def __init__(self, config: ParallelHeadsConfig, model):
+    def __init__(self, config: ParallelHeadsConfig, model, fresh: bool = False):
         super().__init__()
         self.config = config
-        self.heads = nn.ModuleList(new_block(model, m, config.init) for m in range(config.n_heads - 1))
+        init = "random" if fresh else config.init  # fresh: for loading (weights replaced anyway)
+        self.heads = nn.ModuleList(new_block(model, m, init) for m in range(config.n_heads - 1))
         self.bind(model)
 
     @classmethod
@@ -139,7 +140,7 @@ class ParallelHeads(nn.Module):
                                  f"train them with `flashtune train-heads --method parallel`")
         config = ParallelHeadsConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
         check_base(asdict(config), model)
-        heads = cls(config, model)
+        heads = cls(config, model, fresh=True)
         state = load_file(str(directory / WEIGHTS_NAME))
         missing = set(heads.state_dict()) - set(state)
         if missing:
