@@ -332,3 +332,40 @@ def test_adapter_default_init_is_near_identity(arch):
     out = run(model, arch, ids).double().log_softmax(-1)
     kl = (base.exp() * (base - out)).sum(-1).mean()
     assert (out - base).abs().max() > 0 and -1e-9 < kl < 1e-3
+
+
+@pytest.mark.parametrize("arch", DECODER_ARCHS)
+def test_prefix_key_values_reproduce_the_hooked_forward(arch):
+    """What the decoding engine does with prefix_key_values (its own cache, P extra mask columns, positions
+    from P) gives the same logits as the hooked forward; a cache the caller manages is left alone."""
+    from transformers import DynamicCache
+
+    model = adapted("prefix", arch)
+    ids = random_ids(2, 6)
+    hooked = run(model, arch, ids)
+    cache = DynamicCache(config=model.config)
+    for layer, (k, v) in enumerate(prefix_key_values(model)):
+        cache.update(k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1), layer)
+    mask = torch.ones(2, P + 6, dtype=torch.long)
+    pos = torch.arange(P, P + 6).expand(2, -1)
+    with disable_adapters(model):
+        manual = run(model, arch, ids, past_key_values=cache, attention_mask=mask, position_ids=pos)
+    torch.testing.assert_close(manual, hooked, atol=1e-5, rtol=0)
+
+    from transformers import StaticCache
+
+    static = run(model, arch, ids, past_key_values=StaticCache(config=model.config, max_cache_len=16))
+    torch.testing.assert_close(static, run(tiny_model(arch), arch, ids), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_bf16_base_trains_fp32_adapter(method):
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    attach(model, make_config(method))
+    perturb(model)
+    ids = random_ids(2, 6)
+    out = model(input_ids=ids, labels=ids)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.loss)
+    out.loss.backward()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert trainable and all(p.dtype == torch.float32 and p.grad is not None for p in trainable)
