@@ -129,3 +129,17 @@ def test_all_linear_excludes_head_and_fp16_base_keeps_fp32_adapters():
     after = model.model.layers[0].mlp.up_proj.base_layer.weight
     assert after.dtype == torch.float16
     torch.testing.assert_close(after, before, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_unload_with_modules_to_save(merge):
+    ids = random_ids(2, 6)
+    base = tiny_model("llama")(ids).logits
+    model = tiny_model("llama")
+    attach(model, LoraConfig(init_lora_weights=False, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        model.lm_head.copies["default"].weight.mul_(2.0)
+    adapted = model(ids).logits
+    plain = unload(model, merge=merge)
+    assert [n for n, _ in plain.named_modules()] == [n for n, _ in tiny_model("llama").named_modules()]
+    torch.testing.assert_close(plain(ids).logits, adapted if merge else base, atol=1e-5, rtol=0)

@@ -372,7 +372,7 @@ def modules_to_save_state(model: nn.Module, adapter_name: str) -> dict[str, torc
     """Live tensors of `adapter_name`'s full-module copies, keyed as PEFT saves them."""
     out = {}
     for name, layer in wrapper_layers(model):
-        if isinstance(layer, ModulesToSave) and adapter_name in layer.copies:  # noqa: SIM102
+        if isinstance(layer, ModulesToSave) and adapter_name in layer.copies:
             for pname, tensor in layer.copies[adapter_name].state_dict(keep_vars=True).items():
                 out[f"base_model.model.{hf_path(name)}.{pname}"] = tensor
     return out
@@ -421,7 +421,7 @@ def _set_trainable(model: nn.Module, name: str) -> None:
     tuner = tuner_for_config(state.configs[name])
     for p in tuner.trainable_parameters(model, name):
         p.requires_grad_(True)
-    for key, tensor in modules_to_save_state(model, name).items():
+    for tensor in modules_to_save_state(model, name).values():
         tensor.requires_grad_(True)
 
 
@@ -534,26 +534,24 @@ _ADAPTER_KEY_PARTS = {"lora_A", "lora_B", "copies", "adapter_down", "adapter_up"
 
 def unload(model: nn.Module, merge: bool = True) -> nn.Module:
     """Remove every adapter and return the plain Hugging Face model. With merge=True the active LoRA adapter is
-    merged into the weights first (a bottleneck or prefix adapter that is active raises: it cannot merge)."""
+    merged into the weights first and its `modules_to_save` copies replace the originals (an active bottleneck
+    or prefix adapter raises: it cannot merge). With merge=False the base model comes back as it was."""
     state = get_state(model)
     if state is None or not state.configs:
         return model
-    if merge and state.active is not None and state.active not in merged_adapters(model):
-        merge_adapter(model, state.active)
-    merged = merged_adapters(model)
-    for _, layer in wrapper_layers(model):  # keep merged deltas in the weights, just forget them
+    active = state.active if merge else None
+    if active is not None:
+        merge_adapter(model, active)
+    replacements = {hf_path(n): layer.copies[active] for n, layer in wrapper_layers(model)
+                    if active is not None and isinstance(layer, ModulesToSave) and active in layer.copies}
+    for _, layer in wrapper_layers(model):  # merged deltas stay in the weights; forget the bookkeeping
         if hasattr(layer, "merged"):
             layer.merged.clear()
-    keep = {n: unwrap(model.get_submodule(n)) for n, l in wrapper_layers(model) if isinstance(l, ModulesToSave)}
-    if merged:
-        for wname, layer in wrapper_layers(model):
-            if isinstance(layer, ModulesToSave) and state.active in layer.copies:
-                keep[wname] = layer.copies[state.active]
     for adapter in list(state.configs):
         tuner_for_config(state.configs[adapter]).remove(model, adapter, state)
         remove_from_wrappers(model, adapter)
-    for wname, module in keep.items():
-        set_submodule(model, wname, module)
+    for path, module in replacements.items():
+        set_submodule(model, path, module)
     model.__dict__.pop(_STATE_ATTR, None)
     for p in model.parameters():
         p.requires_grad_(False)
