@@ -21,7 +21,7 @@ from torch import nn
 
 from flashtune.errors import AdapterLoadError, ConfigError, check_range
 from flashtune.tuners.base import (Conv1D, TunerConfig, TunerLayer, Tuner, check_targets, hf_path, match_targets,
-                                   model_type, modules_to_save_state, set_submodule, unwrap, wrapper_layers)
+                                   model_type, set_submodule, unwrap, wrapper_layers)
 
 # Defaults when target_modules is None: the attention projections the LoRA paper adapted.
 DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"],
