@@ -108,7 +108,7 @@ def run_method(name: str, args, train_ex, val_ex, log) -> dict:
                                   max_new_tokens=args.max_new_tokens, progress=not args.quiet)
     m = res["metrics"]
     row = {"method": name, "trainable_params": n_params, "bleu": round(m["bleu"], 2),
-           "rouge_l": round(m["rouge_l"], 2), "nist": round(m.get("nist", float("nan")), 3),
+           "rouge_l": round(m["rouge_l"], 2), "nist": round(m["nist"], 3) if "nist" in m else None,
            "val_loss": round(result.eval["eval_loss"], 4) if result.eval else None,
            "final_train_loss": next((r["loss"] for r in reversed(result.history) if "loss" in r), None),
            "steps": result.step, "train_time_s": round(train_s, 1), "eval_time_s": m["seconds"],
@@ -126,7 +126,7 @@ def markdown(rows, meta) -> str:
              "|---|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['bleu']:.2f} | {r['rouge_l']:.2f} | "
-                     f"{r['nist']:.2f} | {r['train_time_s']:.0f} | {r['eval_time_s']:.0f} |")
+                     f"{'-' if r['nist'] is None else format(r['nist'], '.2f')} | {r['train_time_s']:.0f} | {r['eval_time_s']:.0f} |")
     lines.append("")
     lines.append(f"SmolLM2-135M-Instruct, cleaned E2E development split minus {meta['val_inputs']} held-out MRs "
                  f"({meta['train_inputs']} MRs / {meta['train_refs']} references for training), "

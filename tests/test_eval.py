@@ -159,5 +159,6 @@ def test_report_folder(tmp_path):
         img = mpimg.imread(tmp_path / "rep" / name)
         assert img.ndim == 3 and img.shape[0] > 100 and img.std() > 0   # a real, non-blank picture
     text = summary.read_text()
+    assert "final training loss 0.30, validation loss 0.50" in text
     assert "50.25" in text and "| after |" in text and "![loss](loss.png)" in text and "name[A\\|B]" in text
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]   # no temp files left

@@ -107,10 +107,12 @@ def write_report(out_dir, metrics: dict, samples: list[dict] | None = None, hist
     else:
         md += ["| metric | value |", "|---|---|"] + [f"| {k} | {_fmt(v)} |" for k, v in metrics.items()]
     md.append("")
-    if history:
-        last = history[-1]
-        md.append(f"Training: {last.get('step', '?')} steps, final loss {_fmt(last.get('loss', float('nan')))}.")
-        md.append("")
+    losses = [r for r in history or [] if isinstance(r.get("loss"), (int, float))]
+    if losses:
+        evals = [r for r in history if isinstance(r.get("eval_loss"), (int, float))]
+        line = f"Training: {history[-1].get('step', '?')} steps, final training loss {_fmt(float(losses[-1]['loss']))}"
+        line += f", validation loss {_fmt(float(evals[-1]['eval_loss']))}." if evals else "."
+        md += [line, ""]
     for p in plots:
         md += [f"![{p[:-4]}]({p})", ""]
     if samples:
