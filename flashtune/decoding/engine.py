@@ -218,9 +218,13 @@ class Engine:
 
     # ---------------------------------------------------------------- one step
     def _step(self, tree, drafter, rule, params, gen, root, hidden_last, lengths, active, n_out, n_steps,
-              max_new):
+              max_new, graph_forward=False):
         tree_tokens, q = (root[:, None], None) if drafter is None else drafter.propose(hidden_last, root)
-        hidden, logits = self.forward(tree_tokens, lengths, tree)
+        if graph_forward:  # the target pass alone in a CUDA graph (sampling, stateful drafters)
+            key = ("forward", root.shape[0], id(tree))
+            hidden, logits = self._graphs(key, lambda t, ln: self.forward(t, ln, tree), tree_tokens, lengths)
+        else:
+            hidden, logits = self.forward(tree_tokens, lengths, tree)
         if rule == "greedy":
             acc = verify.greedy_tree(logits, tree_tokens, tree)
         elif rule == "typical":
@@ -356,7 +360,8 @@ class Engine:
                 fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
                 state = self._graphs(key, fn, *state, max_new)
             else:
-                state = self._step(tree, drafter, rule, params, gen, *state, max_new)
+                state = self._step(tree, drafter, rule, params, gen, *state, max_new,
+                                   graph_forward=self._graphs.enabled)
             steps += 1
             if stream:
                 yield self._new_tokens(bsz, sent, stop, max_new_tokens, state[4])
