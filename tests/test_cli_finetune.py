@@ -113,9 +113,12 @@ def test_finetune_then_eval_reproduces_the_run(model_dir, tmp_path, capsys):
     assert main(["eval", str(out), "--base-only", "--quiet"]) == 0
     base = [json.loads(x)["output"] for x in (out / "eval-val-base" / "samples.jsonl").read_text().splitlines()]
     assert base != first
-    # An existing run is not silently overwritten.
+    # An existing run is not silently overwritten; --resume continues it.
     assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL]) == 2
     assert "already holds a checkpoint" in _one_error_line(capsys)
+    assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL, "--max-steps", "4", "--resume"]) == 0
+    steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [s for s in steps if s <= 3] == [1, 2, 3, 3] and steps[-1] == 4   # rows 1-3 (+ eval at 3) kept
 
 
 def test_finetune_adapters_and_text(model_dir, tmp_path):
