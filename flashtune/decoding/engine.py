@@ -150,6 +150,7 @@ class Engine:
         self.model.backend = self._pick_backend(attention)
         if self.device.type == "cuda" if fast is None else fast:
             self.model.enable_fast()
+        self.model.build_rope_table(max_seq_len, self.dtype)
         self.tokenizer = tokenizer
         a = self.model.args
         if max_seq_len > a.max_positions and a.arch == "gpt2":
@@ -225,7 +226,10 @@ class Engine:
             hidden, logits = self._graphs(key, lambda t, ln: self.forward(t, ln, tree), tree_tokens, lengths)
         else:
             hidden, logits = self.forward(tree_tokens, lengths, tree)
-        if rule == "greedy":
+        if rule == "greedy" and tree.num_nodes == 1:  # plain decoding: the argmax is all there is
+            zero = torch.zeros_like(root)
+            acc = verify.Acceptance(zero, zero, zero, torch.argmax(logits[:, 0], dim=-1))
+        elif rule == "greedy":
             acc = verify.greedy_tree(logits, tree_tokens, tree)
         elif rule == "typical":
             acc = verify.typical_tree(logits, tree_tokens, tree, params.temperature, generator=gen)

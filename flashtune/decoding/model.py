@@ -120,7 +120,7 @@ def attend(q, k, v, mask, scale: float, backend: str = "sdpa"):
     qg = q.reshape(bsz * hkv, g * t, d)  # query head h uses kv head h // g: [B*Hkv, G*T, D]
     seq = k.shape[2]
     scores = torch.baddbmm(mask, qg, k.reshape(bsz * hkv, seq, d).transpose(1, 2), alpha=scale)
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)  # [B*Hkv, G*T, S]
+    probs = torch.softmax(scores, dim=-1)  # [B*Hkv, G*T, S]; CUDA accumulates bf16/fp16 rows in fp32
     return torch.bmm(probs, v.reshape(bsz * hkv, seq, d)).view(bsz, hq, t, d)
 
 
@@ -153,7 +153,10 @@ class Block(nn.Module):
         qk = qkv[:, :, : nq + nkv]
         if rope is not None:  # q and k rotated together: [B, T, Hq + Hkv, D]
             cos, sin = rope  # [B, T, 1, D]
-            qk = qk * cos + _rotate_half(qk) * sin
+            if fast:  # rotate_half(x) = roll(x, D/2) * [-1 .. -1, 1 .. 1]: three kernels instead of five
+                qk = torch.addcmul(qk * cos, torch.roll(qk, a.head_dim // 2, dims=-1), sin)
+            else:
+                qk = qk * cos + _rotate_half(qk) * sin
         q = qk[:, :, :nq].transpose(1, 2)  # [B, Hq, T, D]
         k = qk[:, :, nq:].transpose(1, 2)  # [B, Hkv, T, D]
         v = qkv[:, :, nq + nkv:].transpose(1, 2)
@@ -194,6 +197,7 @@ class DecoderModel(nn.Module):
         self.rope_scaling = 1.0
         self.backend = "sdpa"
         self.fast = False
+        self._rope_table = None
 
     def enable_fast(self) -> None:
         """CUDA decoding: fold the attention scale into W_q, fused RMSNorm, residual adds fused into addmm.
@@ -211,14 +215,36 @@ class DecoderModel(nn.Module):
             if isinstance(m, RMSNorm):
                 m.fused = True
         self.fast = True
+        self._rope_table = None  # the fast path's sin carries signs: rebuild with build_rope_table
 
     def rope(self, positions, dtype):
-        """positions [B, T] -> (cos, sin) [B, T, 1, D] in `dtype` (fp32 angles, as transformers computes)."""
+        """positions [B, T] -> (cos, sin) [B, T, 1, D] in `dtype` (fp32 angles, as transformers computes).
+        With a table from `build_rope_table`, two gathers; on the fast path sin carries rotate_half's signs."""
         if self.args.arch != "llama":
             return None
+        if self._rope_table is not None and self._rope_table[0].dtype == dtype:
+            cos_t, sin_t = self._rope_table
+            return cos_t[positions][:, :, None], sin_t[positions][:, :, None]
+        return self._rope_values(positions, dtype)
+
+    def _rope_values(self, positions, dtype):
         freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)
-        return ((emb.cos() * self.rope_scaling).to(dtype)[:, :, None], (emb.sin() * self.rope_scaling).to(dtype)[:, :, None])
+        cos = (emb.cos() * self.rope_scaling).to(dtype)
+        sin = (emb.sin() * self.rope_scaling).to(dtype)
+        if self.fast:
+            half = sin.shape[-1] // 2
+            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        return cos[:, :, None], sin[:, :, None]
+
+    def build_rope_table(self, max_positions: int, dtype) -> None:
+        """Precompute cos/sin for positions [0, max_positions) (same values as computing them per step)."""
+        self._rope_table = None
+        if self.args.arch != "llama":
+            return
+        pos = torch.arange(max_positions, device=self.inv_freq.device)[None]
+        cos, sin = self._rope_values(pos, dtype)
+        self._rope_table = (cos[0, :, 0], sin[0, :, 0])
 
     def forward(self, tokens, positions, cache: KVCache, slots, mask):
         x = self.embed(tokens)
