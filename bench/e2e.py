@@ -128,7 +128,8 @@ def markdown(rows, meta) -> str:
         lines.append(f"| {r['method']} | {r['trainable_params']:,} | {r['bleu']:.2f} | {r['rouge_l']:.2f} | "
                      f"{'-' if r['nist'] is None else format(r['nist'], '.2f')} | {r['train_time_s']:.0f} | {r['eval_time_s']:.0f} |")
     lines.append("")
-    lines.append(f"SmolLM2-135M-Instruct, cleaned E2E development split minus {meta['val_inputs']} held-out MRs "
+    model = "tiny random Llama (--smoke)" if meta["smoke"] else "SmolLM2-135M-Instruct"
+    lines.append(f"{model}, cleaned E2E development split minus {meta['val_inputs']} held-out MRs "
                  f"({meta['train_inputs']} MRs / {meta['train_refs']} references for training), "
                  f"{meta['epochs']} epochs, {meta['precision']}, beam {meta['num_beams']}; "
                  f"multi-reference sacrebleu on the held-out MRs; {meta['device']}.")
@@ -180,7 +181,11 @@ def main(argv=None) -> int:
     for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
         if name not in METHODS:
             ap.error(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-        rows.append(run_method(name, args, train_ex, val_ex, log))
+        try:
+            rows.append(run_method(name, args, train_ex, val_ex, log))
+        except Exception as exc:  # keep the other methods' rows in an unattended run; the error is recorded
+            log(f"[{name}] FAILED: {type(exc).__name__}: {exc}")
+            meta.setdefault("errors", {})[name] = f"{type(exc).__name__}: {exc}"
         meta["total_time_s"] = round(time.perf_counter() - t0, 1)
         write_json(out, {"meta": meta, "rows": rows, "markdown": markdown(rows, meta)})   # after every method
     print(markdown(rows, meta))
