@@ -295,3 +295,19 @@ def test_overwrite_starts_over_and_fit_restores_eval_mode(tmp_path):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
     assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
     assert [r["step"] for r in res.history] == [1, 2]
+
+
+def test_resume_with_decay_and_no_decay_groups_matches_an_uninterrupted_run(tmp_path):
+    """Matrices and 1-d norm weights sit in two AdamW groups; the checkpoint must map their state by name."""
+    data = _dataset(16, seed=4)
+    keys = ("q_proj", "input_layernorm", "v_proj", "norm.weight")
+    cfg = dict(max_steps=4, batch_size=4, lr=1e-2, weight_decay=0.1, log_every=1, schedule="constant")
+    ref = _subset_trainable(tiny_model("llama"), keys)
+    fit(ref, data, TrainConfig(out_dir=str(tmp_path / "ref"), **cfg), _collate, progress=False)
+    model = _subset_trainable(tiny_model("llama"), keys)
+    fit(model, data, TrainConfig(out_dir=str(tmp_path / "run"), **{**cfg, "max_steps": 2}), _collate,
+        progress=False)
+    model = _subset_trainable(tiny_model("llama"), keys)      # a fresh process would start from scratch too
+    fit(model, data, TrainConfig(out_dir=str(tmp_path / "run"), resume=True, **cfg), _collate, progress=False)
+    for (n, a), b in zip(_trainable(ref).items(), _trainable(model).values()):
+        assert torch.equal(a, b), n

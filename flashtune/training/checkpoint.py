@@ -64,6 +64,13 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(py_state), gauss))
 
 
+def _optimizer_indices(optimizer: torch.optim.Optimizer, trainable: list) -> dict[int, str]:
+    """state_dict index -> parameter name (state_dict numbers parameters group after group)."""
+    by_id = {id(p): n for n, p in trainable}
+    flat = [p for g in optimizer.param_groups for p in g["params"]]
+    return {i: by_id[id(p)] for i, p in enumerate(flat)}
+
+
 def _optimizer_to_flat(optimizer: torch.optim.Optimizer, names: dict[int, str]):
     """AdamW state_dict -> ({"<name>/<key>": tensor}, json-able param_groups with parameter names)."""
     sd = optimizer.state_dict()
@@ -104,8 +111,7 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
     try:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / "trainable.safetensors"))
-        index = {i: n for i, (n, _) in enumerate(trainable)}
-        opt_tensors, groups = _optimizer_to_flat(optimizer, index)
+        opt_tensors, groups = _optimizer_to_flat(optimizer, _optimizer_indices(optimizer, trainable))
         save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
@@ -156,7 +162,7 @@ def load_checkpoint(path, trainable: list, optimizer, scheduler, scaler) -> dict
                 raise FlashtuneError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, the model "
                                      f"{tuple(p.shape)}; resume with the same adapter config")
             p.copy_(weights[n])
-    order = {n: i for i, n in enumerate(names)}
+    order = {n: i for i, n in _optimizer_indices(optimizer, trainable).items()}
     device = trainable[0][1].device
     opt_tensors = {k: v.to(device) if not k.endswith("/step") else v
                    for k, v in load_file(str(path / "optimizer.safetensors")).items()}
