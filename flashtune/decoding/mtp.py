@@ -565,6 +565,7 @@ class MTPDrafter:
 
         self.cache = KVCache(len(layers), engine.max_batch_size, a.n_kv_heads, self.slots, a.head_dim, dt, dev)
         self.L = torch.zeros(engine.max_batch_size, dtype=torch.long, device=dev)  # = the engine's lengths
+        self._keys = torch.arange(self.slots, device=dev)  # slot index of every cache column
         self.first = 0  # slots [0, first) hold a prefix-tuning prefix in the engine; the modules skip them
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(self.seed)
@@ -590,7 +591,7 @@ class MTPDrafter:
 
     def _causal(self, slots):
         """bool [B, q, S]: keys from `first` up to the query's own slot."""
-        keys = torch.arange(self.slots, device=slots.device)[None, None, :]
+        keys = self._keys[None, None, :]
         return (keys <= slots[:, :, None]) & (keys >= self.first)
 
     def _catch_up(self, h0, stream, slots):
@@ -624,15 +625,17 @@ class MTPDrafter:
         bsz = root.shape[0]
         depth = len(self.blocks)
         n = self.L[:bsz] - 1  # [B]: the trunk position whose state we hold
-        keys = torch.arange(self.slots, device=root.device)[None, :]
+        keys = self._keys[None, :]
         h, tok = hidden.to(self._engine.dtype)[:, None], root
         nodes, qs = [root[:, None]], []
         for j in range(self.k):
             m = j % depth
             slot = (n + j - m)[:, None]  # [B, 1]: module m of cycle j // D sits at trunk position n + j - m
-            rel = keys - n[:, None]  # [B, S]
-            # committed slots, plus the slots this module wrote earlier in this step (stale ones are skipped)
-            mask = ((keys >= self.first) & (rel <= 0)) | ((rel > 0) & (rel % depth == 0) & (keys <= slot))
+            if depth == 1:  # every slot up to this one was written this step or is committed
+                mask = (keys >= self.first) & (keys <= slot)
+            else:  # committed slots, plus the slots this module wrote earlier in this step (stale ones skipped)
+                rel = keys - n[:, None]  # [B, S]
+                mask = ((keys >= self.first) & (rel <= 0)) | ((rel > 0) & (rel % depth == 0) & (keys <= slot))
             out = self._module(m, h, tok[:, None], slot, mask[:, None, :])
             logits = self._engine.model.lm_head(self.head_norm[m](out))[:, 0]  # [B, V]
             if self.temperature is not None:
