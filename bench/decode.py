@@ -34,6 +34,7 @@ from flashtune.decoding import Engine, MedusaHeads  # noqa: E402
 from flashtune.decoding.tree import build_tree  # noqa: E402
 
 BANDWIDTH = 4.3e12  # H200 HBM3e, bytes/s
+ENGINE_KW: dict = {}  # --smoke: the CUDA path's arithmetic (fast=True, attention="matmul") on the CPU
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,7 +110,7 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
     g = torch.Generator().manual_seed(1)
     for bsz in batches:
         ids = torch.randint(3, vocab, (bsz, prompt_len), generator=g).to(dev)
-        engine = Engine(model, max_batch_size=bsz, max_seq_len=prompt_len + new + 8, device=dev)
+        engine = Engine(model, max_batch_size=bsz, max_seq_len=prompt_len + new + 8, device=dev, **ENGINE_KW)
         toks, sec, decode = engine_greedy(engine, ids.tolist(), new, dev)
         row = {"part": "plain", "model": name, "batch": bsz, "new_tokens": new, "prompt_len": prompt_len,
                "dtype": str(engine.dtype).replace("torch.", ""), "engine_tok_s": bsz * new / sec,
@@ -193,7 +194,7 @@ def medusa_part(dev, smoke, cpu, out_dir, dtype):
     longest = max(len(p) for p in prompts)
     rows, mismatches = [], []
     for bsz in (1, 8):
-        engine = Engine(model, tok, max_batch_size=bsz, max_seq_len=longest + new + 80, device=dev)
+        engine = Engine(model, tok, max_batch_size=bsz, max_seq_len=longest + new + 80, device=dev, **ENGINE_KW)
         batches = [prompts[i: i + bsz] for i in range(0, len(prompts), bsz)]
 
         def run(spec):
@@ -252,6 +253,8 @@ def main(argv=None):
                     help="also time Engine(compile=True) at batch 1 (GPU; adds ~1-2 min of compilation)")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke else args.device)
+    if args.smoke:
+        ENGINE_KW.update(fast=True, attention="matmul")
     cpu = dev.type == "cpu"
     if cpu:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
