@@ -230,3 +230,23 @@ def test_parallel_heads_save_load(tmp_path):
     with torch.no_grad():
         for a, b in zip(heads(z), back(z)):
             torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_fit_trains_the_modules_and_lora_jointly(tmp_path):
+    """Through helper C1's `fit` with LoRA from helper A: modules and LoRA change, the frozen base does not."""
+    from flashtune.training import TrainConfig, fit
+    from flashtune.tuners import LoraConfig, attach
+
+    model = frozen("llama")
+    mtp = MTPModules.build(model, depth=1)  # before LoRA: the block copies the plain last layer
+    attach(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    wrapper = WithMTP(model, mtp)
+    before = {n: p.detach().clone() for n, p in wrapper.named_parameters()}
+    data = [{"input_ids": ids, "labels": ids} for ids in random_ids(8, 12, seed=5).tolist()]
+    loss_fn = MTPLoss(mtp.config)
+    fit(wrapper, data, TrainConfig(out_dir=str(tmp_path), max_steps=3, batch_size=4, lr=1e-2, save_every=0,
+                                   log_every=1), loss_fn=loss_fn, progress=False)
+    changed = {n for n, p in wrapper.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert any("lora_" in n for n in changed) and any(n.startswith("mtp.layers.0.eh_proj") for n in changed)
+    assert not any(n.startswith("model.") and "lora_" not in n for n in changed), sorted(changed)[:5]
+    assert loss_fn.last["main"] is not None  # the LM loss is part of a joint run
