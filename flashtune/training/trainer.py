@@ -356,7 +356,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                 if config.save_every and step % config.save_every == 0:
                     path = checkpoint_now()
                 if guard.signum is not None:
-                    path = checkpoint_now()
+                    if not (config.save_every and step % config.save_every == 0):
+                        path = checkpoint_now()
                     raise TrainingInterrupted(guard.signum, step, path)
             train_time = time.perf_counter() - t_start
             if eval_fn is not None and last_eval_step != step:
