@@ -102,11 +102,20 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype="float3
 
     name_or_path: None for the embedded default (SmolLM2-135M-Instruct), else a Hugging Face id or local
     directory, as `transformers.AutoModelForCausalLM.from_pretrained` takes it. Extra keyword arguments go to
-    `from_pretrained` (for example `attn_implementation=`). Returns `(model, tokenizer)`, model in eval mode.
+    `from_pretrained` (for example `attn_implementation=`). With `device="cuda"` the model attends with
+    flashtune's Triton kernel unless `attn_implementation` says otherwise. Returns `(model, tokenizer)`, model
+    in eval mode.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype)
+    # Register the Triton FlashAttention kernel as the attention implementation "flashtune", and use it by
+    # default when the model is put on a GPU (the kernel needs fp16/bf16 or fp32 CUDA tensors).
+    from flashtune.attention import register as register_attention
+
+    register_attention()
+    if device is not None and torch.device(device).type == "cuda" and "attn_implementation" not in kwargs:
+        kwargs["attn_implementation"] = "flashtune"
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         path = str(default_model_dir())
     else:

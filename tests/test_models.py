@@ -17,16 +17,24 @@ def test_bad_dtype_names_field():
     assert resolve_dtype("bf16") is torch.bfloat16
 
 
-def test_local_path_loads_like_transformers(tmp_path):
-    from tiny import tiny_model, random_ids
-    from transformers import PreTrainedTokenizerFast
+def _save_tiny_llama(path):
+    """A tiny random Llama and a one-word tokenizer saved as a local model directory."""
     from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    from tiny import tiny_model
 
     model = tiny_model("llama")
-    model.save_pretrained(tmp_path)
-    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
-                                  unk_token="<unk>", eos_token="<unk>")
-    tok.save_pretrained(tmp_path)
+    model.save_pretrained(path)
+    PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")),
+                            unk_token="<unk>", eos_token="<unk>").save_pretrained(path)
+    return model
+
+
+def test_local_path_loads_like_transformers(tmp_path):
+    from tiny import random_ids
+
+    model = _save_tiny_llama(tmp_path)
     loaded, loaded_tok = load_base_model(tmp_path, attn_implementation="eager")
     ids = random_ids(1, 9)
     torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=0, atol=0)
@@ -53,3 +61,12 @@ def test_default_model_generates():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
+
+
+def test_flashtune_attention_is_registered_by_the_loader(tmp_path):
+    from transformers import AttentionInterface
+
+    _save_tiny_llama(tmp_path)
+    model, _ = load_base_model(tmp_path, attn_implementation="flashtune")
+    assert "flashtune" in AttentionInterface._global_mapping
+    assert model.config._attn_implementation == "flashtune"
