@@ -32,11 +32,11 @@ stage2)
   cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
   python3 -c "from flashtune.models import load_base_model; m,t=load_base_model(); print('default model ok', sum(p.numel() for p in m.parameters()))"
-  run decode 330 python3 bench/decode.py --device cuda
-  run mtp 240 python3 bench/mtp.py --device cuda
+  run decode 270 python3 bench/decode.py --device cuda
+  run mtp 200 python3 bench/mtp.py --device cuda --budget 150
   collect ;;
 stage3)
-  run train 270 python3 bench/train.py
-  run e2e 270 python3 bench/e2e.py --device cuda
+  run train 170 python3 bench/train.py --budget-s 110
+  run e2e 260 python3 bench/e2e.py --device cuda
   collect ;;
 esac
