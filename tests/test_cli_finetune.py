@@ -148,6 +148,12 @@ def test_demo_prints_before_and_after(model_dir, tmp_path, capsys):
     assert set(m) == {"before", "after"} and "bleu" in m["before"] and m["after"]["steps"] == 2
     samples = [json.loads(x) for x in (out / "report" / "samples.jsonl").read_text().splitlines()]
     assert len(samples) == 3 and all("output_before" in s for s in samples)
+    from safetensors.torch import load_file
+
+    keys = load_file(out / "adapter" / "adapter_model.safetensors").keys()   # LoRA on the top block only
+    assert keys and all(".layers.1." in k for k in keys)
+    assert {k.split(".")[-3] for k in keys} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                "down_proj"}
 
 
 def test_exit_codes_for_missing_dependency_and_interrupt(monkeypatch, model_dir, tmp_path, capsys):
