@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from flashtune.decoding.tree import TreeBuffers, default_tree, tree_buffers
+from flashtune.decoding.tree import default_tree, tree_buffers
 from flashtune.errors import ConfigError, FlashtuneError, check_range
 
 CONFIG_NAME = "medusa_config.json"
