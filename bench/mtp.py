@@ -292,15 +292,16 @@ def main() -> int:
         result["rows"].append({"method": "plain", "batch": bsz, "seconds": t_plain, "tokens": n_tok,
                                "tokens_per_s": n_tok / t_plain, "speedup": 1.0})
         log(f"batch {bsz} plain: {n_tok / t_plain:.0f} tok/s")
-        specs = [("mtp", k) for k in ks] + ([("medusa", None)] if medusa is not None else [])
-        for method, k in specs:
-            row = {"method": method, "batch": bsz, "k": k}
+        specs = [("mtp", k, 1) for k in ks] + [("mtp", max(ks), 2)]  # the last: a tree, top-2 per depth
+        specs += [("medusa", None, None)] if medusa is not None else []
+        for method, k, width in specs:
+            row = {"method": method, "batch": bsz, "k": k, "tree_width": width}
             if args.budget and time.perf_counter() - t_start > args.budget:
                 row["skipped"] = f"time budget of {args.budget:.0f} s spent"
                 result["rows"].append(row)
                 continue
             try:
-                spec = MTPDrafter(mtp, k=k) if method == "mtp" else medusa
+                spec = MTPDrafter(mtp, k=k, tree_width=width) if method == "mtp" else medusa
                 with warnings.catch_warnings(record=True) as caught:  # e.g. a CUDA-graph capture fallback
                     warnings.simplefilter("always")
                     toks, t, per_step = timed(engine, groups, spec, args, stop, device)
@@ -309,7 +310,7 @@ def main() -> int:
                 row.update(seconds=t, tokens_per_s=n_tok / t, speedup=t_plain / t, tokens_per_step=per_step,
                            identical_to_plain=toks == plain,
                            identical_sequences=sum(a == b for a, b in zip(toks, plain)) / len(plain))
-                if method == "mtp":
+                if method == "mtp" and width == 1:
                     row.update(acceptance(model, tok, mtp, k, groups, args, stop, device, dtype))
             except Exception as exc:
                 row["error"] = repr(exc)
