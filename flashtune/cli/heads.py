@@ -100,6 +100,9 @@ def train_medusa_heads(recipe: HeadsRecipe, model=None, tokenizer=None, progress
         data = self_distill_examples(engine, prompts, recipe.max_new_tokens, batch_size=min(32, len(prompts)),
                                      stop_tokens=stop)
         del engine
+        import gc
+
+        gc.collect()  # the engine's CUDA graphs hold memory until its reference cycle is collected
     else:
         data = make_lm_dataset(examples, tokenizer, refs="all")
     held = max(2, len(data) // 10)
