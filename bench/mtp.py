@@ -154,7 +154,9 @@ def get_medusa(model, tok, args, device):
         where = args.medusa or str(Path(args.save_dir) / "medusa")
         return MedusaHeads.load(where, device=device), {"loaded": where}
     if tok is None:  # smoke: untrained heads exercise the same decoding path
-        return MedusaHeads.for_model(model.get_output_embeddings().weight, 3, 1, topk=4), {"trained": False}
+        heads = MedusaHeads.for_model(model.get_output_embeddings().weight, 3, 1, topk=4)
+        heads.save(Path(args.save_dir) / "medusa")
+        return heads, {"trained": False}
     from flashtune.cli.heads import HeadsRecipe, train_medusa_heads
 
     t0 = time.perf_counter()
@@ -242,7 +244,8 @@ def main() -> int:
     if args.smoke:
         args.device, args.steps, args.tune_steps, args.reps, args.max_new_tokens = "cpu", 10, 0, 1, 12
         args.num_prompts, args.ks, args.batches = 32, "2", "1,4"
-        args.save_dir = tempfile.mkdtemp(prefix="mtp-smoke-")
+        if args.save_dir == str(ROOT / "runs" / "bench_mtp"):
+            args.save_dir = tempfile.mkdtemp(prefix="mtp-smoke-")
     device = torch.device(args.device)
     if args.budget is None:
         args.budget = 200.0 if device.type == "cuda" else 0.0
