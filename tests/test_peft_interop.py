@@ -148,3 +148,26 @@ def test_prefix_peft_to_flashtune(tmp_path, arch, projection):
     torch.testing.assert_close(_logits(model, ids, arch), theirs, atol=ATOL, rtol=0)
     base = _logits(tiny_model(arch), ids, arch)
     assert (theirs - base).abs().max() > 1e-3
+
+
+def test_default_parameter_counts_on_smollm2(smollm2):
+    """Each method's default settings on the default model: trainable count == closed-form formula."""
+    from flashtune.tuners import AdapterConfig
+
+    cfg = smollm2.config
+    layers, d, heads, kv = cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = d // heads
+    m, p, mid, width = 64, 10, 512, 2 * layers * kv * head_dim
+    expected = {
+        "lora": layers * 8 * ((d + heads * head_dim) + (d + kv * head_dim)),
+        "houlsby": 2 * layers * (2 * d * m + m + d),
+        "pfeiffer": layers * (2 * d * m + m + d),
+        "prefix": p * d + d * mid + mid + mid * width + width,
+    }
+    configs = {"lora": LoraConfig(), "houlsby": AdapterConfig(), "pfeiffer": AdapterConfig(adapter_type="pfeiffer"),
+               "prefix": PrefixConfig()}
+    for name, config in configs.items():
+        attach(smollm2, config, adapter_name=name)
+        assert sum(p.numel() for p in smollm2.parameters() if p.requires_grad) == expected[name], name
+    unload(smollm2, merge=False)
+    assert not any(p.requires_grad for p in smollm2.parameters())
