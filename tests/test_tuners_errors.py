@@ -209,3 +209,16 @@ def test_three_methods_on_one_model():
     torch.testing.assert_close(model(ids).logits, base, atol=0, rtol=0)
     assert [n for n, _ in model.named_modules()] == [n for n, _ in tiny_model("llama").named_modules()]
     assert not model._forward_pre_hooks and not model.model._forward_pre_hooks
+
+
+@pytest.mark.parametrize("arch", ["llama", "bart"])
+def test_prefix_refuses_gradient_checkpointing(arch):
+    model = tiny_model(arch)
+    attach(model, PrefixConfig(num_virtual_tokens=2))
+    model.gradient_checkpointing_enable()
+    model.train()
+    ids = random_ids(1, 4)
+    kwargs = {"decoder_input_ids": ids} if arch == "bart" else {}
+    with pytest.raises(FlashtuneError, match="gradient checkpointing") as exc:
+        model(input_ids=ids, labels=ids, **kwargs)
+    one_line(exc)

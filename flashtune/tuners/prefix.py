@@ -189,6 +189,12 @@ def _widen_4d_mask(mask, prefix_len: int):
     return torch.cat([mask.new_full((*mask.shape[:-1], prefix_len), fill), mask], dim=-1)
 
 
+def _check_no_checkpointing(model: nn.Module) -> None:
+    if model.training and getattr(model, "is_gradient_checkpointing", False):
+        raise FlashtuneError("prefix-tuning cannot train with gradient checkpointing (a recomputed layer would "
+                             "append its prefix to the cache twice); call model.gradient_checkpointing_disable()")
+
+
 def _decoder_only_hook(model: nn.Module):
     from transformers import DynamicCache
 
@@ -196,6 +202,7 @@ def _decoder_only_hook(model: nn.Module):
         enc = _live_prefix(model)
         if enc is None:
             return None
+        _check_no_checkpointing(model)
         table = enc.sites["self"]
         batch, new = _batch_len(args, kwargs)
         cache = kwargs.get("past_key_values")
@@ -264,6 +271,7 @@ def _seq2seq_decoder_hook(model: nn.Module):
         enc = _live_prefix(model)
         if enc is None:
             return None
+        _check_no_checkpointing(model)
         batch, new = _batch_len(args, kwargs)
         cache = kwargs.get("past_key_values")
         if cache is None:
