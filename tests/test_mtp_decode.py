@@ -155,3 +155,23 @@ def test_acceptance_rate_matches_sum_of_min_p_q(sampled_runs):
     expected = sum(alphas) / n
     sigma = math.sqrt(sum(a * (1 - a) for a in alphas)) / n
     assert abs(sum(hits) / n - expected) < 4 * sigma, (sum(hits) / n, expected, sigma)
+
+
+def test_rows_that_stopped_stay_inside_the_cache():
+    """The engine keeps stepping rows that have stopped (their results are dropped); the drafter's state for
+    such a row, even one that "accepts" everything forever, must stay inside the cache and rope table."""
+    from flashtune.decoding.verify import Acceptance
+
+    model = tiny_model("llama")
+    engine = Engine(model, max_batch_size=2, max_seq_len=40)
+    drafter = MTPDrafter(MTPModules.build(model, depth=1), k=3)
+    engine.generate(prompts()[:2], max_new_tokens=4, stop_tokens=[], speculative=drafter)
+    hidden, root = torch.zeros(2, model.config.hidden_size), torch.tensor([5, 6])
+    zero = torch.zeros(2, dtype=torch.long)
+    for _ in range(15):
+        with torch.inference_mode():  # as inside the engine
+            tokens, _ = drafter.propose(hidden, root)
+            acc = Acceptance(best=zero, accepted=zero + 3, node=zero + 3, next=root)
+            drafter.accept(torch.zeros(2, tokens.shape[1], hidden.shape[1]), tokens, acc,
+                           drafter.tree.retrieve[zero])
+        assert int(drafter.L.max()) + drafter.k < engine.max_seq_len

@@ -669,5 +669,7 @@ class MTPDrafter:
         h = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, D+1, d]
         slots = L[:, None] + torch.arange(d1, device=path.device)[None]
         self._catch_up(h.to(self._engine.dtype), stream, slots)
-        # Rows the engine has finished stop growing there; here they are clamped to stay inside the cache.
-        L.copy_((L + acc.accepted + 1).clamp(max=self.slots - 2 * (self.k + 2)))
+        # Rows the engine has finished stop growing there; here they keep stepping, so they are clamped to keep
+        # every slot they touch (up to L + k) below the engine's max_seq_len (its rope table's size). An active
+        # row never reaches the clamp: the engine stops it once L + k + 1 > max_seq_len.
+        L.copy_((L + acc.accepted + 1).clamp(max=self._engine.max_seq_len - self.k - 1))
