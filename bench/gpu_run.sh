@@ -37,6 +37,6 @@ stage2)
   collect ;;
 stage3)
   run train 170 python3 bench/train.py --budget-s 110
-  run e2e 260 python3 bench/e2e.py --device cuda
+  run e2e 260 python3 bench/e2e.py --device cuda --batch-size 48 --epochs 1.5 --warmup 10
   collect ;;
 esac
