@@ -11,7 +11,9 @@ mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export FLASHTUNE_GGUF=$FT/SmolLM2-135M-Instruct.Q4_1.gguf FLASHTUNE_CACHE=$FT/cache
 export FLASHTUNE_E2E_DATA=$FT/devel-fixed.no-ol.csv
-if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$FT/site" .whl/*.whl; fi
+# .whl holds what the GPU image lacks: gguf (the default model's file), rouge-score (an sdist) and nltk.
+#   pip download --no-deps -d .whl gguf==0.19.0 rouge-score==0.1.2 nltk
+if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target "$FT/site" .whl/*; fi
 [ -d "$FT/site" ] && export PYTHONPATH=$PYTHONPATH:$FT/site
 
 run() {  # run NAME SECONDS CMD...: time-boxed, logged to $OUT, never fatal
