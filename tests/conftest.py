@@ -13,8 +13,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-# Keep CPU tests deterministic and light on a 2-core machine.
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Keep CPU tests deterministic and light on a 2-core machine: one thread per xdist worker (two workers
+# already fill both cores), two threads when run in one process.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, min(2, os.cpu_count() or 1)))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
