@@ -14,11 +14,11 @@ from flashtune.cli.finetune import add_common_flags, load_config, load_examples,
 # What `make demo` runs: sized to finish in about 5 minutes on 2 CPU cores (model conversion included).
 DEMO_CONFIG = {
     "out_dir": "runs/demo",
-    "data": {"task": "synthetic", "num_examples": 424, "val_size": 24, "seed": 0, "refs": "all"},
+    "data": {"task": "synthetic", "num_examples": 416, "val_size": 16, "seed": 0, "refs": "all"},
     "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "train": {"lr": 3e-3, "max_steps": 40, "batch_size": 8, "warmup_steps": 4, "schedule": "cosine",
+    "train": {"lr": 3e-3, "max_steps": 32, "batch_size": 8, "warmup_steps": 3, "schedule": "cosine",
               "log_every": 2, "save_every": 0, "precision": "fp32", "seed": 0, "overwrite": True},
-    "eval": {"num_beams": 1, "max_new_tokens": 44, "batch_size": 24, "samples": 3},
+    "eval": {"num_beams": 1, "max_new_tokens": 40, "batch_size": 16, "samples": 3},
 }
 # LoRA goes on the linear layers of the top third of the blocks only: backward then stops there, which makes
 # a CPU step about twice as cheap as adapting every block, and the output format is learned just as well.
