@@ -26,6 +26,13 @@ _LAZY = {
     "TrainConfig": "flashtune.training",
     "fit": "flashtune.training",
     "Engine": "flashtune.decoding",
+    "MedusaHeads": "flashtune.decoding",
+    "disable_adapters": "flashtune.tuners",
+    "merge_adapter": "flashtune.tuners",
+    "unload": "flashtune.tuners",
+    "load_e2e_csv": "flashtune.data",
+    "generate_e2e_style": "flashtune.data",
+    "evaluate_generation": "flashtune.evaluation",
     "FlashtuneError": "flashtune.errors",
 }
 
