@@ -6,27 +6,13 @@ import html
 import io
 import json
 import os
-import tempfile
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
+from flashtune.fileio import atomic_write_bytes as write_atomic  # noqa: F401 (re-exported for the loop and CLI)
 
 COLORS = {"left": (230, 30, 30), "right": (30, 90, 230), "drag": (20, 160, 60), "scroll": (200, 120, 0),
           "key": (120, 0, 160)}
-
-
-def write_atomic(path: str, data: bytes | str) -> None:
-    """Write a file through a temp file in the same folder and os.replace."""
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=".tmp-")
-    try:
-        with os.fdopen(fd, mode, **({} if mode == "wb" else {"encoding": "utf-8"})) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _arrow(draw, x1, y1, x2, y2, color, width=4):

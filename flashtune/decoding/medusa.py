@@ -15,8 +15,6 @@ it takes each head's top-k and fills the candidate tree. Files: `save(dir)` / `M
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from torch import nn
 
 from flashtune.decoding.tree import default_tree, tree_buffers
 from flashtune.errors import ConfigError, FlashtuneError, check_range
+from flashtune.fileio import atomic_write
 
 CONFIG_NAME = "medusa_config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
@@ -145,8 +144,8 @@ class MedusaHeads(nn.Module):
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        _atomic(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        _atomic(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
+        atomic_write(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
         return d
 
     @classmethod
@@ -199,17 +198,7 @@ class MedusaHeads(nn.Module):
                    "num_hidden_layers": c.num_layers, "medusa_fc_bias": True, "max_paths": 64, "topk": c.topk}
         else:
             raise ConfigError(f"layout={layout!r} is not allowed; choose one of 'medusa', 'vllm'")
-        _atomic(d / name, lambda p: save_file(t, p, metadata={"format": "pt"}))
-        _atomic(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
+        atomic_write(d / name, lambda p: save_file(t, p, metadata={"format": "pt"}))
+        atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
         return d
 
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

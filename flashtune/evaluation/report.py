@@ -11,22 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+from flashtune.fileio import atomic_write_bytes
 
 
 def write_json(path, obj) -> None:
-    _atomic_write(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
+    atomic_write_bytes(Path(path), (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode())
 
 
 def _plot(path: Path, xs, ys, ylabel: str, title: str, extra=None) -> None:
@@ -84,7 +73,7 @@ def write_report(out_dir, metrics: dict, samples: list[dict] | None = None, hist
     write_json(out / "metrics.json", {"metrics": metrics, "config": config or {}})
     if samples is not None:
         lines = "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples)
-        _atomic_write(out / "samples.jsonl", lines.encode())
+        atomic_write_bytes(out / "samples.jsonl", lines.encode())
     plots = []
     if history:
         xs, ys = _series(history, "loss")
@@ -128,5 +117,5 @@ def write_report(out_dir, metrics: dict, samples: list[dict] | None = None, hist
     if config:
         md += ["## Configuration", "", "```json", json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
     md += ["Files: metrics.json, samples.jsonl" + "".join(f", {p}" for p in plots) + "."]
-    _atomic_write(out / "summary.md", ("\n".join(md) + "\n").encode())
+    atomic_write_bytes(out / "summary.md", ("\n".join(md) + "\n").encode())
     return out / "summary.md"

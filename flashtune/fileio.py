@@ -1,0 +1,29 @@
+"""Atomic file writes: every file flashtune writes goes through a temporary sibling and `os.replace`, so an
+interrupted write never leaves half a file behind (the old file, if any, stays intact)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
+    """Call `write(tmp_path)` to produce the file, then move it to `path` in one step."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> None:
+    """Write `data` (text is encoded as UTF-8) to `path` atomically."""
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
