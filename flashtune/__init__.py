@@ -27,6 +27,8 @@ _LAZY = {
     "fit": "flashtune.training",
     "Engine": "flashtune.decoding",
     "MedusaHeads": "flashtune.decoding",
+    "MTPModules": "flashtune.decoding.mtp",
+    "MTPDrafter": "flashtune.decoding.mtp",
     "disable_adapters": "flashtune.tuners",
     "merge_adapter": "flashtune.tuners",
     "unload": "flashtune.tuners",
