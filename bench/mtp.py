@@ -6,7 +6,7 @@ Stages (all inside this script, on one device):
   2. data: the tuned model answers held-apart E2E-style prompts itself (greedy, the engine): self-distillation,
      so the MTP module learns exactly what it will have to draft;
   3. train: one DeepSeek-V3-style MTP module (frozen target) with `fit` and `MTPLoss`; Medusa heads (4 heads,
-     Medusa-1) with helper D's recipe `train_medusa_heads` on the same tuned model, unless `--medusa DIR`;
+     Medusa-1) with the Medusa recipe `train_medusa_heads` on the same tuned model, unless `--medusa DIR`;
   4. decode: fresh E2E-style prompts, batch 1 and 8, greedy with the model's stop tokens: the plain engine, MTP
      drafts with k = 1..4, and Medusa; wall-clock speedup over the plain engine of the same run; the output
      must be token-identical to the plain engine's (lossless greedy; also checked in fp32); first-drafted-

@@ -233,7 +233,7 @@ def test_parallel_heads_save_load(tmp_path):
 
 
 def test_fit_trains_the_modules_and_lora_jointly(tmp_path):
-    """Through helper C1's `fit` with LoRA from helper A: modules and LoRA change, the frozen base does not."""
+    """Through `flashtune.training.fit` with LoRA from `flashtune.tuners`: modules and LoRA change, the frozen base does not."""
     from flashtune.training import TrainConfig, fit
     from flashtune.tuners import LoraConfig, attach
 

@@ -73,7 +73,7 @@ def main(args: argparse.Namespace) -> int:
     heads = None
     if args.speculative == "medusa":
         heads = MedusaHeads.load(args.heads, device=device, dtype=model.dtype)
-    elif args.speculative == "mtp":  # flashtune/decoding/mtp.py (helper E)
+    elif args.speculative == "mtp":  # flashtune/decoding/mtp.py
         from flashtune.decoding.mtp import MTPDrafter, MTPModules
 
         heads = MTPDrafter(MTPModules.load(args.heads, model), k=args.draft_tokens)

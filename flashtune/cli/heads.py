@@ -185,7 +185,7 @@ def register(subparsers) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.method in ("mtp", "parallel"):  # recipe in flashtune/decoding/mtp_train.py (helper E)
+    if args.method in ("mtp", "parallel"):  # recipe in flashtune/decoding/mtp_train.py
         from flashtune.decoding.mtp_train import MTPRecipe, train_mtp_heads
 
         report = train_mtp_heads(MTPRecipe(

@@ -16,7 +16,7 @@ One decoding step, for every sequence b of the batch (all tensors, no host round
 With greedy decoding and a stateless drafter (Medusa heads, or none) the whole step is captured in one CUDA
 graph. The host only looks at the `active` flags every `check_every` steps.
 
-Drafter interface (used by `MedusaHeads` and helper E's MTP drafter):
+Drafter interface (used by `MedusaHeads` and the MTP drafter in mtp.py):
 
     tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
     stateless: bool            True if propose() depends on its arguments only (whole-step graphs allowed)
