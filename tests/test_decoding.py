@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from tiny import DECODER_ARCHS, VOCAB, random_ids, tiny_model
+from tiny import DECODER_ARCHS, VOCAB, ragged_prompts, tiny_model
 
 from flashtune.decoding import Engine
 from flashtune.decoding.sampling import SamplingParams, probs
@@ -10,18 +10,9 @@ from flashtune.decoding.tree import MC_SIM_7B_63, tree_buffers
 from flashtune.errors import ConfigError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny matmuls run fastest on one thread, and other test workers share the two cores.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _prompts():
-    return [random_ids(1, 7, seed=1)[0].tolist(), random_ids(1, 3, seed=2)[0].tolist(),
-            random_ids(1, 11, seed=3)[0].tolist()]
 
 
 def _hf_greedy(model, prompt, n, **kw):
@@ -33,7 +24,7 @@ def _hf_greedy(model, prompt, n, **kw):
 def test_prefill_logits_match_hf(arch):
     model = tiny_model(arch)
     engine = Engine(model, max_batch_size=3, max_seq_len=64)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     _, logits, _, _ = engine.prefill(prompts)
     for b, p in enumerate(prompts):
         ref = model(torch.tensor([p])).logits[0, -1]
@@ -44,7 +35,7 @@ def test_prefill_logits_match_hf(arch):
 def test_greedy_batch_matches_hf_generate(arch):
     model = tiny_model(arch)
     engine = Engine(model, max_batch_size=4, max_seq_len=96)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     out = engine.generate(prompts, max_new_tokens=24)  # stops at eos, as generate does
     for p, toks in zip(prompts, out.tokens):
         assert toks == _hf_greedy(model, p, 24)
@@ -56,7 +47,7 @@ def test_greedy_batch_matches_hf_generate(arch):
 def test_stop_tokens_end_like_hf_eos():
     model = tiny_model("llama")
     engine = Engine(model, max_batch_size=3, max_seq_len=96)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     free = engine.generate(prompts, max_new_tokens=20, stop_tokens=[]).tokens
     stop = free[0][5]  # a token the first sequence emits
     got = engine.generate(prompts, max_new_tokens=20, stop_tokens=[stop]).tokens
@@ -71,7 +62,7 @@ def test_stop_tokens_end_like_hf_eos():
 def test_stream_concatenates_to_generate():
     model = tiny_model("qwen2")
     engine = Engine(model, max_batch_size=3, max_seq_len=96)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     full = engine.generate(prompts, max_new_tokens=12, stop_tokens=[]).tokens
     acc = [[] for _ in prompts]
     chunks = 0
@@ -85,7 +76,7 @@ def test_stream_concatenates_to_generate():
 def test_sampling_is_seeded_and_top_k_1_is_greedy():
     model = tiny_model("llama")
     engine = Engine(model, max_batch_size=3, max_seq_len=96)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     a = engine.generate(prompts, max_new_tokens=16, temperature=1.0, seed=7, stop_tokens=[]).tokens
     b = engine.generate(prompts, max_new_tokens=16, temperature=1.0, seed=7, stop_tokens=[]).tokens
     c = engine.generate(prompts, max_new_tokens=16, temperature=1.0, seed=8, stop_tokens=[]).tokens
@@ -133,7 +124,7 @@ def test_tree_forward_equals_sequential_forward_per_path(arch):
     model = tiny_model(arch)
     engine = Engine(model, max_batch_size=2, max_seq_len=128)
     tree = tree_buffers(MC_SIM_7B_63)
-    prompts = _prompts()[:2]
+    prompts = ragged_prompts()[:2]
     _, _, _, lens = engine.prefill(prompts)
     tokens = torch.randint(3, VOCAB, (2, tree.num_nodes), generator=torch.Generator().manual_seed(0))
     _, logits = engine.forward(tokens, lens, tree)
@@ -169,7 +160,7 @@ def test_tuned_models_match_hf_generate(arch, kind):
     model.eval()
     engine = Engine(model, max_batch_size=2, max_seq_len=96)
     assert engine.cache.prefix_len == (5 if kind == "prefix" else 0)
-    prompts = _prompts()[:2]
+    prompts = ragged_prompts()[:2]
     out = engine.generate(prompts, max_new_tokens=12)
     for p, toks in zip(prompts, out.tokens):
         assert toks == _hf_greedy(model, p, 12)
@@ -196,7 +187,7 @@ def test_cuda_fast_path_arithmetic_on_cpu(arch):
     additive bias) computes the same function: checked here on the CPU against HF, logits and greedy tokens."""
     model = tiny_model(arch)
     engine = Engine(model, max_batch_size=3, max_seq_len=96, attention="matmul", fast=True)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     _, logits, _, _ = engine.prefill(prompts)
     for b, p in enumerate(prompts):
         torch.testing.assert_close(logits[b], model(torch.tensor([p])).logits[0, -1], atol=1e-5, rtol=1e-5)

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from tiny import VOCAB, random_ids, tiny_model
+from tiny import VOCAB, ragged_prompts, tiny_model
 
 from flashtune.decoding import Engine, MedusaHeads
 from flashtune.decoding.medusa import MedusaConfig
@@ -14,17 +14,9 @@ from flashtune.decoding.tree import MC_SIM_7B_63, chain_paths, tree_buffers
 from flashtune.errors import ConfigError, FlashtuneError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _prompts():
-    return [random_ids(1, 7, seed=1)[0].tolist(), random_ids(1, 3, seed=2)[0].tolist(),
-            random_ids(1, 11, seed=3)[0].tolist()]
 
 
 def _random_heads(engine, num_heads=4, seed=0, std=0.5):
@@ -66,7 +58,7 @@ class ScriptDrafter:
 def test_medusa_greedy_equals_plain_greedy_with_random_heads(arch):
     model = tiny_model(arch)
     engine = Engine(model, max_batch_size=3, max_seq_len=160)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     plain = engine.generate(prompts, max_new_tokens=30, stop_tokens=[]).tokens
     heads = _random_heads(engine)
     spec = engine.generate(prompts, max_new_tokens=30, stop_tokens=[], speculative=heads)
@@ -92,7 +84,7 @@ def test_fresh_heads_equal_the_lm_head_and_blocks_are_distinct():
 def test_oracle_drafter_gives_depth_plus_one_tokens_per_step_and_wrong_gives_one():
     model = tiny_model("llama")
     engine = Engine(model, max_batch_size=3, max_seq_len=160)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     plain = engine.generate(prompts, max_new_tokens=33, stop_tokens=[]).tokens
     oracle = engine.generate(prompts, max_new_tokens=33, stop_tokens=[],
                              speculative=ScriptDrafter(plain, 3, shift=0))
@@ -106,7 +98,7 @@ def test_oracle_drafter_gives_depth_plus_one_tokens_per_step_and_wrong_gives_one
 def test_compacted_cache_equals_a_fresh_prefill():
     model = tiny_model("llama")
     engine = Engine(model, max_batch_size=3, max_seq_len=160)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     plain = engine.generate(prompts, max_new_tokens=25, stop_tokens=[]).tokens
     oracle = ScriptDrafter(plain, 3, shift=0)
     engine.generate(prompts, max_new_tokens=25, stop_tokens=[], speculative=_random_heads(engine))
@@ -123,7 +115,7 @@ def test_compacted_cache_equals_a_fresh_prefill():
 def test_speculative_sampling_runs_seeded_and_typical_differs():
     model = tiny_model("llama")
     engine = Engine(model, max_batch_size=3, max_seq_len=160)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     heads = _random_heads(engine, std=0.0)  # fresh heads: head k proposes the LM head's top-k
     a = engine.generate(prompts, max_new_tokens=20, temperature=0.8, seed=3, stop_tokens=[], speculative=heads)
     b = engine.generate(prompts, max_new_tokens=20, temperature=0.8, seed=3, stop_tokens=[], speculative=heads)
@@ -169,7 +161,7 @@ def test_heads_save_load_and_exports(tmp_path):
 def test_63_path_tree_with_batch():
     model = tiny_model("qwen2")
     engine = Engine(model, max_batch_size=3, max_seq_len=200)
-    prompts = _prompts()
+    prompts = ragged_prompts()
     plain = engine.generate(prompts, max_new_tokens=20, stop_tokens=[]).tokens
     heads = _random_heads(engine, num_heads=4, seed=5)
     heads.set_tree(MC_SIM_7B_63)

@@ -10,12 +10,7 @@ from flashtune.decoding import Engine, MedusaHeads
 from flashtune.decoding.medusa_train import HeadsLM, MedusaLoss, head_accuracy
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _counting_batch(n=8, t=24):

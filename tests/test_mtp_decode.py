@@ -15,19 +15,12 @@ from scipy import stats
 from flashtune.decoding import Engine
 from flashtune.decoding.mtp import MTPDrafter, MTPModules
 from flashtune.errors import ConfigError
-from tiny import random_ids, tiny_model
+from tiny import ragged_prompts, random_ids, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def prompts():
-    return [random_ids(1, n, seed=s)[0].tolist() for n, s in ((7, 1), (3, 2), (11, 3))]
 
 
 def hf_greedy(model, prompt, n):
@@ -39,7 +32,7 @@ def hf_greedy(model, prompt, n):
 def test_greedy_with_mtp_drafts_is_token_identical(arch):
     model = tiny_model(arch)
     engine = Engine(model, max_batch_size=3, max_seq_len=96)
-    ps = prompts()
+    ps = ragged_prompts()
     plain = engine.generate(ps, max_new_tokens=20, stop_tokens=[]).tokens
     assert plain[0] == hf_greedy(model, ps[0], 20)
     for depth, k, width, init in ((1, 3, 1, "last_layer"), (2, 4, 1, "random"), (3, 5, 2, "last_layer")):
@@ -61,7 +54,7 @@ def test_drafter_cache_reproduces_the_teacher_forced_modules():
     mtp = MTPModules.build(model, depth=2)
     drafter = MTPDrafter(mtp, k=3)
     drafter.trace = []
-    ps = prompts()[:2]
+    ps = ragged_prompts()[:2]
     chunks = list(engine.stream(ps, max_new_tokens=16, stop_tokens=[], speculative=drafter))
     assert any(len(c) > 1 for chunk in chunks[1:] for c in chunk), "no draft was ever accepted"
     for b, prompt in enumerate(ps):
@@ -165,7 +158,7 @@ def test_rows_that_stopped_stay_inside_the_cache():
     model = tiny_model("llama")
     engine = Engine(model, max_batch_size=2, max_seq_len=40)
     drafter = MTPDrafter(MTPModules.build(model, depth=1), k=3)
-    engine.generate(prompts()[:2], max_new_tokens=4, stop_tokens=[], speculative=drafter)
+    engine.generate(ragged_prompts()[:2], max_new_tokens=4, stop_tokens=[], speculative=drafter)
     hidden, root = torch.zeros(2, model.config.hidden_size), torch.tensor([5, 6])
     zero = torch.zeros(2, dtype=torch.long)
     for _ in range(15):

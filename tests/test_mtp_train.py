@@ -17,13 +17,7 @@ from flashtune.errors import ConfigError, FlashtuneError
 from tiny import VOCAB, random_ids, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls: one thread is faster than two fighting over a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def frozen(arch, **kw):

@@ -59,3 +59,8 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32, attn_implementatio
 def random_ids(batch: int, length: int, seed: int = 0, low: int = 3) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(low, VOCAB, (batch, length), generator=g)
+
+
+def ragged_prompts() -> list[list[int]]:
+    """Three prompts of different lengths (7, 3, 11 tokens): a batch whose rows need their own lengths."""
+    return [random_ids(1, n, seed=s)[0].tolist() for n, s in ((7, 1), (3, 2), (11, 3))]

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from flashtune.errors import ConfigError, check_choice, check_range
+from flashtune.errors import check_choice, check_range
 
 
 @dataclasses.dataclass
@@ -59,18 +59,6 @@ class HeadsRecipe:
         return cls(**d)
 
 
-def _prompts(recipe: HeadsRecipe, tokenizer) -> tuple[list[list[int]], list]:
-    from flashtune.data import encode_prompt, generate_e2e_style
-
-    if recipe.data == "synthetic":
-        examples = generate_e2e_style(n=recipe.num_prompts, seed=recipe.seed)
-        return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
-    path = Path(recipe.data)
-    if not path.is_file():
-        raise ConfigError(f"data={recipe.data!r} is neither 'synthetic' nor a text file; give a file of prompts")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()][: recipe.num_prompts]
-    return [tokenizer(ln)["input_ids"] for ln in lines], None
-
 
 def train_medusa_heads(recipe: HeadsRecipe, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Run the recipe; returns a report dict (also written to out_dir/heads_report.json). `model`/`tokenizer`
@@ -91,7 +79,9 @@ def train_medusa_heads(recipe: HeadsRecipe, model=None, tokenizer=None, progress
     if model is None:
         model, tokenizer = load_base_model(recipe.model or None, dtype=recipe.dtype)
     model.to(device).eval()
-    prompts, examples = _prompts(recipe, tokenizer)
+    from flashtune.data import head_training_prompts
+
+    prompts, examples = head_training_prompts(recipe.data, recipe.num_prompts, recipe.seed, tokenizer)
     stop = stop_token_ids(tokenizer)
     if recipe.self_distill or examples is None:
         longest = max(len(p) for p in prompts)

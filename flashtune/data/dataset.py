@@ -37,6 +37,24 @@ def encode_prompt(tokenizer, mr: str) -> list[int]:
     return _bos(tokenizer) + _encode(tokenizer, build_prompt(tokenizer, mr))
 
 
+def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[list[list[int]], list | None]:
+    """Prompts that speculative-decoding heads are trained on: `source` "synthetic" gives `n` generated
+    E2E-style inputs (token ids and their examples); otherwise it is a text file with one prompt a line
+    (token ids, and None for the examples)."""
+    from pathlib import Path
+
+    from flashtune.data.synth import generate_e2e_style
+
+    if source == "synthetic":
+        examples = generate_e2e_style(n=n, seed=seed)
+        return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"data={source!r} is neither 'synthetic' nor a text file; give a file of prompts")
+    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()][:n]
+    return [tokenizer(ln)["input_ids"] for ln in lines], None
+
+
 def make_lm_dataset(examples, tokenizer, max_length: int = 256, refs: str = "all") -> list[dict]:
     """One training example per (MR, reference): dicts with `input_ids` and `labels` (lists of ints).
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from flashtune.errors import ConfigError, check_choice, check_range
+from flashtune.errors import check_choice, check_range
 
 
 @dataclasses.dataclass
@@ -61,18 +61,6 @@ class MTPRecipe:
     def from_dict(cls, d: dict) -> "MTPRecipe":
         return cls(**d)
 
-
-def recipe_prompts(recipe: MTPRecipe, tokenizer) -> tuple[list[list[int]], list | None]:
-    from flashtune.data import encode_prompt, generate_e2e_style
-
-    if recipe.data == "synthetic":
-        examples = generate_e2e_style(n=recipe.num_prompts, seed=recipe.seed)
-        return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
-    path = Path(recipe.data)
-    if not path.is_file():
-        raise ConfigError(f"data={recipe.data!r} is neither 'synthetic' nor a text file; give a file of prompts")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()][: recipe.num_prompts]
-    return [tokenizer(ln)["input_ids"] for ln in lines], None
 
 
 @torch.no_grad()
@@ -120,7 +108,9 @@ def train_mtp_heads(recipe: MTPRecipe, model=None, tokenizer=None, progress: boo
     if model is None:
         model, tokenizer = load_base_model(recipe.model or None, dtype=recipe.dtype)
     model.to(device).eval()
-    prompts, examples = recipe_prompts(recipe, tokenizer)
+    from flashtune.data import head_training_prompts
+
+    prompts, examples = head_training_prompts(recipe.data, recipe.num_prompts, recipe.seed, tokenizer)
     if recipe.self_distill or examples is None:
         longest = max(len(p) for p in prompts)
         engine = Engine(model, tokenizer, max_batch_size=min(32, len(prompts)),
