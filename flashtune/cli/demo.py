@@ -16,7 +16,7 @@ DEMO_CONFIG = {
     "out_dir": "runs/demo",
     "data": {"task": "synthetic", "num_examples": 416, "val_size": 16, "seed": 0, "refs": "all"},
     "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "train": {"lr": 3e-3, "max_steps": 32, "batch_size": 8, "warmup_steps": 3, "schedule": "cosine",
+    "train": {"lr": 3e-3, "max_steps": 56, "batch_size": 8, "warmup_steps": 3, "schedule": "cosine",
               "log_every": 2, "save_every": 0, "precision": "fp32", "seed": 0, "overwrite": True},
     "eval": {"num_beams": 1, "max_new_tokens": 40, "batch_size": 16, "samples": 3},
 }
