@@ -27,3 +27,18 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes | str) -> None:
     """Write `data` (text is encoded as UTF-8) to `path` atomically."""
     payload = data.encode("utf-8") if isinstance(data, str) else data
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(payload))
+
+
+def atomic_write_json(path: str | os.PathLike, obj) -> None:
+    """Write `obj` as indented, key-sorted JSON to `path` atomically."""
+    import json
+
+    atomic_write_bytes(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict | None = None) -> None:
+    """Save `tensors` (contiguous CPU copies) as a safetensors file at `path` atomically."""
+    from safetensors.torch import save_file
+
+    cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata or {}))

@@ -23,3 +23,18 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path):
         atomic_write(path, half_then_crash)
     assert path.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_json_and_safetensors_round_trip(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from flashtune.fileio import atomic_save_safetensors, atomic_write_json
+
+    atomic_write_json(tmp_path / "c.json", {"b": 1, "a": [2]})
+    assert json.loads((tmp_path / "c.json").read_text()) == {"a": [2], "b": 1}
+    t = torch.arange(6.0).reshape(2, 3).t()  # non-contiguous
+    atomic_save_safetensors(tmp_path / "w.safetensors", {"w": t})
+    torch.testing.assert_close(load_file(str(tmp_path / "w.safetensors"))["w"], t, rtol=0, atol=0)

@@ -29,8 +29,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -39,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
 CONFIG_NAME = "mtp_config.json"
 WEIGHTS_NAME = "mtp.safetensors"
@@ -137,24 +136,6 @@ def rms_norm(model, d: int) -> nn.Module:
     p = last_param(decoder_layers(model)[-1])
     return nn.RMSNorm(d, eps=eps, device=p.device, dtype=p.dtype)
 
-
-def atomic_write_json(path: Path, obj: dict) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def atomic_save_safetensors(path: Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
-
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}-", dir=path.parent)
-    os.close(fd)
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=metadata or {})
-    os.replace(tmp, path)
 
 
 def check_base(saved: dict, model) -> None:

@@ -26,10 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashtune.decoding.mtp import (IGNORE_INDEX, atomic_save_safetensors, atomic_write_json, base_dims,
-                                    causal_mask, check_base, decoder_layers, final_norm, new_block, rotary,
-                                    run_block, trunk)
+from flashtune.decoding.mtp import (IGNORE_INDEX, base_dims, causal_mask, check_base, decoder_layers, final_norm,
+                                    new_block, rotary, run_block, trunk)
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
 CONFIG_NAME = "parallel_config.json"
 WEIGHTS_NAME = "parallel_heads.safetensors"
