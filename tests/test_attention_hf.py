@@ -90,6 +90,23 @@ def test_packed_position_ids_become_varlen():
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
+def test_packed_positions_are_analysed_once_per_forward(monkeypatch):
+    """Every layer gets the same position_ids; the host-syncing analysis runs once, not once per layer."""
+    from flashtune.attention import hf
+
+    calls = []
+    real = hf._analyse_positions
+    monkeypatch.setattr(hf, "_analyse_positions", lambda pos: calls.append(1) or real(pos))
+    _, ours = _pair("llama")
+    packed = random_ids(1, 12, seed=2)
+    pos = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        ours(packed, position_ids=pos)
+        assert len(calls) == 1 and ours.config.num_hidden_layers > 1
+        ours(packed, position_ids=pos.clone())  # a new forward with new positions is analysed again
+    assert len(calls) == 2
+
+
 def test_custom_4d_mask_falls_back_to_reference():
     """A 4-D mask (e.g. a tree) goes to the reference with that mask: equal to sdpa given the same mask."""
     ref, ours = _pair("llama")

@@ -27,8 +27,22 @@ from .reference import attention_reference
 NAME = "flashtune"
 
 
+# Every layer of one forward pass receives the same position_ids tensor; the analysis below syncs with the
+# host, so its answer is kept for that tensor (identity and in-place version) instead of redone per layer.
+_PACKED_CACHE: list = [None, -1, None]  # [position_ids, its _version, result]
+
+
 def _packed_cu_seqlens(position_ids: torch.Tensor) -> torch.Tensor | None:
     """cu_seqlens over the flattened (B*L) tokens when position_ids restart at 0 inside a row, else None."""
+    cached, version, result = _PACKED_CACHE
+    if cached is position_ids and version == position_ids._version:
+        return result
+    result = _analyse_positions(position_ids)
+    _PACKED_CACHE[:] = [position_ids, position_ids._version, result]
+    return result
+
+
+def _analyse_positions(position_ids: torch.Tensor) -> torch.Tensor | None:
     if position_ids.dim() != 2 or position_ids.shape[1] < 2:
         return None
     flat = position_ids.reshape(-1)
