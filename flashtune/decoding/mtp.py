@@ -138,6 +138,30 @@ def rms_norm(model, d: int) -> nn.Module:
 
 
 
+def write_heads(directory, tensors: dict, config, config_name: str = CONFIG_NAME,
+                weights_name: str = WEIGHTS_NAME) -> Path:
+    """Write `config.to_dict()` and `tensors` into `directory` (config_name + weights_name), atomically."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    atomic_save_safetensors(directory / weights_name, tensors, {"format": "pt"})
+    atomic_write_json(directory / config_name, config.to_dict())
+    return directory
+
+
+def read_heads(directory, config_cls, model, what: str, method: str, config_name: str = CONFIG_NAME,
+               weights_name: str = WEIGHTS_NAME):
+    """(config, tensors) written by `write_heads`, after checking the files exist and fit `model`."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    if not (directory / config_name).is_file() or not (directory / weights_name).is_file():
+        raise FlashtuneError(f"{directory} holds no {what} ({config_name} + {weights_name}); "
+                             f"train them with `flashtune train-heads --method {method}`")
+    config = config_cls.from_dict(json.loads((directory / config_name).read_text()))
+    check_base(asdict(config), model)
+    return config, load_file(str(directory / weights_name))
+
+
 def check_base(saved: dict, model) -> None:
     """Raise unless the base model has the shape the modules were trained for."""
     cfg = model.config
@@ -360,25 +384,14 @@ class MTPModules(nn.Module):
 
     def save(self, directory) -> Path:
         """Write mtp_config.json + mtp.safetensors (DeepSeek-V3 tensor names) into `directory`, atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(directory / WEIGHTS_NAME, self.deepseek_state_dict(), {"format": "pt"})
-        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
-        return directory
+        return write_heads(directory, self.deepseek_state_dict(), self.config)
 
     @classmethod
     def load(cls, directory, model) -> "MTPModules":
         """Modules saved by `save`, bound to `model` (which must be the base they were trained on)."""
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FlashtuneError(f"{directory} holds no MTP modules ({CONFIG_NAME} + {WEIGHTS_NAME}); "
-                                 f"train them with `flashtune train-heads --method mtp`")
-        config = MTPConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        check_base(asdict(config), model)
+        config, tensors = read_heads(directory, MTPConfig, model, "MTP modules", "mtp")
         mtp = cls(config, model, fresh=True)
-        mtp.load_state_dict_deepseek(load_file(str(directory / WEIGHTS_NAME)), first_layer=config.num_base_layers)
+        mtp.load_state_dict_deepseek(tensors, first_layer=config.num_base_layers)
         return mtp
 
 

@@ -18,7 +18,6 @@ Files: `parallel_config.json` + `parallel_heads.safetensors`, tensors `heads.{i-
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -27,9 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashtune.decoding.mtp import (IGNORE_INDEX, base_dims, causal_mask, check_base, decoder_layers, final_norm,
-                                    new_block, rotary, run_block, trunk)
+                                    new_block, read_heads, rotary, run_block, trunk, write_heads)
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
-from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
 CONFIG_NAME = "parallel_config.json"
 WEIGHTS_NAME = "parallel_heads.safetensors"
@@ -124,28 +122,17 @@ class ParallelHeads(nn.Module):
         return losses
 
     def save(self, directory) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(directory / WEIGHTS_NAME, self.state_dict(), {"format": "pt"})
-        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
-        return directory
+        return write_heads(directory, self.state_dict(), self.config, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def load(cls, directory, model) -> "ParallelHeads":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FlashtuneError(f"{directory} holds no parallel heads ({CONFIG_NAME} + {WEIGHTS_NAME}); "
-                                 f"train them with `flashtune train-heads --method parallel`")
-        config = ParallelHeadsConfig.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        check_base(asdict(config), model)
+        config, state = read_heads(directory, ParallelHeadsConfig, model, "parallel heads", "parallel",
+                                   CONFIG_NAME, WEIGHTS_NAME)
         heads = cls(config, model, fresh=True)
-        state = load_file(str(directory / WEIGHTS_NAME))
         missing = set(heads.state_dict()) - set(state)
         if missing:
-            raise FlashtuneError(f"{directory / WEIGHTS_NAME} misses {sorted(missing)[0]}; the file is damaged "
-                                 f"or for another base model")
+            raise FlashtuneError(f"{Path(directory) / WEIGHTS_NAME} misses {sorted(missing)[0]}; the file is "
+                                 f"damaged or for another base model")
         heads.load_state_dict(state)
         return heads
 
