@@ -47,6 +47,20 @@ def test_greedy_with_mtp_drafts_is_token_identical(arch):
     assert out.tokens == fast.generate(ps, max_new_tokens=20, stop_tokens=[]).tokens
 
 
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_drafts_through_the_triton_kernels(depth):
+    """The CUDA default backend (fused Triton kernels, here in Triton's interpreter): depth 1 runs every module
+    pass through the kernels' slot masks, depth 2 also the dense-mask fallback of its stacked drafts."""
+    model = tiny_model("llama", initializer_range=0.1)
+    ps = ragged_prompts()[:2]
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, attention="triton")
+    plain = engine.generate(ps, max_new_tokens=10, stop_tokens=[]).tokens
+    assert plain[0] == hf_greedy(model, ps[0], 10)
+    mtp = MTPModules.build(model, depth=depth)
+    out = engine.generate(ps, max_new_tokens=10, stop_tokens=[], speculative=MTPDrafter(mtp, k=3))
+    assert out.tokens == plain
+
+
 def test_drafter_cache_reproduces_the_teacher_forced_modules():
     """Module 1's draft logits at each step equal its output in one pass over the finished sequence."""
     model = tiny_model("llama", initializer_range=0.1)  # drafts accepted at some steps, not at others

@@ -43,7 +43,7 @@ import torch
 
 from flashtune.decoding import verify
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.model import DecoderModel, hf_state_and_prefix
+from flashtune.decoding.model import BACKENDS, DecoderModel, SlotMask, hf_state_and_prefix
 from flashtune.decoding.sampling import SamplingParams, probs
 from flashtune.decoding.tree import TreeBuffers, tree_buffers
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
@@ -137,7 +137,7 @@ class Engine:
                  fast: bool | None = None, compile: bool = False):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
-        check_choice("attention", attention, ("auto", "sdpa", "matmul"))
+        check_choice("attention", attention, ("auto",) + BACKENDS)
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         if self.device.type == "cuda" and self.device.index is None:  # compare equal to tensors' devices
@@ -148,6 +148,11 @@ class Engine:
         self.model = DecoderModel.from_hf(model, state, device=self.device, dtype=dtype)
         self.dtype = self.model.embed.weight.dtype
         self.model.backend = self._pick_backend(attention)
+        if self.model.backend == "triton":
+            if fast is False:
+                raise ConfigError("attention='triton' needs the fast arithmetic (fast=True or None); pass "
+                                  "attention='sdpa' or 'matmul' for fast=False")
+            fast = True
         if self.device.type == "cuda" if fast is None else fast:
             self.model.enable_fast()
         self.model.build_rope_table(max_seq_len, self.dtype)
@@ -169,12 +174,12 @@ class Engine:
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
 
     def _pick_backend(self, attention: str) -> str:
-        """SDPA with an explicit mask on the CPU; on CUDA, grouped matmuls with an additive bias. (The Triton
-        kernel's tree mask assumes the tree ends every row's keys; here rows have different lengths inside
-        one static, graph-captured shape, which docs/decoding.md explains.)"""
+        """On CUDA the fused Triton kernels of kernels.py (rotary + cache write, attention over each row's
+        live slots; bench/profile_decode.py measured the step they replace); SDPA on the CPU, where the
+        arithmetic follows transformers' exactly."""
         if attention != "auto":
             return attention
-        return "matmul" if self.device.type == "cuda" else "sdpa"
+        return "triton" if self.device.type == "cuda" else "sdpa"
 
     # ---------------------------------------------------------------- forward passes
     def forward(self, tokens, lengths, tree: TreeBuffers):
@@ -186,11 +191,7 @@ class Engine:
         bsz, n = tokens.shape
         slots = lengths[:, None] + torch.arange(n, device=tokens.device)[None]  # [B, N]
         positions = lengths[:, None] + tree.depth[None]
-        seq = self.cache.max_seq
-        rel = torch.arange(seq, device=tokens.device)[None, :] - lengths[:, None]  # [B, S]: slot - L
-        in_tree = (rel >= 0) & (rel < n)
-        tree_cols = tree.mask[:, rel.clamp(0, n - 1)].permute(1, 0, 2)  # [B, N, S]
-        mask = (rel < 0)[:, None, :] | (in_tree[:, None, :] & tree_cols)
+        mask = SlotMask(lengths, tree.mask if n > 1 else None)
         hidden = self.model(tokens, positions, self.cache, slots, mask)
         return hidden, self.model.lm_head(hidden)
 
@@ -212,7 +213,7 @@ class Engine:
         lens = lens.to(self.device)
         pre = self.cache.prefix_len
         slots = pre + torch.arange(t, device=self.device)[None].expand(bsz, t)
-        mask = torch.arange(self.cache.max_seq, device=self.device)[None, None, :] <= slots[:, :, None]
+        mask = SlotMask(torch.full((bsz,), pre, dtype=torch.long, device=self.device))  # causal after the prefix
         hidden = self.model(tokens, slots, self.cache, slots, mask)  # positions = slots
         last = hidden[torch.arange(bsz, device=self.device), lens - 1]
         return hidden, self.model.lm_head(last), tokens, lens

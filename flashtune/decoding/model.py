@@ -12,8 +12,13 @@ verification:
     tokens    long [B, T]
     positions long [B, T]      rotary / learned position of each token
     slots     long [B, T]      cache slots the tokens' K/V are written to
-    mask      bool [B, T, S]   which of the first S cache slots each token attends to (its own slot included)
+    mask      SlotMask         which cache slots each token attends to (its own slot included), in the compact
+                               form the Triton kernel reads; or a bool [B, T, S] for any other pattern
     returns   hidden [B, T, d] after the final norm (what lm_head reads)
+
+Attention backends: "triton" (CUDA default: kernels.py fuses rotary + cache write and attends over each row's
+live slots only), "matmul" (grouped matmuls with an additive bias over the whole static cache) and "sdpa" (the
+CPU default, the arithmetic of transformers).
 """
 
 from __future__ import annotations
@@ -28,6 +33,47 @@ from flashtune.decoding.cache import KVCache
 from flashtune.errors import FlashtuneError
 
 LLAMA_TYPES = ("llama", "mistral", "qwen2")
+BACKENDS = ("triton", "matmul", "sdpa")
+
+
+@dataclass
+class SlotMask:
+    """The visibility of T new tokens written at slots start_b + i (i < T) of row b.
+
+    Token i sees the committed slots [lo, start_b) and the new slots start_b + j with j <= i (tree None:
+    causal) or tree[i, j] (bool [T, T], ancestors only, so j <= i). Decoding steps, tree verification, prefill
+    and the MTP modules' passes all have this shape; `dense` gives the bool [B, T, S] mask the other backends
+    take.
+    """
+
+    start: torch.Tensor  # long [B]
+    tree: torch.Tensor | None = None  # bool or uint8 [T, T]
+    lo: int = 0
+
+    def dense(self, t: int, seq: int) -> torch.Tensor:
+        keys = torch.arange(seq, device=self.start.device)
+        rel = keys[None, :] - self.start[:, None]  # [B, S]: slot - start
+        node = torch.arange(t, device=self.start.device)
+        if self.tree is None:
+            new = (rel[:, None, :] >= 0) & (rel[:, None, :] <= node[None, :, None])  # [B, T, S]
+        else:
+            in_new = (rel >= 0) & (rel < t)
+            cols = self.tree.bool()[:, rel.clamp(0, t - 1)].permute(1, 0, 2)  # [B, T, S]
+            new = in_new[:, None, :] & cols
+        old = ((rel < 0) & (keys[None, :] >= self.lo))[:, None, :]
+        return old | new
+
+
+def prepare_mask(mask, backend: str, t: int, seq: int, n_kv_heads: int, group: int, dtype):
+    """A forward's mask in the form `backend` reads, built once and shared by every layer."""
+    if isinstance(mask, SlotMask):
+        if backend == "triton":
+            tree = None if mask.tree is None else mask.tree.to(torch.uint8)
+            return SlotMask(mask.start, tree, mask.lo)
+        mask = mask.dense(t, seq)
+    if backend == "matmul":
+        return attention_bias(mask, n_kv_heads, group, dtype)
+    return mask
 
 
 @dataclass
@@ -150,6 +196,10 @@ class Block(nn.Module):
         bsz, t, dim = x.shape
         nq, nkv = a.n_heads, a.n_kv_heads
         qkv = self.wqkv(self.norm1(x)).view(bsz, t, nq + 2 * nkv, a.head_dim)  # [B, T, Hq + 2 Hkv, D]
+        scale = 1.0 if fast else a.head_dim ** -0.5  # the fast path has the scale folded into W_q
+        if backend == "triton":
+            y = self._triton_attention(qkv, rope, cache, layer, slots, mask, scale)
+            return self._mlp(x, y, fast, triton_act=True)
         qk = qkv[:, :, : nq + nkv]
         if rope is not None:  # q and k rotated together: [B, T, Hq + Hkv, D]
             cos, sin = rope  # [B, T, 1, D]
@@ -162,15 +212,40 @@ class Block(nn.Module):
         v = qkv[:, :, nq + nkv:].transpose(1, 2)
         cache.write(layer, slots, k, v)
         kc, vc = cache.view(layer, bsz, mask.shape[-1])
-        scale = 1.0 if fast else a.head_dim ** -0.5  # the fast path has the scale folded into W_q
         y = attend(q, kc, vc, mask, scale, backend)  # [B, Hq, T, D]
         y = y.transpose(1, 2).reshape(bsz * t, nq * a.head_dim)
+        return self._mlp(x, y, fast)
+
+    def _triton_attention(self, qkv, rope, cache: KVCache, layer: int, slots, mask, scale):
+        """kernels.py: rotary + cache write in one launch, then attention over the live slots -> [B*T, Hq*D]."""
+        from flashtune.decoding.kernels import rope_cache, slot_attention
+
+        a = self.a
+        bsz, t = qkv.shape[:2]
+        cos, sin = rope if rope is not None else (None, None)
+        kc, vc = cache.k[layer], cache.v[layer]
+        q = rope_cache(qkv, cos, sin, slots, kc, vc, a.n_heads, a.n_kv_heads)  # [B, T, Hq, D]
+        if isinstance(mask, SlotMask):
+            y = slot_attention(q, kc, vc, mask.start, mask.tree, mask.lo, scale)
+        else:  # a pattern SlotMask cannot express (MTP modules of depth > 1): SDPA with the bool mask
+            k, v = cache.view(layer, bsz, mask.shape[-1])
+            y = attend(q.transpose(1, 2), k, v, mask, scale, "sdpa").transpose(1, 2)
+        return y.reshape(bsz * t, a.n_heads * a.head_dim)
+
+    def _mlp(self, x, y, fast: bool, triton_act: bool = False):
+        """x [B, T, d] the block's input, y [B*T, Hq*D] the attention output -> the block's output."""
+        a = self.a
+        bsz, t, dim = x.shape
         if fast and self.wo.bias is None:  # residual add fused into the matmul
             x = torch.addmm(x.reshape(bsz * t, dim), y, self.wo.weight.t()).view(bsz, t, dim)
         else:
             x = x + self.wo(y).view(bsz, t, dim)
         h = self.w_in(self.norm2(x))
-        if a.arch == "llama":
+        if triton_act and a.arch == "llama" and a.act in ("silu", "swish"):
+            from flashtune.decoding.kernels import silu_mul
+
+            h = silu_mul(h.view(bsz * t, -1))
+        elif a.arch == "llama":
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
@@ -251,9 +326,9 @@ class DecoderModel(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(positions)
         rope = self.rope(positions, x.dtype)
-        if self.backend == "matmul":  # one additive bias per forward, shared by all layers
-            a = self.args
-            mask = attention_bias(mask, a.n_kv_heads, a.n_heads // a.n_kv_heads, x.dtype)
+        a = self.args
+        mask = prepare_mask(mask, self.backend, tokens.shape[1], cache.max_seq, a.n_kv_heads,
+                            a.n_heads // a.n_kv_heads, x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i, slots, mask, self.backend, self.fast)
         return self.norm(x)

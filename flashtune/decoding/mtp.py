@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashtune.decoding.model import SlotMask, prepare_mask
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
@@ -573,20 +574,17 @@ class MTPDrafter:
         e = model.embed(tokens)
         x = self.eh_proj[m](torch.cat([self.enorm[m](e), self.hnorm[m](h)], dim=-1))  # [B, q, 2d] -> [B, q, d]
         rope = model.rope(slots, x.dtype)
-        if model.backend == "matmul":  # that backend takes an additive bias [B*Hkv, G*T, S]
-            from flashtune.decoding.model import attention_bias
-
-            a = model.args
-            mask = attention_bias(mask, a.n_kv_heads, a.n_heads // a.n_kv_heads, x.dtype)
+        a = model.args
+        mask = prepare_mask(mask, model.backend, slots.shape[1], self.slots, a.n_kv_heads,
+                            a.n_heads // a.n_kv_heads, x.dtype)
         return self.blocks[m](x, rope, self.cache, m, slots, mask, model.backend, model.fast)
 
     def _recycle(self, m: int, out):
         return self.head_norm[m](out) if self.mtp.config.recycle == "post_norm" else out
 
     def _causal(self, slots):
-        """bool [B, q, S]: keys from `first` up to the query's own slot."""
-        keys = self._keys[None, None, :]
-        return (keys <= slots[:, :, None]) & (keys >= self.first)
+        """Slots [B, q] (consecutive per row) see the keys from `first` up to their own slot."""
+        return SlotMask(slots[:, 0], None, self.first)
 
     def _catch_up(self, h0, stream, slots):
         """Write every module's K/V at slots [B, q]; module m reads tokens stream[:, m : m + q]."""
@@ -626,11 +624,12 @@ class MTPDrafter:
             m = j % depth
             slot = (n + j - m)[:, None]  # [B, 1]: module m of cycle j // D sits at trunk position n + j - m
             if depth == 1:  # every slot up to this one was written this step or is committed
-                mask = (keys >= self.first) & (keys <= slot)
+                mask = self._causal(slot)
             else:  # committed slots, plus the slots this module wrote earlier in this step (stale ones skipped)
                 rel = keys - n[:, None]  # [B, S]
                 mask = ((keys >= self.first) & (rel <= 0)) | ((rel > 0) & (rel % depth == 0) & (keys <= slot))
-            out = self._module(m, h, tok[:, None], slot, mask[:, None, :])
+                mask = mask[:, None, :]
+            out = self._module(m, h, tok[:, None], slot, mask)
             logits = self._engine.model.lm_head(self.head_norm[m](out))[:, 0]  # [B, V]
             if self.temperature is not None:
                 q = torch.softmax(logits.float() / self.temperature, dim=-1)
