@@ -1,11 +1,18 @@
 """The engine's fused Triton kernels (flashtune/decoding/kernels.py) against plain PyTorch, in float64 where
-it matters. On a machine without CUDA they run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET)."""
+it matters. On a machine without CUDA they run in Triton's CPU interpreter (conftest sets TRITON_INTERPRET); on a
+GPU they run natively (`python3 -m pytest tests/test_decode_kernels.py` there)."""
 
 import pytest
 import torch
 
 from flashtune.decoding.kernels import rope_cache, silu_mul, slot_attention
 from flashtune.decoding.model import SlotMask, attend
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _on(*ts):
+    return [t.to(DEV) if t is not None else None for t in ts]
 
 
 def _tree_mask(t, gen):
@@ -32,7 +39,7 @@ def test_slot_attention_matches_a_float64_dense_reference(bsz, t, hq, hkv, d, tr
     vc = torch.randn(bsz + 1, hkv, seq, d, generator=gen)
     start = torch.randint(lo + 1, seq - t, (bsz,), generator=gen)
     mask = SlotMask(start, _tree_mask(t, gen) if tree else None, lo)
-    out = slot_attention(q, kc, vc, start, mask.tree, lo, scale=d ** -0.5)
+    out = slot_attention(*_on(q, kc, vc, start, mask.tree), lo, scale=d ** -0.5).cpu()
     dense = mask.dense(t, seq)
     ref = attend(q.double().transpose(1, 2), kc[:bsz].double(), vc[:bsz].double(), dense, d ** -0.5, "sdpa")
     torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=2e-5, rtol=2e-5)
@@ -48,12 +55,12 @@ def test_slot_attention_reads_no_slot_outside_the_mask():
     kc, vc = torch.randn(2, bsz, hkv, seq, d, generator=gen)
     start = torch.tensor([30, 95])
     tree = _tree_mask(t, gen)
-    out = slot_attention(q, kc, vc, start, tree, lo=2)
+    out = slot_attention(*_on(q, kc, vc, start, tree), lo=2)
     hidden = ~SlotMask(start, tree, 2).dense(t, seq).any(1)  # [B, S]: slots no new token sees
     kp, vp = kc.clone(), vc.clone()
     kp.permute(0, 2, 1, 3)[hidden] = float("nan")
     vp.permute(0, 2, 1, 3)[hidden] = float("nan")
-    torch.testing.assert_close(slot_attention(q, kp, vp, start, tree, lo=2), out)
+    torch.testing.assert_close(slot_attention(*_on(q, kp, vp, start, tree), lo=2), out)
 
 
 @pytest.mark.parametrize("rope", [True, False])
@@ -66,7 +73,9 @@ def test_rope_cache_rotates_and_writes_only_the_given_slots(rope):
     kc, vc = torch.randn(2, bsz + 1, nkv, seq, d, generator=gen)
     k0, v0 = kc.clone(), vc.clone()
     slots = torch.tensor([[2, 3, 4], [7, 8, 9]])
-    q = rope_cache(qkv, cos, sin, slots, kc, vc, nq, nkv)
+    kd, vd = _on(kc, vc)
+    q = rope_cache(*_on(qkv, cos, sin, slots), kd, vd, nq, nkv).cpu()
+    kc, vc = kd.cpu(), vd.cpu()
     qk = qkv[:, :, : nq + nkv]
     if rope:  # the engine's fast rotary: x * cos + roll(x, D/2) * sin (sin carries rotate_half's signs)
         qk = qk * cos[:, :, None] + torch.roll(qk, d // 2, dims=-1) * sin[:, :, None]
@@ -85,4 +94,4 @@ def test_rope_cache_rotates_and_writes_only_the_given_slots(rope):
 def test_silu_mul():
     h = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(0))  # two column blocks, a ragged one
     gate, up = h.chunk(2, dim=-1)
-    torch.testing.assert_close(silu_mul(h), torch.nn.functional.silu(gate) * up)
+    torch.testing.assert_close(silu_mul(h.to(DEV)).cpu(), torch.nn.functional.silu(gate) * up)
