@@ -39,7 +39,7 @@ class ScriptDrafter:
         self.tree = tree_buffers(chain_paths(depth))
         self.depth = depth
 
-    def start(self, engine, hidden, tokens, lengths):
+    def start(self, engine, hidden, tokens, lengths, root):
         self.count = torch.ones(hidden.shape[0], dtype=torch.long)  # the prefill emitted one token
 
     def propose(self, hidden, root):

@@ -20,9 +20,10 @@ Drafter interface (used by `MedusaHeads` and the MTP drafter in mtp.py):
 
     tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
     stateless: bool            True if propose() depends on its arguments only (whole-step graphs allowed)
-    start(engine, hidden [B, T, d], tokens [B, T], lengths [B]) -> None
+    start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
                                after the prompt's prefill: its final hidden states (after the final norm),
-                               its tokens (right-padded) and true lengths (prefix excluded)
+                               its tokens (right-padded), true lengths (prefix excluded) and the first
+                               generated token (the first step's root)
     propose(hidden [B, d], root [B]) -> (tree_tokens [B, N], q [B, N-1, V] | None)
                                hidden: the target's final hidden state at the last accepted node (the one
                                whose logits gave `root`). q: the distribution each non-root node's token was
@@ -55,7 +56,7 @@ class Drafter(Protocol):
     tree: TreeBuffers
     stateless: bool
 
-    def start(self, engine: "Engine", hidden, tokens, lengths) -> None: ...
+    def start(self, engine: "Engine", hidden, tokens, lengths, root) -> None: ...
     def propose(self, hidden, root): ...
     def accept(self, hidden, tree_tokens, acc: verify.Acceptance, path) -> None: ...
 
@@ -342,11 +343,11 @@ class Engine:
 
         hidden, logits, tokens, lens = self.prefill(prompts)
         lengths = lens + self.cache.prefix_len
-        if drafter is not None:
-            drafter.start(self, hidden, tokens, lens)
         ar = torch.arange(bsz, device=self.device)
         first = torch.argmax(logits, -1) if params.is_greedy else torch.multinomial(
             probs(logits, params), 1, generator=gen)[:, 0]
+        if drafter is not None:
+            drafter.start(self, hidden, tokens, lens, first)
         hidden_last = hidden[ar, lens - 1]
         self._out[:bsz, 0] = first
         n_out = torch.ones(bsz, dtype=torch.long, device=self.device)

@@ -125,7 +125,7 @@ class MedusaHeads(nn.Module):
         return torch.stack([h(hidden) for h in self.heads], dim=-2)
 
     # ------------------------------------------------------------ drafter interface (see engine.py)
-    def start(self, engine, hidden, tokens, lengths) -> None:
+    def start(self, engine, hidden, tokens, lengths, root) -> None:
         pass
 
     def propose(self, hidden, root):

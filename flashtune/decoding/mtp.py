@@ -513,6 +513,9 @@ class MTPDrafter:
     The modules keep their own static KV cache (the engine's KVCache class, one layer per module, slot =
     position). After each verification the accepted positions are fed through the modules again ("catch-up"),
     so module 1's cache always holds exactly what training computed: (h^0_i, t_{i+1}) for every committed i.
+    The catch-up's last accepted position reads the new root, so module 1's output there is the next step's
+    first draft: it is kept (`_pending`) and the next `propose` starts from it instead of running module 1
+    again (one module pass per step saved).
     Modules 2..D are caught up on the same positions with the tokens then known (exact where t_{i+m} was
     accepted). All state lives in preallocated tensors updated in place, so a greedy step (propose, verify,
     accept) is captured whole in the engine's CUDA graph; `stateless` is therefore True (graph-safe).
@@ -565,6 +568,8 @@ class MTPDrafter:
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(self.seed)
         self._stats = torch.zeros(3, dtype=torch.float64, device=dev)  # row steps, first accepted, accepted
+        # module 1's output at trunk position L - 1 with token t_L (the root): the next first draft's state
+        self._pending = torch.zeros(engine.max_batch_size, a.dim, dtype=dt, device=dev)
         self._engine = engine
 
     # ---- one pass of all modules over some positions -------------------------------------------------
@@ -587,17 +592,21 @@ class MTPDrafter:
         return SlotMask(slots[:, 0], None, self.first)
 
     def _catch_up(self, h0, stream, slots):
-        """Write every module's K/V at slots [B, q]; module m reads tokens stream[:, m : m + q]."""
+        """Write every module's K/V at slots [B, q]; module m reads tokens stream[:, m : m + q]. Returns
+        module 1's output [B, q, d]."""
         q = slots.shape[1]
         mask = self._causal(slots)
-        h = h0
+        h, first = h0, None
         for m in range(len(self.blocks)):
             out = self._module(m, h, stream[:, m:m + q], slots, mask)
+            first = out if first is None else first
             h = self._recycle(m, out)
+        return first
 
     # ---- the engine's drafter interface (engine.py) --------------------------------------------------
-    def start(self, engine, hidden, tokens, lengths) -> None:
-        """After the prefill: the prompt's positions, (h^0_i, t_{i+1}), go through the modules."""
+    def start(self, engine, hidden, tokens, lengths, root) -> None:
+        """After the prefill: the prompt's positions, (h^0_i, t_{i+1}), go through the modules; at the last
+        one t_{i+1} is the root, so module 1's output there is the first step's first draft."""
         if self._engine is not engine:
             self._setup(engine)
         bsz, t = tokens.shape
@@ -608,8 +617,11 @@ class MTPDrafter:
         self._stats.zero_()
         depth = len(self.blocks)
         stream = torch.cat([tokens[:, 1:], tokens.new_zeros(bsz, depth)], dim=1)  # t_{i+1} at i (pad after)
+        stream.scatter_(1, (lengths - 1)[:, None], root[:, None])
         slots = self.first + torch.arange(t, device=tokens.device)[None].expand(bsz, t)
-        self._catch_up(hidden.to(self._engine.dtype), stream, slots)
+        out = self._catch_up(hidden.to(self._engine.dtype), stream, slots)
+        ar = torch.arange(bsz, device=tokens.device)
+        self._pending[:bsz].copy_(out[ar, lengths - 1])
 
     def propose(self, hidden, root):
         """hidden [B, d] (the target's state at slot L-1), root [B] (the token at slot L) -> (tree tokens
@@ -623,13 +635,14 @@ class MTPDrafter:
         for j in range(self.k):
             m = j % depth
             slot = (n + j - m)[:, None]  # [B, 1]: module m of cycle j // D sits at trunk position n + j - m
-            if depth == 1:  # every slot up to this one was written this step or is committed
-                mask = self._causal(slot)
+            if j == 0:  # module 1 at position n with the root: computed by the last catch-up (or start)
+                out = self._pending[:bsz, None]
+            elif depth == 1:  # every slot up to this one was written this step or is committed
+                out = self._module(m, h, tok[:, None], slot, self._causal(slot))
             else:  # committed slots, plus the slots this module wrote earlier in this step (stale ones skipped)
                 rel = keys - n[:, None]  # [B, S]
                 mask = ((keys >= self.first) & (rel <= 0)) | ((rel > 0) & (rel % depth == 0) & (keys <= slot))
-                mask = mask[:, None, :]
-            out = self._module(m, h, tok[:, None], slot, mask)
+                out = self._module(m, h, tok[:, None], slot, mask[:, None, :])
             logits = self._engine.model.lm_head(self.head_norm[m](out))[:, 0]  # [B, V]
             if self.temperature is not None:
                 q = torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -661,7 +674,8 @@ class MTPDrafter:
         stream = torch.cat([stream, stream.new_zeros(bsz, len(self.blocks))], dim=1)
         h = hidden.gather(1, path[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, D+1, d]
         slots = L[:, None] + torch.arange(d1, device=path.device)[None]
-        self._catch_up(h.to(self._engine.dtype), stream, slots)
+        out = self._catch_up(h.to(self._engine.dtype), stream, slots)
+        self._pending[:bsz].copy_(out[torch.arange(bsz, device=path.device), a])
         # Rows the engine has finished stop growing there; here they keep stepping, so they are clamped to keep
         # every slot they touch (up to L + k) below the engine's max_seq_len (its rope table's size). An active
         # row never reaches the clamp: the engine stops it once L + k + 1 > max_seq_len.
