@@ -5,7 +5,7 @@ GPU they run natively (`python3 -m pytest tests/test_decode_kernels.py` there)."
 import pytest
 import torch
 
-from flashtune.decoding.kernels import rope_cache, silu_mul, slot_attention
+from flashtune.decoding.kernels import add_rms_norm, rope_cache, silu_mul, slot_attention
 from flashtune.decoding.model import SlotMask, attend
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -95,3 +95,12 @@ def test_silu_mul():
     h = torch.randn(3, 2 * 1500, generator=torch.Generator().manual_seed(0))  # two column blocks, a ragged one
     gate, up = h.chunk(2, dim=-1)
     torch.testing.assert_close(silu_mul(h.to(DEV)).cpu(), torch.nn.functional.silu(gate) * up)
+
+
+def test_add_rms_norm():
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(2, 5, 300, generator=gen)  # a non-power-of-two width
+    w = torch.randn(300, generator=gen)
+    s, h = (t.cpu() for t in add_rms_norm(*_on(x, y, w), 1e-5))
+    torch.testing.assert_close(s, x + y)
+    torch.testing.assert_close(h, torch.nn.functional.rms_norm(x + y, (300,), w, 1e-5))

@@ -11,6 +11,8 @@ weights are read in 63 µs). These three kernels replace about 17 of them per la
                 (FlashAttention, Dao et al., arXiv 2205.14135); each program reads only its row's live slots,
                 never the whole static cache. One launch instead of ~9 (mask bias, copies, two bmm, softmax)
   silu_mul      SwiGLU's silu(gate) * up (Shazeer, arXiv 2002.05202), one launch instead of two
+  add_rms_norm  the residual add and the next RMSNorm (Zhang & Sennrich, arXiv 1910.07467) in one launch:
+                the model carries each sub-layer's output to the next norm instead of adding it in place
 
 The engine uses them when `backend == "triton"` (the default on CUDA); the tests run them in Triton's CPU
 interpreter against the plain PyTorch path of model.py.
@@ -177,3 +179,28 @@ def silu_mul(h):
     block = min(1024, triton.next_power_of_2(f))
     _silu_mul_kernel[(n, triton.cdiv(f, block))](h, out, f, h.stride(0), out.stride(0), BLOCK=block)
     return out
+
+
+@triton.jit
+def _add_rms_norm_kernel(X, Y, W, XO, HO, N, eps, stride_x, stride_y, stride_xo, stride_ho, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    cols = tl.arange(0, BLOCK)
+    ok = cols < N
+    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
+    y = tl.load(Y + row * stride_y + cols, mask=ok, other=0.0).to(tl.float32)
+    s = (x + y).to(XO.dtype.element_ty)  # the residual stream keeps the model's dtype, as an in-place add would
+    tl.store(XO + row * stride_xo + cols, s, mask=ok)
+    sf = s.to(tl.float32)
+    r = tl.rsqrt(tl.sum(sf * sf, 0) / N + eps)
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    tl.store(HO + row * stride_ho + cols, (sf * r * w).to(HO.dtype.element_ty), mask=ok)
+
+
+def add_rms_norm(x, y, weight, eps: float):
+    """x, y [N, d] -> (x + y, rms_norm(x + y) * weight), both [N, d] in x's dtype."""
+    n, d = x.shape
+    x, y = (t if t.stride(-1) == 1 else t.contiguous() for t in (x, y))
+    xo, ho = torch.empty_like(x), torch.empty_like(x)
+    _add_rms_norm_kernel[(n,)](x, y, weight, xo, ho, d, eps, x.stride(0), y.stride(0), xo.stride(0),
+                               ho.stride(0), BLOCK=triton.next_power_of_2(d))
+    return xo, ho

@@ -190,6 +190,7 @@ class Block(nn.Module):
         self.w_in = nn.Linear(a.dim, (2 if gated else 1) * a.ffn_dim, bias=a.mlp_bias)  # [gate; up] or c_fc
         self.w_out = nn.Linear(a.ffn_dim, a.dim, bias=a.mlp_bias)
         self.act = _act(a.act)
+        self.fusable = a.arch == "llama" and a.act in ("silu", "swish")  # forward_fused applies
 
     def forward(self, x, rope, cache: KVCache, layer: int, slots, mask, backend, fast: bool = False):
         a = self.a
@@ -198,6 +199,9 @@ class Block(nn.Module):
         qkv = self.wqkv(self.norm1(x)).view(bsz, t, nq + 2 * nkv, a.head_dim)  # [B, T, Hq + 2 Hkv, D]
         scale = 1.0 if fast else a.head_dim ** -0.5  # the fast path has the scale folded into W_q
         if backend == "triton":
+            if self.fusable:
+                x, delta = self.forward_fused(x, None, rope, cache, layer, slots, mask, qkv=qkv)
+                return x + delta
             y = self._triton_attention(qkv, rope, cache, layer, slots, mask, scale)
             return self._mlp(x, y, fast, triton_act=True)
         qk = qkv[:, :, : nq + nkv]
@@ -215,6 +219,27 @@ class Block(nn.Module):
         y = attend(q, kc, vc, mask, scale, backend)  # [B, Hq, T, D]
         y = y.transpose(1, 2).reshape(bsz * t, nq * a.head_dim)
         return self._mlp(x, y, fast)
+
+    def forward_fused(self, x, delta, rope, cache: KVCache, layer: int, slots, mask, qkv=None):
+        """Llama-family block on the Triton path, the residual stream carried as x + delta (delta: the last
+        sub-layer's output, not yet added; None at the first block): each add is fused into the norm that
+        follows it (kernels.add_rms_norm). Returns (x, delta) for the next block or the final norm. Nine launches
+        per layer: add+norm, qkv, rotary+cache, attention, o, add+norm, gate/up, SwiGLU, down."""
+        from flashtune.decoding.kernels import add_rms_norm, silu_mul
+
+        a = self.a
+        bsz, t, dim = x.shape
+        if qkv is None:
+            if delta is None:
+                h = self.norm1(x)
+            else:
+                x, h = add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm1.weight,
+                                    self.norm1.eps)
+            qkv = self.wqkv(h).view(bsz, t, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
+        y = self._triton_attention(qkv, rope, cache, layer, slots, mask, 1.0)  # scale folded into W_q
+        x, h = add_rms_norm(x.reshape(bsz * t, dim), self.wo(y), self.norm2.weight, self.norm2.eps)
+        delta = self.w_out(silu_mul(self.w_in(h)))
+        return x.view(bsz, t, dim), delta.view(bsz, t, dim)
 
     def _triton_attention(self, qkv, rope, cache: KVCache, layer: int, slots, mask, scale):
         """kernels.py: rotary + cache write in one launch, then attention over the live slots -> [B*T, Hq*D]."""
@@ -329,6 +354,15 @@ class DecoderModel(nn.Module):
         a = self.args
         mask = prepare_mask(mask, self.backend, tokens.shape[1], cache.max_seq, a.n_kv_heads,
                             a.n_heads // a.n_kv_heads, x.dtype)
+        if self.backend == "triton" and self.layers[0].fusable:
+            from flashtune.decoding.kernels import add_rms_norm
+
+            delta = None
+            for i, layer in enumerate(self.layers):
+                x, delta = layer.forward_fused(x, delta, rope, cache, i, slots, mask)
+            bsz, t, dim = x.shape
+            return add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm.weight,
+                                self.norm.eps)[1].view(bsz, t, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i, slots, mask, self.backend, self.fast)
         return self.norm(x)

@@ -637,7 +637,7 @@ class MTPDrafter:
             slot = (n + j - m)[:, None]  # [B, 1]: module m of cycle j // D sits at trunk position n + j - m
             if j == 0:  # module 1 at position n with the root: computed by the last catch-up (or start)
                 out = self._pending[:bsz, None]
-            elif depth == 1:  # every slot up to this one was written this step or is committed
+            elif depth == 1 or j < depth:  # first cycle (slot = n): the committed slots and its own
                 out = self._module(m, h, tok[:, None], slot, self._causal(slot))
             else:  # committed slots, plus the slots this module wrote earlier in this step (stale ones skipped)
                 rel = keys - n[:, None]  # [B, S]
