@@ -204,7 +204,8 @@ def medusa_part(dev, smoke, cpu, out_dir, dtype):
 
             def run(spec):
                 total, toks, steps_tok = 0.0, [], []
-                engine.generate(batches[0], max_new_tokens=new, stop_tokens=stop, speculative=spec)  # warm-up
+                for b in batches:  # warm-up: every CUDA graph (step, and prefill per prompt-length bucket)
+                    engine.generate(b, max_new_tokens=new, stop_tokens=stop, speculative=spec)
                 for b in batches:
                     out, sec = timed(lambda: engine.generate(b, max_new_tokens=new, stop_tokens=stop,
                                                              speculative=spec), dev)

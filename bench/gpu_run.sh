@@ -34,9 +34,9 @@ stage2)
   cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
   python3 -c "from flashtune.models import load_base_model; m,t=load_base_model(); print('default model ok', sum(p.numel() for p in m.parameters()))"
-  run decode 250 python3 bench/decode.py --device cuda
-  run mtp 200 python3 bench/mtp.py --device cuda --budget 150 --depth 2
-  run profile 110 python3 bench/profile_decode.py --out bench/results
+  run decode 270 python3 bench/decode.py --device cuda
+  run mtp 180 python3 bench/mtp.py --device cuda --budget 150 --depth 2
+  run profile 100 python3 bench/profile_decode.py --out bench/results
   mkdir -p "$OUT/bench_mtp" && cp -r runs/bench_mtp/lora_adapter runs/bench_mtp/mtp "$OUT/bench_mtp/" 2>/dev/null
   collect ;;
 stage3)

@@ -288,7 +288,7 @@ def main() -> int:
     ks = [int(k) for k in args.ks.split(",")]
     args.max_seq = max(len(p) for p in eval_prompts) + args.max_new_tokens + 80
     for bsz in [int(b) for b in args.batches.split(",")]:
-        groups = groups_for(eval_prompts, bsz, 4 if bsz == 1 else 1)
+        groups = groups_for(eval_prompts, bsz, len(eval_prompts) // bsz)
         engine = Engine(model, tok, max_batch_size=bsz, max_seq_len=args.max_seq, device=device, dtype=dtype)
         plain, t_plain, _ = timed(engine, groups, None, args, stop, device)
         n_tok = sum(len(t) for t in plain)

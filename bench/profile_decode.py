@@ -153,9 +153,9 @@ def one(name, model, bsz, backend, compile_, multi_k, new=128):
     return row
 
 
-def spec_rows(name, model, bsz, backend, new=48):
+def spec_rows(name, model, bsz, backend, new=48, dtype=None):
     """Replay time of one speculative step (whole-step graph) against the plain step, same engine."""
-    eng = Engine(model, max_batch_size=bsz, max_seq_len=32 + new + 80, attention=backend)
+    eng = Engine(model, max_batch_size=bsz, max_seq_len=32 + new + 80, attention=backend, dtype=dtype)
     prompts = torch.randint(3, model.config.vocab_size, (bsz, 32)).tolist()
     lm = eng.model.lm_head.weight
     drafters = {"plain": None}
@@ -173,7 +173,8 @@ def spec_rows(name, model, bsz, backend, new=48):
             eng.generate(prompts, max_new_tokens=new, stop_tokens=[], speculative=d)
             graphs = [v for key, v in eng._graphs.graphs.items() if key[0] == "step" and key[3] == id(d)]
             ms = events_ms(graphs[-1][0].replay, 100) if graphs else None
-            rows.append({"model": name, "batch": bsz, "backend": backend, "drafter": label, "step_ms": ms,
+            rows.append({"model": name, "batch": bsz, "backend": backend, "dtype": str(eng.dtype)[6:],
+                         "drafter": label, "step_ms": ms,
                          "tree_nodes": 1 if d is None else d.tree.num_nodes})
         except Exception as exc:  # noqa: BLE001 - keep the other rows
             rows.append({"model": name, "batch": bsz, "backend": backend, "drafter": label,
@@ -233,12 +234,13 @@ def main():
                     rows.append(r)
                     print(json.dumps(r), flush=True)
             if name.startswith("smollm2"):
-                spec += spec_rows(name, model, bsz, args.backends.split(",")[-1])
+                for dt in (None, torch.float32):
+                    spec += spec_rows(name, model, bsz, args.backends.split(",")[-1], dtype=dt)
         del model
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "profile_decode.json").write_text(json.dumps({"check": check, "plain": rows, "speculative": spec}, indent=2))
     for r in spec:
-        print(f"{r['model']:20} b{r['batch']} {r['drafter']:10} nodes {r.get('tree_nodes', '-')!s:>3} "
+        print(f"{r['model']:20} {r.get('dtype', '')} b{r['batch']} {r['drafter']:10} nodes {r.get('tree_nodes', '-')!s:>3} "
               f"step {r.get('step_ms') or float('nan'):.3f} ms {r.get('error', '')[:150]}")
     print(f"{'model':20} {'b':>2} {'backend':7} {'cmp':>3} {'gen':>6} {'replay':>7} {'call':>6} {'host':>6} {'eager':>6} "
           f"{'kern':>5} {'kms':>6} {'multi':>6} {'floor':>6}")

@@ -14,7 +14,10 @@ One decoding step, for every sequence b of the batch (all tensors, no host round
                   accepted drafts and `next`; `next` is the new root, hidden[node] the new hidden_last
 
 With greedy decoding and a stateless drafter (Medusa heads, or none) the whole step is captured in one CUDA
-graph. The host only looks at the `active` flags every `check_every` steps.
+graph. The host never waits for the step it just launched: each step's "any row active" flag is copied to
+pinned memory behind it, and the host reads the flag of the step `stop_lag` steps back (so at most `stop_lag`
+steps run after the last row stops, and the GPU never idles waiting for the host). The prefill is graphed too,
+its prompt length padded up to a multiple of `prefill_bucket` (one graph per batch size and bucket).
 
 Drafter interface (used by `MedusaHeads` and the MTP drafter in mtp.py):
 
@@ -134,8 +137,8 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
-                 dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", check_every: int = 8,
-                 fast: bool | None = None, compile: bool = False):
+                 dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", stop_lag: int = 1,
+                 fast: bool | None = None, compile: bool = False, prefill_bucket: int = 64):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
         check_choice("attention", attention, ("auto",) + BACKENDS)
@@ -166,7 +169,9 @@ class Engine:
         if prefix is not None:
             self.cache.seed_prefix(prefix)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
-        self.check_every = check_every
+        check_range("stop_lag", stop_lag, 0, integer=True)
+        check_range("prefill_bucket", prefill_bucket, 1, integer=True)
+        self.stop_lag, self.prefill_bucket = stop_lag, prefill_bucket
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphCache(use_graphs and self.device.type == "cuda", compile=compile)
         self._root_tree = tree_buffers([]).to(self.device)
@@ -207,17 +212,27 @@ class Engine:
         if int(lens.min()) < 1:
             raise ConfigError("every prompt needs at least one token")
         t = int(lens.max())
+        pre = self.cache.prefix_len
+        if self._graphs.enabled:  # pad to a bucket so that a few graphs serve every prompt length
+            t = min(-(-t // self.prefill_bucket) * self.prefill_bucket, self.cache.max_seq - pre)
         tokens = torch.zeros(bsz, t, dtype=torch.long)
         for i, p in enumerate(prompts):
             tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         tokens = tokens.to(self.device)
         lens = lens.to(self.device)
+        hidden, logits = self._graphs(("prefill", bsz, t, pre), self._prefill, tokens, lens)
+        if self._graphs.enabled:  # the graph's output buffers are reused by its next replay
+            hidden, logits = hidden.clone(), logits.clone()
+        return hidden, logits, tokens, lens
+
+    def _prefill(self, tokens, lens):
+        bsz, t = tokens.shape
         pre = self.cache.prefix_len
-        slots = pre + torch.arange(t, device=self.device)[None].expand(bsz, t)
-        mask = SlotMask(torch.full((bsz,), pre, dtype=torch.long, device=self.device))  # causal after the prefix
+        slots = pre + torch.arange(t, device=tokens.device)[None].expand(bsz, t)
+        mask = SlotMask(torch.full((bsz,), pre, dtype=torch.long, device=tokens.device))  # causal after the prefix
         hidden = self.model(tokens, slots, self.cache, slots, mask)  # positions = slots
-        last = hidden[torch.arange(bsz, device=self.device), lens - 1]
-        return hidden, self.model.lm_head(last), tokens, lens
+        last = hidden[torch.arange(bsz, device=tokens.device), lens - 1]
+        return hidden, self.model.lm_head(last)
 
     # ---------------------------------------------------------------- one step
     def _step(self, tree, drafter, rule, params, gen, root, hidden_last, lengths, active, n_out, n_steps,
@@ -359,6 +374,10 @@ class Engine:
         if stream:
             yield self._new_tokens(bsz, sent, stop, max_new_tokens, n_out)
         whole_graph = rule == "greedy" and (drafter is None or getattr(drafter, "stateless", False))
+        lag = self.stop_lag if self.device.type == "cuda" and not stream else 0
+        if lag:  # ring of (pinned flag, event): step i's "any active" lands in flags[i % (lag + 1)]
+            flags = torch.ones(lag + 1, dtype=torch.bool, pin_memory=True)
+            events = [torch.cuda.Event() for _ in range(lag + 1)]
         steps = 0
         while steps < max_new_tokens - 1:
             if whole_graph:
@@ -371,8 +390,17 @@ class Engine:
             steps += 1
             if stream:
                 yield self._new_tokens(bsz, sent, stop, max_new_tokens, state[4])
-            if (stream or steps % self.check_every == 0) and not bool(state[3].any()):
-                break
+            if not lag:
+                if not bool(state[3].any()):
+                    break
+                continue
+            flags[steps % (lag + 1)].copy_(state[3].any(), non_blocking=True)
+            events[steps % (lag + 1)].record()
+            if steps > lag:
+                back = (steps - lag) % (lag + 1)
+                events[back].synchronize()
+                if not bool(flags[back]):
+                    break
         final = self._collect(bsz, stop, max_new_tokens, state[4])
         if stats is not None:
             stats["steps"] = steps
