@@ -122,8 +122,14 @@ class _GraphCache:
 
 
 def _params_key(drafter):
-    """Addresses of a module drafter's parameters: a graph captured before `.to(...)` must not be replayed."""
-    if drafter is None or not hasattr(drafter, "parameters"):
+    """What a graph captured for `drafter` depends on beyond its identity: a module drafter's parameter
+    addresses (a graph captured before `.to(...)` must not be replayed), or a stateful drafter's
+    `graph_version` (bumped whenever it reallocates the buffers its graphs read)."""
+    if drafter is None:
+        return None
+    if hasattr(drafter, "graph_version"):
+        return ("version", drafter.graph_version)
+    if not hasattr(drafter, "parameters"):
         return None
     return tuple(p.data_ptr() for p in drafter.parameters())
 
@@ -376,13 +382,12 @@ class Engine:
         whole_graph = rule == "greedy" and (drafter is None or getattr(drafter, "stateless", False))
         lag = self.stop_lag if self.device.type == "cuda" and not stream else 0
         if lag:  # ring of (pinned flag, event): step i's "any active" lands in flags[i % (lag + 1)]
-            flags = torch.ones(lag + 1, dtype=torch.bool, pin_memory=True)
-            events = [torch.cuda.Event() for _ in range(lag + 1)]
+            flags, events = self._stop_ring(lag)
+        key = ("step", bsz, id(tree), id(drafter), _params_key(drafter))
+        fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
         steps = 0
         while steps < max_new_tokens - 1:
             if whole_graph:
-                key = ("step", bsz, id(tree), id(drafter), _params_key(drafter))
-                fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
                 state = self._graphs(key, fn, *state, max_new)
             else:
                 state = self._step(tree, drafter, rule, params, gen, *state, max_new,
@@ -408,6 +413,21 @@ class Engine:
             stats["tokens_per_step"] = float((state[4] - 1).sum()) / max(1.0, float(state[5].sum()))
         if not stream:
             yield final
+
+    def _stop_ring(self, lag: int):
+        """(pinned bool [lag + 1], lag + 1 CUDA events), allocated once per engine (pinned memory is slow
+        to allocate)."""
+        ring = getattr(self, "_ring", None)
+        if ring is None or len(ring[1]) != lag + 1:
+            ring = self._ring = (torch.ones(lag + 1, dtype=torch.bool, pin_memory=True),
+                                 [torch.cuda.Event() for _ in range(lag + 1)])
+        return ring
+
+    def graphed(self, key, fn, *args):
+        """Run fn(*args) through the engine's CUDA-graph cache (captured once per key, replayed after; a plain
+        call off the GPU). For drafters whose per-call work is graph-safe (static shapes per key, no host
+        reads); outputs are the graph's buffers, overwritten by its next replay."""
+        return self._graphs(key, fn, *args)
 
     def _stop_ids(self, stop_tokens) -> list[int]:
         if stop_tokens is None:

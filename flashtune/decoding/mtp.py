@@ -571,6 +571,7 @@ class MTPDrafter:
         # module 1's output at trunk position L - 1 with token t_L (the root): the next first draft's state
         self._pending = torch.zeros(engine.max_batch_size, a.dim, dtype=dt, device=dev)
         self._engine = engine
+        self.graph_version = getattr(self, "graph_version", 0) + 1  # graphs of older buffers are stale
 
     # ---- one pass of all modules over some positions -------------------------------------------------
     def _module(self, m: int, h, tokens, slots, mask):
@@ -613,8 +614,13 @@ class MTPDrafter:
         self.first = engine.cache.prefix_len
         if bsz > self.L.shape[0]:
             raise ConfigError(f"batch of {bsz} exceeds the engine's max_batch_size={self.L.shape[0]}")
-        self.L[:bsz].copy_(lengths + self.first)
         self._stats.zero_()
+        engine.graphed(("mtp-start", id(self), self.graph_version, bsz, t, self.first), self._start, hidden,
+                       tokens, lengths, root)
+
+    def _start(self, hidden, tokens, lengths, root):
+        bsz, t = tokens.shape
+        self.L[:bsz].copy_(lengths + self.first)
         depth = len(self.blocks)
         stream = torch.cat([tokens[:, 1:], tokens.new_zeros(bsz, depth)], dim=1)  # t_{i+1} at i (pad after)
         stream.scatter_(1, (lengths - 1)[:, None], root[:, None])
