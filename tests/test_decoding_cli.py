@@ -31,3 +31,29 @@ def test_heads_recipe_validation():
         HeadsRecipe(num_heads=0)
     r = HeadsRecipe(steps=5)
     assert HeadsRecipe.from_dict(r.to_dict()) == r
+
+
+def test_generate_rejects_a_bad_tree(capsys):
+    assert main(["generate", "--prompt", "Hi", "--tree", "big"]) == 2
+    assert "--tree" in capsys.readouterr().err
+
+
+def test_tree_choice_from_saved_accuracies(tmp_path):
+    import json
+
+    import pytest
+
+    from flashtune.cli.generate import _choose_tree
+    from flashtune.decoding import Engine, MedusaHeads
+    from flashtune.errors import ConfigError
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    heads = MedusaHeads.for_model(model.lm_head.weight, num_heads=2, topk=2)
+    engine = Engine(model, max_batch_size=1, max_seq_len=96)
+    with pytest.raises(ConfigError, match="head_accuracy.json"):
+        _choose_tree(heads, engine, tmp_path, "auto", 1)
+    (tmp_path / "head_accuracy.json").write_text(json.dumps([[0.9, 0.05], [0.7, 0.1]]))
+    assert _choose_tree(heads, engine, tmp_path, "3", 1).tree.num_nodes == 4
+    chosen = _choose_tree(heads, engine, tmp_path, "auto", 1)
+    assert chosen is None or chosen.tree.num_nodes - 1 in (3, 6)  # 2 heads x top-2 fill at most 6 nodes

@@ -33,6 +33,10 @@ def register(subparsers) -> None:
     p.add_argument("--speculative", choices=["none", "medusa", "mtp"], default="none")
     p.add_argument("--heads", help="folder with Medusa heads or MTP modules (from train-heads)")
     p.add_argument("--draft-tokens", type=int, default=3, help="tokens drafted per step (--speculative mtp)")
+    p.add_argument("--tree", default="saved",
+                   help="Medusa tree: 'saved' (the heads' own), 'auto' (time trees of 3-63 nodes built from the "
+                        "heads' head_accuracy.json on this machine and keep the fastest, or plain decoding if "
+                        "no tree pays), or a node count N (built from head_accuracy.json)")
     p.add_argument("--acceptance", choices=["lossless", "typical"], default="lossless",
                    help="speculative sampling rule: lossless (exact) or typical (Medusa's, lossy)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (first prompt only shown)")
@@ -52,6 +56,8 @@ def main(args: argparse.Namespace) -> int:
     if args.speculative in ("medusa", "mtp") and not args.heads:
         raise ConfigError(f"--speculative {args.speculative} needs --heads DIR (train them with "
                           f"`flashtune train-heads --method {args.speculative}`)")
+    if args.tree not in ("saved", "auto") and not (args.tree.isdigit() and int(args.tree) >= 1):
+        raise ConfigError(f"--tree {args.tree!r} is not allowed; use saved, auto or a node count like 15")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tok = load_base_model(args.model or None, dtype=dtype)
@@ -79,8 +85,12 @@ def main(args: argparse.Namespace) -> int:
         heads = MTPDrafter(MTPModules.load(args.heads, model), k=args.draft_tokens)
     longest = max(len(p) for p in prompts)
     tree_nodes = heads.tree.num_nodes if heads is not None else 1
+    if args.speculative == "medusa" and args.tree != "saved":
+        tree_nodes = 64
     engine = Engine(model, tok, max_batch_size=len(prompts), device=device,
                     max_seq_len=longest + args.max_new_tokens + tree_nodes + 8)
+    if args.speculative == "medusa" and args.tree != "saved":
+        heads = _choose_tree(heads, engine, args.heads, args.tree, len(prompts))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
               top_p=args.top_p, seed=args.seed, stop_tokens=stop_token_ids(tok), speculative=heads,
               acceptance=args.acceptance)
@@ -107,3 +117,29 @@ def main(args: argparse.Namespace) -> int:
     extra = f", {per_step:.2f} tokens/step over {steps} steps" if per_step is not None else ""
     print(f"[{n} tokens in {dt:.2f} s: {n / dt:.1f} tokens/s{extra}]", file=sys.stderr)
     return 0
+
+
+def _choose_tree(heads, engine, heads_dir, tree: str, batch_size: int):
+    """--tree auto | N for Medusa heads: a tree built from the saved head accuracies (None: decode plain)."""
+    import json
+    from pathlib import Path
+
+    from flashtune.decoding.tree import build_tree
+    from flashtune.decoding.tree_tune import tune_tree
+
+    path = Path(heads_dir) / "head_accuracy.json"
+    if not path.is_file():
+        raise ConfigError(f"--tree {tree} needs {path} (written by `flashtune train-heads --method medusa`); "
+                          "pass --tree saved to use the heads' own tree")
+    acc = json.loads(path.read_text())
+    if tree != "auto":
+        heads.set_tree(build_tree(acc, int(tree), topk=heads.config.topk))
+        return heads
+    report = tune_tree(heads, engine, acc, batch_size=batch_size)
+    rows = ", ".join(f"{r['nodes']}: {r['tokens_per_s']:.0f}" for r in report["rows"])
+    if report["nodes"] == 0:
+        print(f"[--tree auto: plain decoding is fastest here (expected tokens/s by tree nodes: {rows}); "
+              "decoding without the heads]", file=sys.stderr)
+        return None
+    print(f"[--tree auto: {report['nodes']} nodes (expected tokens/s by tree nodes: {rows})]", file=sys.stderr)
+    return heads
