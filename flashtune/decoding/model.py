@@ -202,8 +202,8 @@ class Block(nn.Module):
             if self.fusable:
                 x, delta = self.forward_fused(x, None, rope, cache, layer, slots, mask, qkv=qkv)
                 return x + delta
-            y = self._triton_attention(qkv, rope, cache, layer, slots, mask, scale)
-            return self._mlp(x, y, fast, triton_act=True)
+            y = self._triton_attention(qkv, rope, cache, layer, slots, mask, scale)  # GPT-2: kernels for attention
+            return self._mlp(x, y, fast)
         qk = qkv[:, :, : nq + nkv]
         if rope is not None:  # q and k rotated together: [B, T, Hq + Hkv, D]
             cos, sin = rope  # [B, T, 1, D]
@@ -257,7 +257,7 @@ class Block(nn.Module):
             y = attend(q.transpose(1, 2), k, v, mask, scale, "sdpa").transpose(1, 2)
         return y.reshape(bsz * t, a.n_heads * a.head_dim)
 
-    def _mlp(self, x, y, fast: bool, triton_act: bool = False):
+    def _mlp(self, x, y, fast: bool):
         """x [B, T, d] the block's input, y [B*T, Hq*D] the attention output -> the block's output."""
         a = self.a
         bsz, t, dim = x.shape
@@ -266,11 +266,7 @@ class Block(nn.Module):
         else:
             x = x + self.wo(y).view(bsz, t, dim)
         h = self.w_in(self.norm2(x))
-        if triton_act and a.arch == "llama" and a.act in ("silu", "swish"):
-            from flashtune.decoding.kernels import silu_mul
-
-            h = silu_mul(h.view(bsz * t, -1))
-        elif a.arch == "llama":
+        if a.arch == "llama":
             gate, up = h.chunk(2, dim=-1)
             h = self.act(gate) * up
         else:
