@@ -70,6 +70,8 @@ def prepare_mask(mask, backend: str, t: int, seq: int, n_kv_heads: int, group: i
         if backend == "triton":
             tree = None if mask.tree is None else mask.tree.to(torch.uint8)
             return SlotMask(mask.start, tree, mask.lo)
+        if mask.start.device.type == "cpu":  # no graph to keep static: attend over the live slots only
+            seq = min(seq, int(mask.start.max()) + t)
         mask = mask.dense(t, seq)
     if backend == "matmul":
         return attention_bias(mask, n_kv_heads, group, dtype)
