@@ -85,8 +85,10 @@ def main(args: argparse.Namespace) -> int:
         heads = MTPDrafter(MTPModules.load(args.heads, model), k=args.draft_tokens)
     longest = max(len(p) for p in prompts)
     tree_nodes = heads.tree.num_nodes if heads is not None else 1
-    if args.speculative == "medusa" and args.tree != "saved":
-        tree_nodes = 64
+    if args.speculative == "medusa" and args.tree != "saved":  # room for the largest tree tried or asked for
+        from flashtune.decoding.tree_tune import SIZES
+
+        tree_nodes = 1 + (max(SIZES) if args.tree == "auto" else int(args.tree))
     engine = Engine(model, tok, max_batch_size=len(prompts), device=device,
                     max_seq_len=longest + args.max_new_tokens + tree_nodes + 8)
     if args.speculative == "medusa" and args.tree != "saved":

@@ -178,6 +178,7 @@ class Engine:
         check_range("stop_lag", stop_lag, 0, integer=True)
         check_range("prefill_bucket", prefill_bucket, 1, integer=True)
         self.stop_lag, self.prefill_bucket = stop_lag, prefill_bucket
+        self._ring = None  # (pinned flags, CUDA events) for the lagged stop check, made on first use
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs = _GraphCache(use_graphs and self.device.type == "cuda", compile=compile)
         self._root_tree = tree_buffers([]).to(self.device)
@@ -210,7 +211,15 @@ class Engine:
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]):
         """Write the prompts' K/V. Returns (hidden [B, T, d], logits_last [B, V], tokens [B, T], lengths [B])
-        with lengths = prompt lengths (the cache lengths are prefix + lengths)."""
+        with lengths = prompt lengths (the cache lengths are prefix + lengths); T is padded to the prefill
+        bucket on CUDA."""
+        hidden, logits, tokens, lens = self._prefill_prompts(prompts)
+        if self._graphs.enabled:  # the graph's output buffers are reused by its next replay
+            hidden, logits = hidden.clone(), logits.clone()
+        return hidden, logits, tokens, lens
+
+    def _prefill_prompts(self, prompts):
+        """`prefill` without the copy of the graph's outputs (generation consumes them at once)."""
         bsz = len(prompts)
         if bsz > self.max_batch_size:
             raise ConfigError(f"batch of {bsz} prompts exceeds max_batch_size={self.max_batch_size}; raise it")
@@ -227,8 +236,6 @@ class Engine:
         tokens = tokens.to(self.device)
         lens = lens.to(self.device)
         hidden, logits = self._graphs(("prefill", bsz, t, pre), self._prefill, tokens, lens)
-        if self._graphs.enabled:  # the graph's output buffers are reused by its next replay
-            hidden, logits = hidden.clone(), logits.clone()
         return hidden, logits, tokens, lens
 
     def _prefill(self, tokens, lens):
@@ -362,7 +369,7 @@ class Engine:
             gen.manual_seed(seed if seed is not None else torch.seed())
         rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
 
-        hidden, logits, tokens, lens = self.prefill(prompts)
+        hidden, logits, tokens, lens = self._prefill_prompts(prompts)
         lengths = lens + self.cache.prefix_len
         ar = torch.arange(bsz, device=self.device)
         first = torch.argmax(logits, -1) if params.is_greedy else torch.multinomial(
@@ -417,11 +424,10 @@ class Engine:
     def _stop_ring(self, lag: int):
         """(pinned bool [lag + 1], lag + 1 CUDA events), allocated once per engine (pinned memory is slow
         to allocate)."""
-        ring = getattr(self, "_ring", None)
-        if ring is None or len(ring[1]) != lag + 1:
-            ring = self._ring = (torch.ones(lag + 1, dtype=torch.bool, pin_memory=True),
-                                 [torch.cuda.Event() for _ in range(lag + 1)])
-        return ring
+        if self._ring is None:
+            self._ring = (torch.ones(lag + 1, dtype=torch.bool, pin_memory=True),
+                          [torch.cuda.Event() for _ in range(lag + 1)])
+        return self._ring
 
     def graphed(self, key, fn, *args):
         """Run fn(*args) through the engine's CUDA-graph cache (captured once per key, replayed after; a plain

@@ -195,15 +195,15 @@ class Block(nn.Module):
         self.fusable = a.arch == "llama" and a.act in ("silu", "swish")  # forward_fused applies
 
     def forward(self, x, rope, cache: KVCache, layer: int, slots, mask, backend, fast: bool = False):
+        if backend == "triton" and self.fusable:
+            x, delta = self.forward_fused(x, None, rope, cache, layer, slots, mask)
+            return x + delta
         a = self.a
         bsz, t, dim = x.shape
         nq, nkv = a.n_heads, a.n_kv_heads
         qkv = self.wqkv(self.norm1(x)).view(bsz, t, nq + 2 * nkv, a.head_dim)  # [B, T, Hq + 2 Hkv, D]
         scale = 1.0 if fast else a.head_dim ** -0.5  # the fast path has the scale folded into W_q
         if backend == "triton":
-            if self.fusable:
-                x, delta = self.forward_fused(x, None, rope, cache, layer, slots, mask, qkv=qkv)
-                return x + delta
             y = self._triton_attention(qkv, rope, cache, layer, slots, mask, scale)  # GPT-2: kernels for attention
             return self._mlp(x, y, fast)
         qk = qkv[:, :, : nq + nkv]
@@ -222,7 +222,7 @@ class Block(nn.Module):
         y = y.transpose(1, 2).reshape(bsz * t, nq * a.head_dim)
         return self._mlp(x, y, fast)
 
-    def forward_fused(self, x, delta, rope, cache: KVCache, layer: int, slots, mask, qkv=None):
+    def forward_fused(self, x, delta, rope, cache: KVCache, layer: int, slots, mask):
         """Llama-family block on the Triton path, the residual stream carried as x + delta (delta: the last
         sub-layer's output, not yet added; None at the first block): each add is fused into the norm that
         follows it (kernels.add_rms_norm). Returns (x, delta) for the next block or the final norm. Nine launches
@@ -231,13 +231,11 @@ class Block(nn.Module):
 
         a = self.a
         bsz, t, dim = x.shape
-        if qkv is None:
-            if delta is None:
-                h = self.norm1(x)
-            else:
-                x, h = add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm1.weight,
-                                    self.norm1.eps)
-            qkv = self.wqkv(h).view(bsz, t, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
+        if delta is None:
+            h = self.norm1(x)
+        else:
+            x, h = add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm1.weight, self.norm1.eps)
+        qkv = self.wqkv(h).view(bsz, t, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
         y = self._triton_attention(qkv, rope, cache, layer, slots, mask, 1.0)  # scale folded into W_q
         x, h = add_rms_norm(x.reshape(bsz * t, dim), self.wo(y), self.norm2.weight, self.norm2.eps)
         delta = self.w_out(silu_mul(self.w_in(h)))
