@@ -212,13 +212,156 @@ def check_backends(cfg):
     return res
 
 
+def call_profile(name, model, bsz=1, new=36, backend="triton"):
+    """Where the time of whole `generate` calls goes (36 new tokens, the length of an E2E answer): wall time,
+    GPU busy time (union of kernel intervals), the gap before the first kernel and after the last, and the
+    kernels per step by name, for plain decoding, a 31-node Medusa tree and a depth-2 MTP chain of k = 3."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = Engine(model, max_batch_size=bsz, max_seq_len=32 + new + 80, attention=backend)
+    prompts = torch.randint(3, model.config.vocab_size, (bsz, 32)).tolist()
+    lm = eng.model.lm_head.weight
+    heads = MedusaHeads.for_model(lm.float(), num_heads=4, topk=10).to(torch.bfloat16)
+    heads.set_tree([list(p) for p in default_tree(4, 10).paths[:30]])
+    drafters = {"plain": None, "medusa-31": heads, "mtp-d2-k3": MTPDrafter(MTPModules.build(model, depth=2), k=3)}
+    rows = []
+    for label, d in drafters.items():
+        for _ in range(2):
+            eng.generate(prompts, max_new_tokens=new, stop_tokens=[], speculative=d)
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            out = eng.generate(prompts, max_new_tokens=new, stop_tokens=[], speculative=d)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - t0) * 1e3 / 10
+        eng.stop_lag = 0  # the same calls with the host reading every step's stop flag before the next step
+        t0 = time.perf_counter()
+        for _ in range(10):
+            eng.generate(prompts, max_new_tokens=new, stop_tokens=[], speculative=d)
+        torch.cuda.synchronize()
+        wall_lag0 = (time.perf_counter() - t0) * 1e3 / 10
+        eng.stop_lag = 1
+        with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            t0 = time.perf_counter()
+            eng.generate(prompts, max_new_tokens=new, stop_tokens=[], speculative=d)
+            torch.cuda.synchronize()
+            t1 = time.perf_counter()
+        ev = prof.events()
+        kern = sorted((e for e in ev if str(e.device_type).endswith("CUDA")), key=lambda e: e.time_range.start)
+        cpu = [e for e in ev if not str(e.device_type).endswith("CUDA")]
+        c0 = min(e.time_range.start for e in cpu)
+        c1 = max(e.time_range.end for e in cpu)
+        busy, end = 0.0, None
+        for e in kern:
+            s_, e_ = e.time_range.start, e.time_range.end
+            if end is None or s_ > end:
+                busy += e_ - s_
+                end = e_
+            elif e_ > end:
+                busy += e_ - end
+                end = e_
+        steps = out.steps
+        by = {}
+        for e in kern:
+            n, t = by.get(e.name, (0, 0.0))
+            by[e.name] = (n + 1, t + e.device_time / 1e3)
+        top = sorted(by.items(), key=lambda kv: -kv[1][1])[:25]
+        rows.append({"model": name, "batch": bsz, "drafter": label, "wall_ms": wall, "wall_ms_lag0": wall_lag0,
+                     "steps": steps,
+                     "profiled_ms": (t1 - t0) * 1e3, "cpu_span_ms": (c1 - c0) / 1e3,
+                     "gpu_busy_ms": busy / 1e3, "gpu_span_ms": (kern[-1].time_range.end - kern[0].time_range.start) / 1e3,
+                     "first_kernel_ms": (kern[0].time_range.start - c0) / 1e3,
+                     "after_last_kernel_ms": (c1 - kern[-1].time_range.end) / 1e3,
+                     "kernels": len(kern), "kernels_per_step": len(kern) / max(steps, 1),
+                     "top": [{"name": k[:90], "per_step": n / max(steps, 1), "ms_total": t} for k, (n, t) in top]})
+        r = rows[-1]
+        print(f"{label:10} wall {wall:.2f} ms (stop_lag 0: {wall_lag0:.2f}) steps {steps} busy {r['gpu_busy_ms']:.2f} span {r['gpu_span_ms']:.2f} "
+              f"first {r['first_kernel_ms']:.2f} tail {r['after_last_kernel_ms']:.2f} kernels/step {r['kernels_per_step']:.0f}",
+              flush=True)
+        for t in r["top"]:
+            print(f"    {t['ms_total']:.3f} ms  x{t['per_step']:.1f}/step  {t['name']}")
+    del eng
+    torch.cuda.empty_cache()
+    return rows
+
+
+def graph_us(fn, calls=50, reps=20):
+    """GPU time of one fn() inside a CUDA graph of `calls` back-to-back calls (launch gaps as in a step), µs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return events_ms(g.replay, reps) * 1e3 / calls
+
+
+@torch.inference_mode()
+def kernel_sweep():
+    """slot_attention's block shapes on decoding-sized problems: µs per call inside a graph, per config, and
+    the largest difference from the default config's output (the configs must agree)."""
+    from flashtune.decoding.kernels import slot_attention
+
+    tree31 = default_tree(4, 10)
+    tree31 = tree_buffers_of(tree31, 31)
+    rows = []
+    for shape, hq, hkv, d in (("smollm2", 9, 3, 64), ("llama-1.1b", 32, 4, 128)):
+        for bsz in (1, 8):
+            for t, tree in ((1, None), (4, None), (31, tree31), (64, None)):
+                for ctx in (70, 600):
+                    q = torch.randn(bsz, t, hq, d, device="cuda", dtype=torch.bfloat16)
+                    kc = torch.randn(bsz, hkv, ctx + t + 64, d, device="cuda", dtype=torch.bfloat16)
+                    vc = torch.randn_like(kc)
+                    start = torch.full((bsz,), ctx, dtype=torch.long, device="cuda")
+                    tr = None if tree is None else tree.cuda()
+                    ref = slot_attention(q, kc, vc, start, tr, 0, d ** -0.5).float()
+                    for bm in (16, 32, 64):
+                        for bn in (32, 64, 128):
+                            for w in (2, 4):
+                                f = lambda: slot_attention(q, kc, vc, start, tr, 0, d ** -0.5, bm, bn, w)  # noqa: E731
+                                err = float((f().float() - ref).abs().max())
+                                rows.append({"shape": shape, "batch": bsz, "t": t, "ctx": ctx, "block_m": bm,
+                                             "block_n": bn, "warps": w, "us": graph_us(f), "max_err": err})
+                    default = graph_us(lambda: slot_attention(q, kc, vc, start, tr, 0, d ** -0.5))
+                    best = min((r for r in rows if (r["shape"], r["batch"], r["t"], r["ctx"]) == (shape, bsz, t, ctx)),
+                               key=lambda r: r["us"])
+                    print(f"{shape:10} b{bsz} t{t:3} ctx{ctx:4}  default {default:6.2f} us   best {best['us']:6.2f} us "
+                          f"(bm {best['block_m']}, bn {best['block_n']}, w {best['warps']}) err {best['max_err']:.1e}",
+                          flush=True)
+                    rows.append({"shape": shape, "batch": bsz, "t": t, "ctx": ctx, "default_us": default})
+    return rows
+
+
+def tree_buffers_of(tree, nodes):
+    """The bool [n, n] mask of the first `nodes` nodes' tree (paths sorted by length: a prefix is a tree)."""
+    from flashtune.decoding.tree import tree_buffers
+
+    return tree_buffers([list(p) for p in tree.paths[: nodes - 1]]).mask.bool()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--multi-k", type=int, default=8)
     ap.add_argument("--backends", default="matmul,triton")
+    ap.add_argument("--calls", action="store_true", help="only the whole-call profiles (call_profile)")
+    ap.add_argument("--kernels", action="store_true", help="only the slot_attention block-shape sweep")
     args = ap.parse_args()
+    if args.kernels:
+        rows = kernel_sweep()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile_kernels.json").write_text(json.dumps(rows, indent=2))
+        return
+    if args.calls:
+        cfg = shapes()["smollm2-135m-shape"]
+        rows = call_profile("smollm2-135m-shape", build(cfg)) + call_profile("smollm2-135m-shape", build(cfg), bsz=8)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile_calls.json").write_text(json.dumps(rows, indent=2))
+        return
     rows, spec = [], []
     check = check_backends(shapes()["smollm2-135m-shape"])
     for name, cfg in shapes().items():

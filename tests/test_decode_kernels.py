@@ -5,7 +5,8 @@ GPU they run natively (`python3 -m pytest tests/test_decode_kernels.py` there)."
 import pytest
 import torch
 
-from flashtune.decoding.kernels import add_rms_norm, rope_cache, silu_mul, slot_attention
+from flashtune.decoding.cache import KVCache
+from flashtune.decoding.kernels import add_rms_norm, rms_norm_pair, rope_cache, silu_mul, slot_attention
 from flashtune.decoding.model import SlotMask, attend
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -63,6 +64,36 @@ def test_slot_attention_reads_no_slot_outside_the_mask():
     torch.testing.assert_close(slot_attention(*_on(q, kp, vp, start, tree), lo=2), out)
 
 
+@pytest.mark.parametrize("t,tree,stride,block_m,block_n", [
+    (1, False, 2, None, 64),  # an MTP module of depth 2 drafting past its first cycle
+    (1, False, 3, 16, 32),    # depth 3, smaller key blocks
+    (3, True, 2, 32, 64),     # the same hole pattern under a tree of new tokens
+])
+def test_slot_attention_with_a_gap_sees_every_strideth_slot_only(t, tree, stride, block_m, block_n):
+    """SlotMask.gap: the committed slots in [gap, start) are seen every `stride`-th one. Against the float64
+    dense reference, and with every hidden slot poisoned (NaN) to prove none is read."""
+    gen = torch.Generator().manual_seed(11 + stride)
+    bsz, hq, hkv, d, seq = 3, 4, 2, 16, 96
+    q = torch.randn(bsz, t, hq, d, generator=gen)
+    kc, vc = torch.randn(2, bsz, hkv, seq, d, generator=gen)
+    gap = torch.tensor([20, 41, 65])
+    start = gap - 1 + torch.tensor([2, 1, 3]) * stride  # n + c * D with n = gap - 1
+    mask = SlotMask(start, _tree_mask(t, gen) if tree else None, 1, gap=gap, stride=stride)
+    dense = mask.dense(t, seq)
+    for b in range(bsz):  # the pattern itself: [1, gap) and gap - 1 + stride * c (c >= 1) before start
+        seen = dense[b, 0].nonzero()[:, 0].tolist()
+        assert seen == list(range(1, int(gap[b]))) + list(range(int(gap[b]) - 1 + stride, int(start[b]) + 1, stride))
+    kw = dict(lo=1, scale=d ** -0.5, block_m=block_m, block_n=block_n, gap=_on(gap)[0], stride=stride)
+    out = slot_attention(*_on(q, kc, vc, start, mask.tree), **kw).cpu()
+    ref = attend(q.double().transpose(1, 2), kc.double(), vc.double(), dense, d ** -0.5, "sdpa")
+    torch.testing.assert_close(out.double(), ref.transpose(1, 2), atol=2e-5, rtol=2e-5)
+    hidden = ~dense.any(1)
+    kp, vp = kc.clone(), vc.clone()
+    kp.permute(0, 2, 1, 3)[hidden] = float("nan")
+    vp.permute(0, 2, 1, 3)[hidden] = float("nan")
+    torch.testing.assert_close(slot_attention(*_on(q, kp, vp, start, mask.tree), **kw).cpu(), out)
+
+
 @pytest.mark.parametrize("rope", [True, False])
 def test_rope_cache_rotates_and_writes_only_the_given_slots(rope):
     gen = torch.Generator().manual_seed(3)
@@ -104,3 +135,37 @@ def test_add_rms_norm():
     s, h = (t.cpu() for t in add_rms_norm(*_on(x, y, w), 1e-5))
     torch.testing.assert_close(s, x + y)
     torch.testing.assert_close(h, torch.nn.functional.rms_norm(x + y, (300,), w, 1e-5))
+
+
+def test_compact_cache_kernel_moves_the_accepted_path_like_the_gather_scatter():
+    """KVCache.compact through the kernel (fused) against the PyTorch gather-then-scatter, with overlapping
+    source and destination slots (path [0, 2, 3]: slot L+2 is both read and written)."""
+    gen = torch.Generator().manual_seed(5)
+    caches = [KVCache(3, 4, 2, 24, 16, torch.float32, DEV) for _ in range(2)]
+    k, v = torch.randn(2, 3, 4, 2, 24, 16, generator=gen)
+    for c in caches:
+        c.k.copy_(k.to(DEV))
+        c.v.copy_(v.to(DEV))
+    lengths = torch.tensor([5, 9, 2])  # rows 0..2 of a 4-row cache
+    path = torch.tensor([[0, 2, 3], [0, 1, 4], [0, 3, 7]])
+    src = (lengths[:, None] + path).to(DEV)
+    dst = (lengths[:, None] + torch.arange(3)[None]).to(DEV)
+    caches[1].fused = True
+    for c in caches:
+        c.compact(src, dst)
+    assert torch.equal(caches[0].k, caches[1].k) and torch.equal(caches[0].v, caches[1].v)
+    assert torch.equal(caches[1].k[:, 0, :, 6].cpu(), k[:, 0, :, 7])  # slot L+2 -> L+1 in row 0
+    assert not torch.equal(caches[0].k.cpu(), k)  # something moved
+
+
+def test_rms_norm_pair_matches_two_norms_and_a_concatenation():
+    gen = torch.Generator().manual_seed(9)
+    e, h = torch.randn(2, 5, 48, generator=gen) * 3
+    we, wh = torch.randn(2, 48, generator=gen)
+    out = rms_norm_pair(*_on(e, h, we, wh), 1e-5, 1e-6).cpu()
+
+    def ref(x, w, eps):
+        x = x.double()
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
+
+    torch.testing.assert_close(out.double(), torch.cat([ref(e, we, 1e-5), ref(h, wh, 1e-6)], -1), atol=1e-5, rtol=1e-5)

@@ -18,6 +18,7 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.prefix_len = 0
         self._heads = torch.arange(n_kv_heads, device=device)
+        self.fused = False  # the engine sets it on its Triton path: `compact` in one kernel (kernels.py)
 
     @property
     def max_seq(self) -> int:
@@ -45,6 +46,11 @@ class KVCache:
 
     def compact(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Move slots src [B, M] to dst [B, M] in every layer (gathered first, so overlaps are safe)."""
+        if self.fused:
+            from flashtune.decoding.kernels import compact_cache
+
+            compact_cache(self.k, self.v, src, dst)
+            return
         b = torch.arange(src.shape[0], device=src.device)[:, None]
         for t in (self.k, self.v):
             moved = t[:, b, :, src]  # [B, M, n_layers, H, D]

@@ -23,6 +23,7 @@ CPU default, the arithmetic of transformers).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -41,14 +42,18 @@ class SlotMask:
     """The visibility of T new tokens written at slots start_b + i (i < T) of row b.
 
     Token i sees the committed slots [lo, start_b) and the new slots start_b + j with j <= i (tree None:
-    causal) or tree[i, j] (bool [T, T], ancestors only, so j <= i). Decoding steps, tree verification, prefill
-    and the MTP modules' passes all have this shape; `dense` gives the bool [B, T, S] mask the other backends
-    take.
+    causal) or tree[i, j] (bool [T, T], ancestors only, so j <= i). With `gap` [B], the committed slots in
+    [gap_b, start_b) are seen only every `stride`-th one, (slot - gap_b + 1) % stride == 0 (an MTP module of
+    depth D drafting past its first cycle sees its own earlier drafts, D slots apart, and not the stale slots
+    between them). Decoding steps, tree verification, prefill and the MTP modules' passes all have this shape;
+    `dense` gives the bool [B, T, S] mask the other backends take.
     """
 
     start: torch.Tensor  # long [B]
     tree: torch.Tensor | None = None  # bool or uint8 [T, T]
     lo: int = 0
+    gap: torch.Tensor | None = None  # long [B]
+    stride: int = 1
 
     def dense(self, t: int, seq: int) -> torch.Tensor:
         keys = torch.arange(seq, device=self.start.device)
@@ -60,7 +65,11 @@ class SlotMask:
             in_new = (rel >= 0) & (rel < t)
             cols = self.tree.bool()[:, rel.clamp(0, t - 1)].permute(1, 0, 2)  # [B, T, S]
             new = in_new[:, None, :] & cols
-        old = ((rel < 0) & (keys[None, :] >= self.lo))[:, None, :]
+        old = (rel < 0) & (keys[None, :] >= self.lo)
+        if self.gap is not None:
+            after = keys[None, :] - self.gap[:, None] + 1  # [B, S]
+            old = old & ((after <= 0) | (after % self.stride == 0))
+        old = old[:, None, :]
         return old | new
 
 
@@ -69,7 +78,7 @@ def prepare_mask(mask, backend: str, t: int, seq: int, n_kv_heads: int, group: i
     if isinstance(mask, SlotMask):
         if backend == "triton":
             tree = None if mask.tree is None else mask.tree.to(torch.uint8)
-            return SlotMask(mask.start, tree, mask.lo)
+            return dataclasses.replace(mask, tree=tree)
         if mask.start.device.type == "cpu":  # no graph to keep static: attend over the live slots only
             seq = min(seq, int(mask.start.max()) + t)
         mask = mask.dense(t, seq)
@@ -251,8 +260,8 @@ class Block(nn.Module):
         kc, vc = cache.k[layer], cache.v[layer]
         q = rope_cache(qkv, cos, sin, slots, kc, vc, a.n_heads, a.n_kv_heads)  # [B, T, Hq, D]
         if isinstance(mask, SlotMask):
-            y = slot_attention(q, kc, vc, mask.start, mask.tree, mask.lo, scale)
-        else:  # a pattern SlotMask cannot express (MTP modules of depth > 1): SDPA with the bool mask
+            y = slot_attention(q, kc, vc, mask.start, mask.tree, mask.lo, scale, gap=mask.gap, stride=mask.stride)
+        else:  # a bool mask [B, T, S] (patterns SlotMask cannot express): SDPA over the static cache
             k, v = cache.view(layer, bsz, mask.shape[-1])
             y = attend(q.transpose(1, 2), k, v, mask, scale, "sdpa").transpose(1, 2)
         return y.reshape(bsz * t, a.n_heads * a.head_dim)
