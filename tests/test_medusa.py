@@ -167,3 +167,14 @@ def test_63_path_tree_with_batch():
     heads.set_tree(MC_SIM_7B_63)
     assert heads.tree.num_nodes == 64
     assert engine.generate(prompts, max_new_tokens=20, stop_tokens=[], speculative=heads).tokens == plain
+
+
+def test_drafting_logits_with_concatenated_blocks_equal_the_heads_forward():
+    """propose's one-matmul form of the K ResBlocks gives the same logits as running each head."""
+    torch.manual_seed(0)
+    heads = MedusaHeads(MedusaConfig(hidden_size=16, vocab_size=VOCAB, num_heads=3, topk=4))
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.normal_()
+    hidden = torch.randn(5, 16)
+    torch.testing.assert_close(heads._draft_logits(hidden), heads(hidden), atol=1e-5, rtol=1e-5)

@@ -149,3 +149,17 @@ def test_chain_greedy():
     accepted, nxt = verify.chain_greedy(logits, draft)
     assert accepted.tolist() == [3, 1, 0, 3]
     assert nxt.tolist() == [pred[0, 3], pred[1, 1], pred[2, 0], pred[3, 3]]
+
+
+def test_chain_greedy_equals_greedy_tree_on_a_chain_tree():
+    """The engine's chain shortcut (is_chain: chain_greedy, no compaction) against the general tree rule."""
+    tree = tree_buffers([[0], [0, 0], [0, 0, 0], [0, 0, 0, 0]])
+    assert tree.is_chain and tree.retrieve.tolist() == [[0, 1, 2, 3, 4]]
+    g = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 3, (200, 5), generator=g)
+    logits = torch.randn(200, 5, 3, generator=g)  # 3-token vocabulary: every acceptance length occurs
+    acc = verify.greedy_tree(logits, tokens, tree)
+    a, nxt = verify.chain_greedy(logits, tokens[:, 1:])
+    assert torch.equal(a, acc.accepted) and torch.equal(a, acc.node) and torch.equal(nxt, acc.next)
+    assert set(a.tolist()) == {0, 1, 2, 3, 4}
+    assert not tree_buffers([[0], [1]]).is_chain

@@ -172,6 +172,7 @@ class Engine:
             raise ConfigError(f"max_seq_len={max_seq_len} exceeds GPT-2's {a.max_positions} positions; lower it")
         self.cache = KVCache(a.n_layers, max_batch_size, a.n_kv_heads, max_seq_len, a.head_dim, self.dtype,
                              self.device)
+        self.cache.fused = self.model.backend == "triton"
         if prefix is not None:
             self.cache.seed_prefix(prefix)
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
@@ -259,6 +260,9 @@ class Engine:
         if rule == "greedy" and tree.num_nodes == 1:  # plain decoding: the argmax is all there is
             zero = torch.zeros_like(root)
             acc = verify.Acceptance(zero, zero, zero, torch.argmax(logits[:, 0], dim=-1))
+        elif rule == "greedy" and tree.is_chain:
+            a, nxt = verify.chain_greedy(logits, tree_tokens[:, 1:])
+            acc = verify.Acceptance(torch.zeros_like(a), a, a, nxt)  # node a of the chain
         elif rule == "greedy":
             acc = verify.greedy_tree(logits, tree_tokens, tree)
         elif rule == "typical":
@@ -275,7 +279,8 @@ class Engine:
         ar = torch.arange(bsz, device=root.device)
         path = tree.retrieve[acc.best]  # [B, D+1] node indices, root first
         d1 = path.shape[1]
-        if d1 > 1:  # KV compaction: the accepted path's K/V to [L, L + D + 1) (entries past a are garbage)
+        if d1 > 1 and not tree.is_chain:  # KV compaction: the accepted path's K/V to [L, L + D + 1) (a chain's
+            # path is there already; entries past a are garbage)
             steps = torch.arange(d1, device=root.device)[None]
             self.cache.compact(lengths[:, None] + path, lengths[:, None] + steps)
         if drafter is not None:

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -130,10 +131,21 @@ class MedusaHeads(nn.Module):
 
     def propose(self, hidden, root):
         """hidden [B, d], root [B] -> tree tokens [B, N]: node tokens from [root, head-1 top-k, ...]."""
-        logits = self(hidden.to(self.heads[0].out.weight.dtype))  # [B, K, V]
+        logits = self._draft_logits(hidden.to(self.heads[0].out.weight.dtype))  # [B, K, V]
         top = torch.topk(logits, self.tree.topk, dim=-1).indices  # [B, K, topk]
         flat = torch.cat([root[:, None], top.flatten(1)], dim=1)  # [B, 1 + K*topk]
         return flat[:, self.tree.tree_indices], None
+
+    def _draft_logits(self, hidden):
+        """`forward` for drafting: with one ResBlock per head, the K blocks run as one [d -> K*d] matmul (weights
+        concatenated on every call, so they are never stale), then each head's output layer."""
+        if self.config.num_layers != 1:
+            return self(hidden)
+        lin = [h.blocks[0].linear for h in self.heads]
+        bsz, d = hidden.shape
+        y = F.linear(hidden, torch.cat([m.weight for m in lin]), torch.cat([m.bias for m in lin]))  # [B, K*d]
+        x = hidden[:, None] + F.silu(y.view(bsz, len(lin), d))  # [B, K, d]
+        return torch.stack([h.out(x[:, i]) for i, h in enumerate(self.heads)], dim=1)
 
     def accept(self, hidden, tree_tokens, acc, path) -> None:
         pass

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashtune.decoding.model import SlotMask, prepare_mask
+from flashtune.decoding.model import RMSNorm, SlotMask, prepare_mask
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
@@ -488,8 +488,6 @@ def _compact_block(hf_block: nn.Module, engine) -> nn.Module:
 def _engine_norm(norm: nn.Module, engine) -> nn.Module:
     """An RMSNorm as the engine's own class (one fused kernel on CUDA), a LayerNorm as is; on the engine's
     device and dtype."""
-    from flashtune.decoding.model import RMSNorm
-
     if isinstance(norm, nn.LayerNorm):
         out = copy.deepcopy(norm)
     else:
@@ -563,11 +561,10 @@ class MTPDrafter:
 
         self.cache = KVCache(len(layers), engine.max_batch_size, a.n_kv_heads, self.slots, a.head_dim, dt, dev)
         self.L = torch.zeros(engine.max_batch_size, dtype=torch.long, device=dev)  # = the engine's lengths
-        self._keys = torch.arange(self.slots, device=dev)  # slot index of every cache column
         self.first = 0  # slots [0, first) hold a prefix-tuning prefix in the engine; the modules skip them
         self.gen = torch.Generator(device=dev)
         self.gen.manual_seed(self.seed)
-        self._stats = torch.zeros(3, dtype=torch.float64, device=dev)  # row steps, first accepted, accepted
+        self._stats = torch.zeros(3, dtype=torch.long, device=dev)  # row steps, first accepted, accepted
         # module 1's output at trunk position L - 1 with token t_L (the root): the next first draft's state
         self._pending = torch.zeros(engine.max_batch_size, a.dim, dtype=dt, device=dev)
         self._engine = engine
@@ -578,7 +575,16 @@ class MTPDrafter:
         """Module m on h [B, q, d] and next tokens [B, q] at cache slots [B, q] -> output [B, q, d]."""
         model = self._engine.model
         e = model.embed(tokens)
-        x = self.eh_proj[m](torch.cat([self.enorm[m](e), self.hnorm[m](h)], dim=-1))  # [B, q, 2d] -> [B, q, d]
+        en, hn = self.enorm[m], self.hnorm[m]
+        if model.backend == "triton" and isinstance(en, RMSNorm) and isinstance(hn, RMSNorm):
+            from flashtune.decoding.kernels import rms_norm_pair
+
+            d = e.shape[-1]
+            cat = rms_norm_pair(e.reshape(-1, d), h.reshape(-1, d), en.weight, hn.weight, en.eps, hn.eps)
+            cat = cat.view(*e.shape[:-1], 2 * d)
+        else:
+            cat = torch.cat([en(e), hn(h)], dim=-1)
+        x = self.eh_proj[m](cat)  # [B, q, 2d] -> [B, q, d]
         rope = model.rope(slots, x.dtype)
         a = model.args
         mask = prepare_mask(mask, model.backend, slots.shape[1], self.slots, a.n_kv_heads,
@@ -635,7 +641,6 @@ class MTPDrafter:
         bsz = root.shape[0]
         depth = len(self.blocks)
         n = self.L[:bsz] - 1  # [B]: the trunk position whose state we hold
-        keys = self._keys[None, :]
         h, tok = hidden.to(self._engine.dtype)[:, None], root
         nodes, qs = [root[:, None]], []
         for j in range(self.k):
@@ -645,10 +650,9 @@ class MTPDrafter:
                 out = self._pending[:bsz, None]
             elif depth == 1 or j < depth:  # first cycle (slot = n): the committed slots and its own
                 out = self._module(m, h, tok[:, None], slot, self._causal(slot))
-            else:  # committed slots, plus the slots this module wrote earlier in this step (stale ones skipped)
-                rel = keys - n[:, None]  # [B, S]
-                mask = ((keys >= self.first) & (rel <= 0)) | ((rel > 0) & (rel % depth == 0) & (keys <= slot))
-                out = self._module(m, h, tok[:, None], slot, mask[:, None, :])
+            else:  # committed slots [first, n], plus this module's drafts of this step, D slots apart (n + D, ...)
+                mask = SlotMask(slot[:, 0], None, self.first, gap=n + 1, stride=depth)
+                out = self._module(m, h, tok[:, None], slot, mask)
             logits = self._engine.model.lm_head(self.head_norm[m](out))[:, 0]  # [B, V]
             if self.temperature is not None:
                 q = torch.softmax(logits.float() / self.temperature, dim=-1)
@@ -658,7 +662,9 @@ class MTPDrafter:
                 if self.trace is not None and j == 0:
                     self.trace.append({"q": q.clone(), "draft": tok.clone()})
             else:
-                top = torch.topk(logits, self.width, dim=-1).indices  # [B, c]
+                # [B, c]; argmax for a chain (one reduction instead of a radix top-k's five kernels)
+                top = torch.argmax(logits, -1, keepdim=True) if self.width == 1 else torch.topk(
+                    logits, self.width, dim=-1).indices
                 tok = top[:, 0]
                 nodes.append(top)
                 if self.trace is not None and j == 0:
@@ -671,7 +677,7 @@ class MTPDrafter:
         bsz, d1 = path.shape
         L = self.L[:bsz]
         a = acc.accepted
-        self._stats += torch.stack([torch.ones_like(a).sum(), (a > 0).sum(), a.sum()]).to(torch.float64)
+        self._stats += torch.stack([torch.ones_like(a), a.clamp(max=1), a]).sum(1)  # rows, first accepted, accepted
         if self.trace is not None:
             self.trace[-1]["accepted"] = a.clone()
         path_tokens = tree_tokens.gather(1, path)  # [B, D+1]: root, then the path's drafts

@@ -60,6 +60,11 @@ class TreeBuffers:
         return self.retrieve.shape[1] - 1
 
     @property
+    def is_chain(self) -> bool:
+        """One path: node i + 1 is the child of node i (an MTP chain draft)."""
+        return self.num_leaves == 1 and self.num_nodes > 1
+
+    @property
     def num_leaves(self) -> int:
         return self.retrieve.shape[0]
 

@@ -53,7 +53,10 @@ def _paths(tree_tokens: torch.Tensor, tree: TreeBuffers):
 def _choose(match: torch.Tensor, tree: TreeBuffers, score: torch.Tensor | None = None):
     """match bool [B, n_leaves, D] -> (best, accepted, node). Longest accepted prefix; first row on ties
     (or the largest `score` [B, n_leaves] among the longest)."""
-    acc = torch.cumprod(match.to(torch.int64), dim=-1).sum(-1)  # [B, n_leaves]
+    d = match.shape[-1]
+    steps = torch.arange(d, device=match.device)
+    # [B, n_leaves]: index of the first mismatch, or D (one elementwise kernel + one reduction, not a scan)
+    acc = torch.where(match, d, steps).amin(-1) if d else match.new_zeros(match.shape[:-1], dtype=torch.long)
     if score is None:
         best = torch.argmax(acc, dim=-1)
     else:
@@ -163,7 +166,10 @@ def chain_speculative(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | No
 
 
 def chain_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy chain verification: logits [B, k+1, V], draft [B, k] -> (accepted [B], next [B])."""
+    """Greedy chain verification: logits [B, k+1, V], draft [B, k] -> (accepted [B], next [B]). `greedy_tree`
+    for a chain in five kernels: no paths to gather, and the accepted nodes are already the first a + 1."""
     pred = torch.argmax(logits, dim=-1)  # [B, k+1]
-    accepted = torch.cumprod((pred[:, :-1] == draft).to(torch.int64), dim=-1).sum(-1)
+    k = draft.shape[1]
+    # index of the first rejected draft, or k (an elementwise kernel and a reduction, not a scan)
+    accepted = torch.where(pred[:, :-1] == draft, k, torch.arange(k, device=draft.device)).amin(-1)
     return accepted, pred.gather(1, accepted[:, None])[:, 0]
