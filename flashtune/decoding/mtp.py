@@ -653,7 +653,8 @@ class MTPDrafter:
             else:  # committed slots [first, n], plus this module's drafts of this step, D slots apart (n + D, ...)
                 mask = SlotMask(slot[:, 0], None, self.first, gap=n + 1, stride=depth)
                 out = self._module(m, h, tok[:, None], slot, mask)
-            logits = self._engine.model.lm_head(self.head_norm[m](out))[:, 0]  # [B, V]
+            normed = self.head_norm[m](out)
+            logits = self._engine.model.lm_head(normed)[:, 0]  # [B, V]
             if self.temperature is not None:
                 q = torch.softmax(logits.float() / self.temperature, dim=-1)
                 tok = torch.multinomial(q, 1, generator=self.gen)[:, 0]
@@ -669,7 +670,7 @@ class MTPDrafter:
                 nodes.append(top)
                 if self.trace is not None and j == 0:
                     self.trace.append({"logits": logits.float().clone()})
-            h = self._recycle(m, out)
+            h = normed if self.mtp.config.recycle == "post_norm" else out  # `_recycle`, the norm computed once
         return torch.cat(nodes, dim=1), (torch.stack(qs, dim=1) if qs else None)
 
     def accept(self, hidden, tree_tokens, acc, path) -> None:
