@@ -342,6 +342,44 @@ def tree_buffers_of(tree, nodes):
     return tree_buffers([list(p) for p in tree.paths[: nodes - 1]]).mask.bool()
 
 
+@torch.inference_mode()
+def invariant_check(new=128):
+    """Batch-invariant kernels (Engine(invariant=True)) against cuBLAS + slot-order attention (False): plain
+    decoding tokens/s (both shapes, batch 1 and 8) and the replay time of speculative steps (SmolLM2 shape,
+    random heads / module), same run."""
+    rows = []
+    for name, cfg in shapes().items():
+        model = build(cfg)
+        for bsz in (1, 8):
+            prompts = torch.randint(3, cfg.vocab_size, (bsz, 32)).tolist()
+            for inv in (False, True):
+                eng = Engine(model, max_batch_size=bsz, max_seq_len=32 + new + 80, invariant=inv)
+                eng.generate(prompts, max_new_tokens=new, stop_tokens=[])
+                torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    eng.generate(prompts, max_new_tokens=new, stop_tokens=[])
+                torch.cuda.synchronize()
+                row = {"model": name, "batch": bsz, "invariant": inv,
+                       "tok_s": 3 * bsz * new / (time.perf_counter() - t0)}
+                if name.startswith("smollm2") and bsz == 1:
+                    heads = MedusaHeads.for_model(eng.model.lm_head.weight.float(), num_heads=4, topk=10)
+                    heads = heads.to(torch.bfloat16)
+                    heads.set_tree([list(p) for p in default_tree(4, 10).paths[:30]])
+                    for label, d in (("medusa-31", heads), ("mtp-d2-k3", MTPDrafter(MTPModules.build(model, depth=2), k=3))):
+                        eng.generate(prompts, max_new_tokens=48, stop_tokens=[], speculative=d)
+                        graphs = [v for key, v in eng._graphs.graphs.items() if key[0] == "step" and key[3] == id(d)]
+                        row[f"{label}_step_ms"] = events_ms(graphs[-1][0].replay, 100)
+                    key = next(k for k in eng._graphs.graphs if k[0] == "step" and k[3] == id(None))
+                    row["plain_step_ms"] = events_ms(eng._graphs.graphs[key][0].replay, 100)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+                del eng
+        del model
+        torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -350,7 +388,13 @@ def main():
     ap.add_argument("--backends", default="matmul,triton")
     ap.add_argument("--calls", action="store_true", help="only the whole-call profiles (call_profile)")
     ap.add_argument("--kernels", action="store_true", help="only the slot_attention block-shape sweep")
+    ap.add_argument("--invariant", action="store_true", help="only the invariant-kernels check (invariant_check)")
     args = ap.parse_args()
+    if args.invariant:
+        rows = invariant_check()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile_invariant.json").write_text(json.dumps(rows, indent=2))
+        return
     if args.kernels:
         rows = kernel_sweep()
         Path(args.out).mkdir(parents=True, exist_ok=True)

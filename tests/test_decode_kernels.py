@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.kernels import add_rms_norm, rms_norm_pair, rope_cache, silu_mul, slot_attention
+from flashtune.decoding.kernels import (add_rms_norm, linear_fixed, rms_norm_pair, rope_cache, silu_mul, slot_attention,
+                                       slot_attention_logical)
 from flashtune.decoding.model import SlotMask, attend
+from flashtune.decoding.tree import tree_buffers
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -169,3 +171,60 @@ def test_rms_norm_pair_matches_two_norms_and_a_concatenation():
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w.double()
 
     torch.testing.assert_close(out.double(), torch.cat([ref(e, we, 1e-5), ref(h, wh, 1e-6)], -1), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_linear_fixed_matches_float64_and_each_row_ignores_the_others(dtype):
+    """linear_fixed against a float64 matmul, and (on the GPU) row invariance: a row's output is bit for bit
+    the same alone (a one-token step) and inside 37 rows (a tree pass), at any place in the batch."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(37, 200, generator=gen)
+    w = torch.randn(150, 200, generator=gen) / 14
+    bias = torch.randn(150, generator=gen)
+    xd, wd, bd = (t.to(DEV, dtype) for t in (x, w, bias))
+    out = linear_fixed(xd, wd, bd)
+    ref = xd.double() @ wd.double().t() + bd.double()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    if DEV == "cpu":
+        return  # the interpreter's dot products are numpy's, whose rounding may depend on the tile's other rows
+    for i in (0, 5, 36):
+        assert torch.equal(linear_fixed(xd[i: i + 1], wd, bd)[0], out[i])
+    assert torch.equal(linear_fixed(xd[3:11], wd, bd), out[3:11])
+
+
+def _logical_case(gen, dtype):
+    """A 9-node tree after 70 committed slots (row 0) and 41 (row 1): caches, q, and the tree."""
+    tree = tree_buffers([[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]])
+    bsz, hq, hkv, d, seq = 2, 6, 2, 32, 160
+    q = torch.randn(bsz, tree.num_nodes, hq, d, generator=gen).to(dtype)
+    kc, vc = (torch.randn(2, bsz, hkv, seq, d, generator=gen)).to(dtype)
+    start = torch.tensor([70, 41])
+    return tree, q, kc, vc, start
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.gpu)])
+def test_slot_attention_logical_equals_the_tree_mask_and_a_one_token_step_bit_for_bit(dtype):
+    """slot_attention_logical: (1) the tree-mask attention's values (float64 dense reference); (2) each node's
+    output bit for bit equal to a one-token step at its position over a cache where its ancestors' K/V sit at
+    consecutive slots (what plain decoding would have written)."""
+    gen = torch.Generator().manual_seed(4)
+    tree, q, kc, vc, start = _logical_case(gen, dtype)
+    d = q.shape[-1]
+    anc, depth = tree.ancestors, tree.depth
+    out = slot_attention_logical(*_on(q, kc, vc, start, anc, depth), lo=1, scale=d ** -0.5).cpu()
+    dense = SlotMask(start, tree.mask, 1).dense(tree.num_nodes, kc.shape[2])
+    ref = attend(q.double().transpose(1, 2), kc.double(), vc.double(), dense, d ** -0.5, "sdpa").transpose(1, 2)
+    tol = 2e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol)
+    root = tree_buffers([])
+    for node in range(tree.num_nodes):
+        dep = int(tree.depth[node])
+        kp, vp = kc.clone(), vc.clone()
+        for b in range(2):  # the node's ancestors moved to consecutive slots, as plain decoding writes them
+            src = start[b] + anc[node, : dep + 1]
+            kp[b, :, start[b]: start[b] + dep + 1] = kc[b, :, src]
+            vp[b, :, start[b]: start[b] + dep + 1] = vc[b, :, src]
+        one = slot_attention_logical(*_on(q[:, node: node + 1], kp, vp, start + dep, root.ancestors, root.depth),
+                                     lo=1, scale=d ** -0.5).cpu()
+        assert torch.equal(one[:, 0], out[:, node]), node

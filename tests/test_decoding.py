@@ -4,7 +4,7 @@ import pytest
 import torch
 from tiny import DECODER_ARCHS, VOCAB, ragged_prompts, tiny_model
 
-from flashtune.decoding import Engine
+from flashtune.decoding import Engine, MedusaHeads
 from flashtune.decoding.sampling import SamplingParams, probs
 from flashtune.decoding.tree import MC_SIM_7B_63, tree_buffers
 from flashtune.errors import ConfigError
@@ -181,14 +181,16 @@ def test_default_model_short_greedy_run():
     assert out.texts is not None and len(out.texts) == 2
 
 
-@pytest.mark.parametrize("backend", ["matmul", "triton"])
+@pytest.mark.parametrize("backend,invariant", [("matmul", False), ("triton", False), ("triton", None)])
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_cuda_fast_path_arithmetic_on_cpu(arch, backend):
+def test_cuda_fast_path_arithmetic_on_cpu(arch, backend, invariant):
     """The CUDA paths (scale folded into W_q, fused RMSNorm, addmm residuals; attention as grouped matmuls with
-    an additive bias, or the fused Triton kernels run by Triton's interpreter) compute the same function:
-    checked here on the CPU against HF, logits and greedy tokens, and a tree pass against sequential ones."""
+    an additive bias, or the fused Triton kernels run by Triton's interpreter, batch-invariant or not) compute
+    the same function: checked here on the CPU against HF, logits and greedy tokens, and a tree pass against
+    sequential ones."""
     model = tiny_model(arch)
-    engine = Engine(model, max_batch_size=3, max_seq_len=96, attention=backend, fast=True)
+    engine = Engine(model, max_batch_size=3, max_seq_len=96, attention=backend, fast=True, invariant=invariant)
+    assert engine.invariant == (backend == "triton" and arch == "llama" and invariant is None)
     prompts = ragged_prompts()
     _, logits, _, _ = engine.prefill(prompts)
     for b, p in enumerate(prompts):
@@ -204,3 +206,43 @@ def test_cuda_fast_path_arithmetic_on_cpu(arch, backend):
     nodes = tree.retrieve[7, : tree.valid_len[7]]
     ref = model(torch.tensor([prompts[0] + tokens[0, nodes].tolist()])).logits[0, len(prompts[0]):]
     torch.testing.assert_close(tree_logits[0, nodes], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_invariant_mode_needs_the_triton_path():
+    with pytest.raises(ConfigError, match="invariant=True needs the Triton backend"):
+        Engine(tiny_model("llama"), max_batch_size=1, max_seq_len=32, attention="sdpa", invariant=True)
+
+
+@pytest.mark.gpu
+def test_bf16_speculative_greedy_is_token_identical_with_invariant_kernels():
+    """On the GPU in bf16, where a tree pass and a one-token step round differently unless the kernels are
+    batch-invariant: Medusa (63-node tree) and MTP (depth 2, k = 3) greedy output equals plain greedy token for
+    token, and a prompt decodes the same alone as in a batch of 8. A random model's logits are full of
+    near-ties, so a non-invariant path fails this (shown by the count of differing sequences without it)."""
+    import transformers as tf
+
+    from flashtune.decoding.mtp import MTPDrafter, MTPModules
+
+    cfg = tf.LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)
+    torch.manual_seed(0)
+    model = tf.LlamaForCausalLM(cfg).to("cuda", torch.bfloat16).eval()
+    prompts = torch.randint(3, 512, (8, 20), generator=torch.Generator().manual_seed(1)).tolist()
+    prompts = [p[: 8 + 2 * i] for i, p in enumerate(prompts)]
+    differ = {}
+    for invariant in (True, False):
+        engine = Engine(model, max_batch_size=8, max_seq_len=256, invariant=invariant)
+        plain = engine.generate(prompts, max_new_tokens=64, stop_tokens=[]).tokens
+        heads = MedusaHeads.for_model(engine.model.lm_head.weight.float(), num_heads=4, topk=10)
+        with torch.no_grad():
+            for h in heads.heads:
+                h.blocks[0].linear.weight.normal_(0, 0.02)
+        heads = heads.to(torch.bfloat16)
+        medusa = engine.generate(prompts, max_new_tokens=64, stop_tokens=[], speculative=heads).tokens
+        mtp = engine.generate(prompts, max_new_tokens=64, stop_tokens=[],
+                              speculative=MTPDrafter(MTPModules.build(model, depth=2), k=3)).tokens
+        single = [engine.generate([p], max_new_tokens=64, stop_tokens=[]).tokens[0] for p in prompts]
+        differ[invariant] = sum(a != b for outs in (medusa, mtp, single) for a, b in zip(outs, plain))
+        if invariant:
+            assert medusa == plain and mtp == plain and single == plain
+    print("sequences differing from plain greedy without invariant kernels:", differ[False])

@@ -47,13 +47,14 @@ def test_greedy_with_mtp_drafts_is_token_identical(arch):
     assert out.tokens == fast.generate(ps, max_new_tokens=20, stop_tokens=[]).tokens
 
 
-@pytest.mark.parametrize("depth", [1, 2])
-def test_mtp_drafts_through_the_triton_kernels(depth):
+@pytest.mark.parametrize("depth,invariant", [(1, None), (2, None), (2, False)])
+def test_mtp_drafts_through_the_triton_kernels(depth, invariant):
     """The CUDA default backend (fused Triton kernels, here in Triton's interpreter): depth 1 runs every module
-    pass through the kernels' slot masks, depth 2 also the dense-mask fallback of its stacked drafts."""
+    pass through the kernels' slot masks, depth 2 also the strided mask (SlotMask.gap) of the drafts past the
+    module's first cycle; verification batch-invariant (the default) or not."""
     model = tiny_model("llama", initializer_range=0.1)
     ps = ragged_prompts()[:2]
-    engine = Engine(model, max_batch_size=2, max_seq_len=64, attention="triton")
+    engine = Engine(model, max_batch_size=2, max_seq_len=64, attention="triton", invariant=invariant)
     plain = engine.generate(ps, max_new_tokens=10, stop_tokens=[]).tokens
     assert plain[0] == hf_greedy(model, ps[0], 10)
     mtp = MTPModules.build(model, depth=depth)

@@ -140,11 +140,19 @@ class Engine:
     model: the HF model (LoRA adapters are merged into the engine's copy; an active prefix adapter's keys and
     values are seeded into the cache). The engine keeps its own compact copy of the weights (model.py), in
     `dtype` (default: the model's) on `device` (default: CUDA when available).
+
+    invariant (default: on wherever it can be, i.e. the Triton backend with a Llama-family model): decoding
+    steps and tree verification run batch-invariant kernels (kernels.linear_fixed, slot_attention_logical), so
+    a node of a speculative tree gets bit for bit the logits a one-token step gives its position: speculative
+    greedy output is token-identical to plain greedy in bf16 too, and a sequence decodes the same at any batch
+    size. False: cuBLAS matmuls (faster on large matrices; bf16 speculative output may then leave plain greedy
+    at near-ties). The CPU backends (sdpa, matmul) are not invariant; in fp32 they agree anyway.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
                  dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", stop_lag: int = 1,
-                 fast: bool | None = None, compile: bool = False, prefill_bucket: int = 64):
+                 fast: bool | None = None, compile: bool = False, prefill_bucket: int = 64,
+                 invariant: bool | None = None):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
         check_choice("attention", attention, ("auto",) + BACKENDS)
@@ -165,6 +173,11 @@ class Engine:
             fast = True
         if self.device.type == "cuda" if fast is None else fast:
             self.model.enable_fast()
+        can = self.model.backend == "triton" and self.model.layers[0].fusable
+        if invariant and not can:
+            raise ConfigError("invariant=True needs the Triton backend (attention='triton', the CUDA default) and a "
+                              "Llama-family model; pass invariant=False")
+        self.invariant = can if invariant is None else bool(invariant)
         self.model.build_rope_table(max_seq_len, self.dtype)
         self.tokenizer = tokenizer
         a = self.model.args
@@ -205,9 +218,12 @@ class Engine:
         bsz, n = tokens.shape
         slots = lengths[:, None] + torch.arange(n, device=tokens.device)[None]  # [B, N]
         positions = lengths[:, None] + tree.depth[None]
-        mask = SlotMask(lengths, tree.mask if n > 1 else None)
-        hidden = self.model(tokens, positions, self.cache, slots, mask)
-        return hidden, self.model.lm_head(hidden)
+        if self.invariant:  # every node's logits bit for bit those of a one-token step at its position
+            mask = SlotMask(lengths, tree.mask if n > 1 else None, ancestors=tree.ancestors, depth=tree.depth)
+        else:
+            mask = SlotMask(lengths, tree.mask if n > 1 else None)
+        hidden = self.model(tokens, positions, self.cache, slots, mask, invariant=self.invariant)
+        return hidden, self.model.logits(hidden, self.invariant)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]):

@@ -54,6 +54,10 @@ class SlotMask:
     lo: int = 0
     gap: torch.Tensor | None = None  # long [B]
     stride: int = 1
+    # Position-order attention (the Triton path's batch-invariant mode): tree.TreeBuffers.ancestors [T, D+1]
+    # and depth [T]; the visibility is the same as `tree`'s, only the order of the sum changes.
+    ancestors: torch.Tensor | None = None
+    depth: torch.Tensor | None = None
 
     def dense(self, t: int, seq: int) -> torch.Tensor:
         keys = torch.arange(seq, device=self.start.device)
@@ -231,12 +235,15 @@ class Block(nn.Module):
         y = y.transpose(1, 2).reshape(bsz * t, nq * a.head_dim)
         return self._mlp(x, y, fast)
 
-    def forward_fused(self, x, delta, rope, cache: KVCache, layer: int, slots, mask):
+    def forward_fused(self, x, delta, rope, cache: KVCache, layer: int, slots, mask, invariant: bool = False):
         """Llama-family block on the Triton path, the residual stream carried as x + delta (delta: the last
         sub-layer's output, not yet added; None at the first block): each add is fused into the norm that
         follows it (kernels.add_rms_norm). Returns (x, delta) for the next block or the final norm. Nine launches
-        per layer: add+norm, qkv, rotary+cache, attention, o, add+norm, gate/up, SwiGLU, down."""
-        from flashtune.decoding.kernels import add_rms_norm, silu_mul
+        per layer: add+norm, qkv, rotary+cache, attention, o, add+norm, gate/up, SwiGLU, down. `invariant`: the
+        four matmuls through kernels.linear_fixed (each row's result independent of the row count)."""
+        from flashtune.decoding.kernels import add_rms_norm, linear_fixed, silu_mul
+
+        lin = (lambda m, v: linear_fixed(v, m.weight, m.bias)) if invariant else (lambda m, v: m(v))  # noqa: E731
 
         a = self.a
         bsz, t, dim = x.shape
@@ -244,22 +251,24 @@ class Block(nn.Module):
             h = self.norm1(x)
         else:
             x, h = add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm1.weight, self.norm1.eps)
-        qkv = self.wqkv(h).view(bsz, t, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
+        qkv = lin(self.wqkv, h).view(bsz, t, a.n_heads + 2 * a.n_kv_heads, a.head_dim)
         y = self._triton_attention(qkv, rope, cache, layer, slots, mask, 1.0)  # scale folded into W_q
-        x, h = add_rms_norm(x.reshape(bsz * t, dim), self.wo(y), self.norm2.weight, self.norm2.eps)
-        delta = self.w_out(silu_mul(self.w_in(h)))
+        x, h = add_rms_norm(x.reshape(bsz * t, dim), lin(self.wo, y), self.norm2.weight, self.norm2.eps)
+        delta = lin(self.w_out, silu_mul(lin(self.w_in, h)))
         return x.view(bsz, t, dim), delta.view(bsz, t, dim)
 
     def _triton_attention(self, qkv, rope, cache: KVCache, layer: int, slots, mask, scale):
         """kernels.py: rotary + cache write in one launch, then attention over the live slots -> [B*T, Hq*D]."""
-        from flashtune.decoding.kernels import rope_cache, slot_attention
+        from flashtune.decoding.kernels import rope_cache, slot_attention, slot_attention_logical
 
         a = self.a
         bsz, t = qkv.shape[:2]
         cos, sin = rope if rope is not None else (None, None)
         kc, vc = cache.k[layer], cache.v[layer]
         q = rope_cache(qkv, cos, sin, slots, kc, vc, a.n_heads, a.n_kv_heads)  # [B, T, Hq, D]
-        if isinstance(mask, SlotMask):
+        if isinstance(mask, SlotMask) and mask.ancestors is not None:
+            y = slot_attention_logical(q, kc, vc, mask.start, mask.ancestors, mask.depth, mask.lo, scale)
+        elif isinstance(mask, SlotMask):
             y = slot_attention(q, kc, vc, mask.start, mask.tree, mask.lo, scale, gap=mask.gap, stride=mask.stride)
         else:  # a bool mask [B, T, S] (patterns SlotMask cannot express): SDPA over the static cache
             k, v = cache.view(layer, bsz, mask.shape[-1])
@@ -351,7 +360,9 @@ class DecoderModel(nn.Module):
         cos, sin = self._rope_values(pos, dtype)
         self._rope_table = (cos[0, :, 0], sin[0, :, 0])
 
-    def forward(self, tokens, positions, cache: KVCache, slots, mask):
+    def forward(self, tokens, positions, cache: KVCache, slots, mask, invariant: bool = False):
+        """invariant (Triton path, Llama family): batch-invariant matmuls (kernels.linear_fixed); pair it with
+        a position-order SlotMask (`ancestors`) for the whole pass to be invariant."""
         x = self.embed(tokens)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -364,13 +375,21 @@ class DecoderModel(nn.Module):
 
             delta = None
             for i, layer in enumerate(self.layers):
-                x, delta = layer.forward_fused(x, delta, rope, cache, i, slots, mask)
+                x, delta = layer.forward_fused(x, delta, rope, cache, i, slots, mask, invariant)
             bsz, t, dim = x.shape
             return add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm.weight,
                                 self.norm.eps)[1].view(bsz, t, dim)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache, i, slots, mask, self.backend, self.fast)
         return self.norm(x)
+
+    def logits(self, hidden, invariant: bool = False):
+        """The LM head; `invariant`: through kernels.linear_fixed (see `forward`)."""
+        if invariant:
+            from flashtune.decoding.kernels import linear_fixed
+
+            return linear_fixed(hidden, self.lm_head.weight, self.lm_head.bias)
+        return self.lm_head(hidden)
 
     @classmethod
     def from_hf(cls, hf_model, state_dict=None, device=None, dtype=None) -> "DecoderModel":

@@ -14,6 +14,8 @@ candidates are read from the same state, a node's token depends only on (depth, 
                                        the leaf (never read past valid_len)
     valid_len    long [n_leaves]  number of real nodes in each retrieve row (root included)
     parent       long [N]         parent node (the root is its own parent)
+    ancestors    long [N, D+1]    ancestors[i, k]: node i's ancestor at depth k (k <= depth[i]; i itself at
+                                  its depth; right-padded with i): the node's keys in position order
 
 `mc_sim_7b_63` is the default 63-path tree published with Medusa (64 nodes with the root, 42 leaves, depth 4).
 `build_tree(head_accuracy, n_nodes)` builds a tree for *your* model from measured per-head top-k accuracies:
@@ -50,6 +52,7 @@ class TreeBuffers:
     retrieve: torch.Tensor
     valid_len: torch.Tensor
     parent: torch.Tensor
+    ancestors: torch.Tensor
 
     @property
     def num_nodes(self) -> int:
@@ -111,9 +114,12 @@ def tree_buffers(paths, topk: int | None = None) -> TreeBuffers:
         parent[i] = node_of[t[:-1]]
         for k in range(len(t) + 1):
             mask[i, node_of[t[:k]]] = True
+    max_d = max((len(t) for t in norm), default=0)
+    ancestors = torch.zeros(n, max_d + 1, dtype=torch.long)
+    for t, i in node_of.items():
+        ancestors[i] = torch.tensor([node_of[t[:k]] for k in range(len(t) + 1)] + [i] * (max_d - len(t)))
     has_child = {t[:-1] for t in norm}
     leaves = [t for t in [()] + norm if t not in has_child]
-    max_d = max((len(t) for t in norm), default=0)
     retrieve = torch.zeros(len(leaves), max_d + 1, dtype=torch.long)
     valid_len = torch.zeros(len(leaves), dtype=torch.long)
     for r, t in enumerate(leaves):
@@ -121,7 +127,7 @@ def tree_buffers(paths, topk: int | None = None) -> TreeBuffers:
         row += [row[-1]] * (max_d + 1 - len(row))
         retrieve[r] = torch.tensor(row)
         valid_len[r] = len(t) + 1
-    return TreeBuffers(norm, topk, mask, depth, tree_indices, retrieve, valid_len, parent)
+    return TreeBuffers(norm, topk, mask, depth, tree_indices, retrieve, valid_len, parent, ancestors)
 
 
 def chain_paths(length: int) -> list[list[int]]:
