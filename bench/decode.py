@@ -196,6 +196,8 @@ def medusa_part(dev, smoke, cpu, out_dir, dtype):
     # fp32: "lossless" is checked token for token (asserted). bf16 (GPU): faster tree passes; a tree pass and
     # a one-token pass round differently, so near-ties may flip: the match is reported, not asserted.
     dtypes = [torch.float32] if dev.type != "cuda" else [torch.float32, torch.bfloat16]
+    if ENGINE_KW.get("invariant"):  # --invariant: bf16 with batch-invariant kernels, identity asserted there
+        dtypes = [torch.bfloat16]
     for dt in dtypes:
         for bsz in (1, 8):
             engine = Engine(model, tok, max_batch_size=bsz, max_seq_len=longest + new + 80, device=dev, dtype=dt,
@@ -222,7 +224,7 @@ def medusa_part(dev, smoke, cpu, out_dir, dtype):
                 heads.set_tree(build_tree(table, size, topk=heads.config.topk))
                 spec, sec, per_step = run(heads)
                 same = spec == plain
-                if not same and dt == torch.float32:
+                if not same and (dt == torch.float32 or ENGINE_KW.get("invariant")):
                     mismatches.append((bsz, size, prefix_match(spec, plain)))
                 n_spec = sum(len(t) for t in spec)
                 row = {**base, "tree_nodes": size, "tokens_per_step": per_step, "medusa_tok_s": n_spec / sec,
@@ -257,8 +259,15 @@ def main(argv=None):
     ap.add_argument("--big-on-cpu", action="store_true", help="also run the 1.1B shape on the CPU (slow)")
     ap.add_argument("--compile", action="store_true",
                     help="also time Engine(compile=True) at batch 1 (GPU; adds ~1-2 min of compilation)")
+    ap.add_argument("--invariant", action="store_true",
+                    help="Engine(invariant=True): batch-invariant kernels; Medusa in bf16 only, its identity to "
+                         "plain greedy asserted (write with --out, e.g. bench/results/decode-invariant.json)")
     args = ap.parse_args(argv)
     dev = torch.device("cpu" if args.smoke else args.device)
+    if args.invariant:
+        if dev.type != "cuda":
+            ap.error("--invariant runs the Triton kernels natively: it needs --device cuda")
+        ENGINE_KW["invariant"] = True
     if args.smoke:
         ENGINE_KW.update(fast=True, attention="matmul")
     cpu = dev.type == "cpu"

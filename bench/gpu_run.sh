@@ -2,10 +2,11 @@
 # Runs the GPU benchmarks on the lent H200, in stages that fit the device tool's limits (see bench/README.md).
 #   stage1: park the first half of the default model's GGUF outside the tree (carry .model/gguf.part00)
 #   stage2: join the second half (carry .model/gguf.part01 .whl .data), convert once, run decode + mtp benches
+#   stage2inv: the same join, then the GPU tests and the Medusa / MTP benches with Engine(invariant=True)
 #   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|stage3}
+stage=${1:?stage1|stage2|stage2inv|stage3}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -39,6 +40,13 @@ stage2)
   run profile 100 python3 bench/profile_decode.py --out bench/results
   mkdir -p "$OUT/bench_mtp" && cp -r runs/bench_mtp/lora_adapter runs/bench_mtp/mtp "$OUT/bench_mtp/" 2>/dev/null
   collect ;;
+stage2inv)  # like stage2, for the batch-invariant kernels: GPU tests, then Medusa and MTP with Engine(invariant=True)
+  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  run gpu-tests 120 python3 -m pytest -q -m gpu tests/test_decode_kernels.py tests/test_decoding.py -s
+  run decode-invariant 200 python3 bench/decode.py --device cuda --parts medusa --invariant --out bench/results/decode-invariant.json
+  run mtp-invariant 200 python3 bench/mtp.py --device cuda --budget 170 --depth 2 --invariant --out bench/results/mtp-invariant.json
+  cp bench/results/decode-invariant.json bench/results/mtp-invariant.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage3)
   run train 170 python3 bench/train.py --budget-s 110
   run e2e 260 python3 bench/e2e.py --device cuda --batch-size 48 --epochs 1.5 --warmup 10

@@ -240,6 +240,8 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds after which remaining decode rows are skipped (default: 200 on CUDA, where "
                          "bench/gpu_run.sh allows 240; none on the CPU)")
+    ap.add_argument("--invariant", action="store_true",
+                    help="decode with Engine(invariant=True) (batch-invariant kernels: bf16 output identical)")
     args = ap.parse_args()
     if args.smoke:
         args.device, args.steps, args.tune_steps, args.reps, args.max_new_tokens = "cpu", 10, 0, 1, 12
@@ -247,6 +249,8 @@ def main() -> int:
         if args.save_dir == str(ROOT / "runs" / "bench_mtp"):
             args.save_dir = tempfile.mkdtemp(prefix="mtp-smoke-")
     device = torch.device(args.device)
+    if args.invariant and device.type != "cuda":
+        ap.error("--invariant runs the Triton kernels natively: it needs --device cuda")
     if args.budget is None:
         args.budget = 200.0 if device.type == "cuda" else 0.0
     out_path = Path(args.out) if args.out else (
@@ -289,7 +293,8 @@ def main() -> int:
     args.max_seq = max(len(p) for p in eval_prompts) + args.max_new_tokens + 80
     for bsz in [int(b) for b in args.batches.split(",")]:
         groups = groups_for(eval_prompts, bsz, len(eval_prompts) // bsz)
-        engine = Engine(model, tok, max_batch_size=bsz, max_seq_len=args.max_seq, device=device, dtype=dtype)
+        engine = Engine(model, tok, max_batch_size=bsz, max_seq_len=args.max_seq, device=device, dtype=dtype,
+                        invariant=args.invariant)
         plain, t_plain, _ = timed(engine, groups, None, args, stop, device)
         n_tok = sum(len(t) for t in plain)
         result["rows"].append({"method": "plain", "batch": bsz, "seconds": t_plain, "tokens": n_tok,

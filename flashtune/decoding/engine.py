@@ -141,12 +141,14 @@ class Engine:
     values are seeded into the cache). The engine keeps its own compact copy of the weights (model.py), in
     `dtype` (default: the model's) on `device` (default: CUDA when available).
 
-    invariant (default: on wherever it can be, i.e. the Triton backend with a Llama-family model): decoding
-    steps and tree verification run batch-invariant kernels (kernels.linear_fixed, slot_attention_logical), so
-    a node of a speculative tree gets bit for bit the logits a one-token step gives its position: speculative
-    greedy output is token-identical to plain greedy in bf16 too, and a sequence decodes the same at any batch
-    size. False: cuBLAS matmuls (faster on large matrices; bf16 speculative output may then leave plain greedy
-    at near-ties). The CPU backends (sdpa, matmul) are not invariant; in fp32 they agree anyway.
+    invariant (the Triton backend with a Llama-family model only; default off): decoding steps and tree
+    verification run batch-invariant kernels (kernels.linear_fixed, slot_attention_logical), so a node of a
+    speculative tree gets bit for bit the logits a one-token step gives its position: speculative greedy output
+    is then token-identical to plain greedy in bf16 too (plain decoding with the same setting), and a sequence
+    decodes the same at any batch size. Off: cuBLAS matmuls, 1.3x (SmolLM2) to 1.8x (1.1B) faster plain steps
+    on the H200 (bench/results/profile_invariant-h200.json), and bf16 speculative output may leave plain greedy
+    at near-ties (the algorithm is exact; the rounding of a 31-row and a 1-row matmul is not). In fp32 both
+    agree token for token.
     """
 
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
@@ -173,11 +175,10 @@ class Engine:
             fast = True
         if self.device.type == "cuda" if fast is None else fast:
             self.model.enable_fast()
-        can = self.model.backend == "triton" and self.model.layers[0].fusable
-        if invariant and not can:
+        if invariant and not (self.model.backend == "triton" and self.model.layers[0].fusable):
             raise ConfigError("invariant=True needs the Triton backend (attention='triton', the CUDA default) and a "
                               "Llama-family model; pass invariant=False")
-        self.invariant = can if invariant is None else bool(invariant)
+        self.invariant = bool(invariant)
         self.model.build_rope_table(max_seq_len, self.dtype)
         self.tokenizer = tokenizer
         a = self.model.args
