@@ -13,6 +13,12 @@ def test_speculative_medusa_needs_heads(capsys):
     assert "--heads" in capsys.readouterr().err
 
 
+def test_generate_invariant_needs_a_gpu(capsys):
+    assert main(["generate", "--prompt", "Hi", "--invariant", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "--invariant" in err and "CUDA" in err and len(err.strip().splitlines()) == 1
+
+
 def test_train_heads_parser_defaults():
     args = build_parser().parse_args(["train-heads", "--out", "x"])
     assert (args.method, args.stage, args.num_heads, args.tree_nodes) == ("medusa", 1, 4, 63)

@@ -40,6 +40,9 @@ def register(subparsers) -> None:
     p.add_argument("--acceptance", choices=["lossless", "typical"], default="lossless",
                    help="speculative sampling rule: lossless (exact) or typical (Medusa's, lossy)")
     p.add_argument("--stream", action="store_true", help="print tokens as they come (first prompt only shown)")
+    p.add_argument("--invariant", action="store_true",
+                   help="batch-invariant kernels (CUDA, Llama family): bf16 output token-identical between plain "
+                        "and speculative decoding and at any batch size, for slower plain steps (docs/decoding.md)")
     p.add_argument("--device", default="", help="cpu | cuda (default: cuda when available)")
     p.add_argument("--dtype", default="", help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
     p.set_defaults(func=main)
@@ -59,6 +62,9 @@ def main(args: argparse.Namespace) -> int:
     if args.tree not in ("saved", "auto") and not (args.tree.isdigit() and int(args.tree) >= 1):
         raise ConfigError(f"--tree {args.tree!r} is not allowed; use saved, auto or a node count like 15")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.invariant and device.type != "cuda":
+        raise ConfigError("--invariant runs the engine's Triton kernels, which need a CUDA GPU; drop --invariant "
+                          "(on the CPU, fp32 plain and speculative output agree anyway)")
     dtype = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
     model, tok = load_base_model(args.model or None, dtype=dtype)
     if args.adapter:
@@ -90,7 +96,7 @@ def main(args: argparse.Namespace) -> int:
 
         tree_nodes = 1 + (max(SIZES) if args.tree == "auto" else int(args.tree))
     engine = Engine(model, tok, max_batch_size=len(prompts), device=device,
-                    max_seq_len=longest + args.max_new_tokens + tree_nodes + 8)
+                    max_seq_len=longest + args.max_new_tokens + tree_nodes + 8, invariant=args.invariant)
     if args.speculative == "medusa" and args.tree != "saved":
         heads = _choose_tree(heads, engine, args.heads, args.tree, len(prompts))
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
