@@ -380,6 +380,58 @@ def invariant_check(new=128):
     return rows
 
 
+@torch.inference_mode()
+def gemm_sweep():
+    """linear_fixed tile options against cuBLAS (F.linear) on the decoding GEMMs of both shapes, bf16, M = 1
+    and 8 rows: µs per call inside a graph. Informs a faster shape-only rule for the invariant mode."""
+    from flashtune.decoding.kernels import linear_fixed
+
+    shapes_nk = {"smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
+                 "llama-1.1b": [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]}
+    rows = []
+    for shape, nks in shapes_nk.items():
+        for n, k in nks:
+            # enough copies of the weight (> 200 MB) that each call reads its own from HBM, as a decoding step
+            # does: one matrix reused 50 times would sit in the 50 MB L2 and flatter every kernel
+            copies = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
+                      for _ in range(max(4, -(-200_000_000 // (2 * n * k))))]
+            w = copies[0]
+            turn = [0]
+
+            def cold(fn):
+                def call():
+                    turn[0] = (turn[0] + 1) % len(copies)
+                    return fn(copies[turn[0]])
+                return call
+
+            for m in (1, 8):
+                x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+                ref = torch.nn.functional.linear(x, w)
+                row = {"shape": shape, "n": n, "k": k, "m": m,
+                       "cublas_us": graph_us(cold(lambda wt: torch.nn.functional.linear(x, wt))),
+                       "default_us": graph_us(cold(lambda wt: linear_fixed(x, wt))), "configs": []}
+                for bn in (16, 32, 64):
+                    for bk in (64, 128, 256):
+                        for warps, stages in ((2, 3), (4, 3), (4, 4)):
+                            f = cold(lambda wt: linear_fixed(x, wt, None, bn, bk, warps, stages))  # noqa: B023
+                            try:
+                                err = float((linear_fixed(x, w, None, bn, bk, warps, stages).float()
+                                             - ref.float()).abs().max())
+                                row["configs"].append({"block_n": bn, "block_k": bk, "warps": warps,
+                                                       "stages": stages, "us": graph_us(f), "max_err": err})
+                            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory
+                                row["configs"].append({"block_n": bn, "block_k": bk, "warps": warps,
+                                                       "stages": stages, "error": str(exc)[:120]})
+                best = min((c for c in row["configs"] if "us" in c), key=lambda c: c["us"])
+                print(f"{shape:10} n{n:6} k{k:5} m{m}  cublas {row['cublas_us']:6.2f}  fixed {row['default_us']:6.2f}  "
+                      f"best {best['us']:6.2f} (bn {best['block_n']} bk {best['block_k']} w {best['warps']} "
+                      f"s {best['stages']}) err {best['max_err']:.1e}", flush=True)
+                rows.append(row)
+            del copies
+            torch.cuda.empty_cache()
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
@@ -389,7 +441,13 @@ def main():
     ap.add_argument("--calls", action="store_true", help="only the whole-call profiles (call_profile)")
     ap.add_argument("--kernels", action="store_true", help="only the slot_attention block-shape sweep")
     ap.add_argument("--invariant", action="store_true", help="only the invariant-kernels check (invariant_check)")
+    ap.add_argument("--gemm", action="store_true", help="only the linear_fixed tile sweep (gemm_sweep)")
     args = ap.parse_args()
+    if args.gemm:
+        rows = gemm_sweep()
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "profile_gemm.json").write_text(json.dumps(rows, indent=2))
+        return
     if args.invariant:
         rows = invariant_check()
         Path(args.out).mkdir(parents=True, exist_ok=True)

@@ -154,7 +154,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, max_batch_size: int = 8, max_seq_len: int = 2048, device=None,
                  dtype=None, cuda_graphs: bool | None = None, attention: str = "auto", stop_lag: int = 1,
                  fast: bool | None = None, compile: bool = False, prefill_bucket: int = 64,
-                 invariant: bool | None = None):
+                 invariant: bool = False):
         check_range("max_batch_size", max_batch_size, 1, integer=True)
         check_range("max_seq_len", max_seq_len, 2, integer=True)
         check_choice("attention", attention, ("auto",) + BACKENDS)

@@ -290,9 +290,11 @@ def rms_norm_pair(e, h, w_e, w_h, eps_e: float, eps_h: float):
     return out
 
 
-def _gemm_block_n(n: int) -> int:
-    """Output columns per program: a function of the weight's shape only (the invariance)."""
-    return 64 if n >= 64 * 132 else 32
+def _gemm_config(n: int, k: int) -> tuple[int, int, int, int]:
+    """(block_n, block_k, num_warps, num_stages) for a [N, K] weight: a function of the shape only (the
+    invariance). This is the rule the end-to-end benchmarks ran with; `bench/profile_decode.py --gemm` found a
+    faster one (bench/NOTES.md, "Fourth look"), not yet measured end to end."""
+    return (64 if n >= 64 * 132 else 32), 64, 4, 3
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -316,9 +318,11 @@ def _linear_fixed_kernel(X, W, BIAS, Y, M, N, K, stride_xm, stride_wn, stride_ym
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-def linear_fixed(x, weight, bias=None):
+def linear_fixed(x, weight, bias=None, block_n: int | None = None, block_k: int | None = None,
+                 num_warps: int | None = None, num_stages: int | None = None):
     """x [..., K] @ weight [N, K]^T (+ bias [N]) -> [..., N], fp32 accumulation, each row's result independent
-    of how many rows there are (fixed 16-row tiles, no split-K)."""
+    of how many rows there are (fixed 16-row tiles, no split-K). The tile options must depend on the weight's
+    shape only (None: the rule of `_gemm_config`); they exist for bench/profile_decode.py --gemm."""
     k = x.shape[-1]
     n = weight.shape[0]
     x2 = x.reshape(-1, k)
@@ -327,11 +331,13 @@ def linear_fixed(x, weight, bias=None):
     w = weight if weight.stride(-1) == 1 else weight.contiguous()
     m = x2.shape[0]
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    block_n = _gemm_block_n(n)
+    rule = _gemm_config(n, k)
+    block_n, block_k = block_n or rule[0], block_k or rule[1]
+    num_warps, num_stages = num_warps or rule[2], num_stages or rule[3]
     _linear_fixed_kernel[(triton.cdiv(n, block_n), triton.cdiv(m, 16))](
         x2, w, bias if bias is not None else w, y, m, n, k, x2.stride(0), w.stride(0), y.stride(0),
-        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=64,
-        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=4, num_stages=3)
+        HAS_BIAS=bias is not None, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        PRECISION="ieee" if x.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages)
     return y.view(*x.shape[:-1], n)
 
 

@@ -270,9 +270,8 @@ class Block(nn.Module):
             y = slot_attention_logical(q, kc, vc, mask.start, mask.ancestors, mask.depth, mask.lo, scale)
         elif isinstance(mask, SlotMask):
             y = slot_attention(q, kc, vc, mask.start, mask.tree, mask.lo, scale, gap=mask.gap, stride=mask.stride)
-        else:  # a bool mask [B, T, S] (patterns SlotMask cannot express): SDPA over the static cache
-            k, v = cache.view(layer, bsz, mask.shape[-1])
-            y = attend(q.transpose(1, 2), k, v, mask, scale, "sdpa").transpose(1, 2)
+        else:
+            raise FlashtuneError("the Triton attention path takes a SlotMask, not a dense mask; use attention='sdpa'")
         return y.reshape(bsz * t, a.n_heads * a.head_dim)
 
     def _mlp(self, x, y, fast: bool):
