@@ -30,8 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--speculative", choices=["none", "medusa", "mtp"], default="none")
-    p.add_argument("--heads", help="folder with Medusa heads or MTP modules (from train-heads)")
+    p.add_argument("--speculative", choices=["none", "medusa", "mtp", "parallel"], default="none")
+    p.add_argument("--heads", help="folder with Medusa heads, MTP modules or parallel heads (from train-heads)")
     p.add_argument("--draft-tokens", type=int, default=3, help="tokens drafted per step (--speculative mtp)")
     p.add_argument("--tree", default="saved",
                    help="Medusa tree: 'saved' (the heads' own), 'auto' (time trees of 3-63 nodes built from the "
@@ -56,7 +56,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not args.prompt and not args.mr:
         raise ConfigError("nothing to generate from; pass --prompt TEXT or --mr MR (repeatable)")
-    if args.speculative in ("medusa", "mtp") and not args.heads:
+    if args.speculative != "none" and not args.heads:
         raise ConfigError(f"--speculative {args.speculative} needs --heads DIR (train them with "
                           f"`flashtune train-heads --method {args.speculative}`)")
     if args.tree not in ("saved", "auto") and not (args.tree.isdigit() and int(args.tree) >= 1):
@@ -89,6 +89,10 @@ def main(args: argparse.Namespace) -> int:
         from flashtune.decoding.mtp import MTPDrafter, MTPModules
 
         heads = MTPDrafter(MTPModules.load(args.heads, model), k=args.draft_tokens)
+    elif args.speculative == "parallel":  # flashtune/decoding/parallel_heads.py: n_heads - 1 drafts a step
+        from flashtune.decoding.parallel_heads import ParallelDrafter, ParallelHeads
+
+        heads = ParallelDrafter(ParallelHeads.load(args.heads, model))
     longest = max(len(p) for p in prompts)
     tree_nodes = heads.tree.num_nodes if heads is not None else 1
     if args.speculative == "medusa" and args.tree != "saved":  # room for the largest tree tried or asked for

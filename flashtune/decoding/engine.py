@@ -19,10 +19,12 @@ pinned memory behind it, and the host reads the flag of the step `stop_lag` step
 steps run after the last row stops, and the GPU never idles waiting for the host). The prefill is graphed too,
 its prompt length padded up to a multiple of `prefill_bucket` (one graph per batch size and bucket).
 
-Drafter interface (used by `MedusaHeads` and the MTP drafter in mtp.py):
+Drafter interface (used by `MedusaHeads`, the MTP drafter in mtp.py and the parallel heads' drafter):
 
     tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
     stateless: bool            True if propose() depends on its arguments only (whole-step graphs allowed)
+    trunk: bool (optional)     True: every `hidden` below is the input of the target's last decoder layer
+                               instead of its final (normed) output (parallel heads draft from it)
     start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
                                after the prompt's prefill: its final hidden states (after the final norm),
                                its tokens (right-padded), true lengths (prefix excluded) and the first
@@ -210,11 +212,12 @@ class Engine:
         return "triton" if self.device.type == "cuda" else "sdpa"
 
     # ---------------------------------------------------------------- forward passes
-    def forward(self, tokens, lengths, tree: TreeBuffers):
+    def forward(self, tokens, lengths, tree: TreeBuffers, trunk: bool = False):
         """Run tree (or single-token) tokens [B, N] after each sequence's committed lengths [B].
 
         Writes their K/V at slots lengths + node (uncommitted until `commit`). Returns (hidden [B, N, d],
-        logits [B, N, V]).
+        logits [B, N, V]); with `trunk`, the input of the last layer instead of hidden (for a drafter whose
+        `trunk` attribute is True: parallel heads).
         """
         bsz, n = tokens.shape
         slots = lengths[:, None] + torch.arange(n, device=tokens.device)[None]  # [B, N]
@@ -223,8 +226,9 @@ class Engine:
             mask = SlotMask(lengths, tree.mask if n > 1 else None, ancestors=tree.ancestors, depth=tree.depth)
         else:
             mask = SlotMask(lengths, tree.mask if n > 1 else None)
-        hidden = self.model(tokens, positions, self.cache, slots, mask, invariant=self.invariant)
-        return hidden, self.model.logits(hidden, self.invariant)
+        hidden = self.model(tokens, positions, self.cache, slots, mask, invariant=self.invariant, trunk=trunk)
+        hidden, feats = hidden if trunk else (hidden, hidden)
+        return feats, self.model.logits(hidden, self.invariant)
 
     @torch.inference_mode()
     def prefill(self, prompts: Sequence[Sequence[int]]):
@@ -236,8 +240,9 @@ class Engine:
             hidden, logits = hidden.clone(), logits.clone()
         return hidden, logits, tokens, lens
 
-    def _prefill_prompts(self, prompts):
-        """`prefill` without the copy of the graph's outputs (generation consumes them at once)."""
+    def _prefill_prompts(self, prompts, trunk: bool = False):
+        """`prefill` without the copy of the graph's outputs (generation consumes them at once); with `trunk`,
+        the input of the last layer instead of the hidden states (see `forward`)."""
         bsz = len(prompts)
         if bsz > self.max_batch_size:
             raise ConfigError(f"batch of {bsz} prompts exceeds max_batch_size={self.max_batch_size}; raise it")
@@ -253,27 +258,30 @@ class Engine:
             tokens[i, : len(p)] = torch.as_tensor(list(p), dtype=torch.long)
         tokens = tokens.to(self.device)
         lens = lens.to(self.device)
-        hidden, logits = self._graphs(("prefill", bsz, t, pre), self._prefill, tokens, lens)
+        hidden, logits = self._graphs(("prefill", bsz, t, pre, trunk), lambda tk, ln: self._prefill(tk, ln, trunk),
+                                      tokens, lens)
         return hidden, logits, tokens, lens
 
-    def _prefill(self, tokens, lens):
+    def _prefill(self, tokens, lens, trunk: bool = False):
         bsz, t = tokens.shape
         pre = self.cache.prefix_len
         slots = pre + torch.arange(t, device=tokens.device)[None].expand(bsz, t)
         mask = SlotMask(torch.full((bsz,), pre, dtype=torch.long, device=tokens.device))  # causal after the prefix
-        hidden = self.model(tokens, slots, self.cache, slots, mask)  # positions = slots
+        hidden = self.model(tokens, slots, self.cache, slots, mask, trunk=trunk)  # positions = slots
+        hidden, feats = hidden if trunk else (hidden, hidden)
         last = hidden[torch.arange(bsz, device=tokens.device), lens - 1]
-        return hidden, self.model.lm_head(last)
+        return feats, self.model.lm_head(last)
 
     # ---------------------------------------------------------------- one step
     def _step(self, tree, drafter, rule, params, gen, root, hidden_last, lengths, active, n_out, n_steps,
               max_new, graph_forward=False):
         tree_tokens, q = (root[:, None], None) if drafter is None else drafter.propose(hidden_last, root)
+        trunk = getattr(drafter, "trunk", False)  # the drafter reads the last layer's input, not the output
         if graph_forward:  # the target pass alone in a CUDA graph (sampling, stateful drafters)
-            key = ("forward", root.shape[0], id(tree))
-            hidden, logits = self._graphs(key, lambda t, ln: self.forward(t, ln, tree), tree_tokens, lengths)
+            key = ("forward", root.shape[0], id(tree), trunk)
+            hidden, logits = self._graphs(key, lambda t, ln: self.forward(t, ln, tree, trunk), tree_tokens, lengths)
         else:
-            hidden, logits = self.forward(tree_tokens, lengths, tree)
+            hidden, logits = self.forward(tree_tokens, lengths, tree, trunk)
         if rule == "greedy" and tree.num_nodes == 1:  # plain decoding: the argmax is all there is
             zero = torch.zeros_like(root)
             acc = verify.Acceptance(zero, zero, zero, torch.argmax(logits[:, 0], dim=-1))
@@ -391,7 +399,7 @@ class Engine:
             gen.manual_seed(seed if seed is not None else torch.seed())
         rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
 
-        hidden, logits, tokens, lens = self._prefill_prompts(prompts)
+        hidden, logits, tokens, lens = self._prefill_prompts(prompts, getattr(drafter, "trunk", False))
         lengths = lens + self.cache.prefix_len
         ar = torch.arange(bsz, device=self.device)
         first = torch.argmax(logits, -1) if params.is_greedy else torch.multinomial(

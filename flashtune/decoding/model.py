@@ -359,9 +359,11 @@ class DecoderModel(nn.Module):
         cos, sin = self._rope_values(pos, dtype)
         self._rope_table = (cos[0, :, 0], sin[0, :, 0])
 
-    def forward(self, tokens, positions, cache: KVCache, slots, mask, invariant: bool = False):
-        """invariant (Triton path, Llama family): batch-invariant matmuls (kernels.linear_fixed); pair it with
-        a position-order SlotMask (`ancestors`) for the whole pass to be invariant."""
+    def forward(self, tokens, positions, cache: KVCache, slots, mask, invariant: bool = False, trunk: bool = False):
+        """Final hidden states [B, T, d] (after the final norm); with `trunk`, also the input of the last layer
+        (parallel heads draft from it): (hidden, z). invariant (Triton path, Llama family): batch-invariant
+        matmuls (kernels.linear_fixed); pair it with a position-order SlotMask (`ancestors`) for the whole pass
+        to be invariant."""
         x = self.embed(tokens)
         if self.wpe is not None:
             x = x + self.wpe(positions)
@@ -372,15 +374,21 @@ class DecoderModel(nn.Module):
         if self.backend == "triton" and self.layers[0].fusable:
             from flashtune.decoding.kernels import add_rms_norm
 
-            delta = None
+            delta, z = None, None
             for i, layer in enumerate(self.layers):
+                if trunk and i == a.n_layers - 1:
+                    z = x if delta is None else x + delta
                 x, delta = layer.forward_fused(x, delta, rope, cache, i, slots, mask, invariant)
             bsz, t, dim = x.shape
-            return add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm.weight,
-                                self.norm.eps)[1].view(bsz, t, dim)
+            out = add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm.weight,
+                               self.norm.eps)[1].view(bsz, t, dim)
+            return (out, z) if trunk else out
+        z = None
         for i, layer in enumerate(self.layers):
+            if trunk and i == a.n_layers - 1:
+                z = x
             x = layer(x, rope, cache, i, slots, mask, self.backend, self.fast)
-        return self.norm(x)
+        return (self.norm(x), z) if trunk else self.norm(x)
 
     def logits(self, hidden, invariant: bool = False):
         """The LM head; `invariant`: through kernels.linear_fixed (see `forward`)."""
