@@ -384,7 +384,7 @@ def invariant_check(new=128):
 def gemm_sweep():
     """linear_fixed tile options against cuBLAS (F.linear) on the decoding GEMMs of both shapes, bf16, M = 1
     and 8 rows: µs per call inside a graph. Informs a faster shape-only rule for the invariant mode."""
-    from flashtune.decoding.kernels import linear_fixed
+    from flashtune.decoding.invariant import linear_fixed
 
     shapes_nk = {"smollm2": [(960, 576), (576, 576), (3072, 576), (576, 1536), (49152, 576)],
                  "llama-1.1b": [(2560, 2048), (2048, 2048), (11264, 2048), (2048, 5632), (32000, 2048)]}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.kernels import (add_rms_norm, linear_fixed, rms_norm_pair, rope_cache, silu_mul, slot_attention,
-                                       slot_attention_logical)
+from flashtune.decoding.invariant import linear_fixed, slot_attention_logical
+from flashtune.decoding.kernels import add_rms_norm, rms_norm_pair, rope_cache, silu_mul, slot_attention
 from flashtune.decoding.model import SlotMask, attend
 from flashtune.decoding.tree import tree_buffers
 

@@ -144,7 +144,7 @@ class Engine:
     `dtype` (default: the model's) on `device` (default: CUDA when available).
 
     invariant (the Triton backend with a Llama-family model only; default off): decoding steps and tree
-    verification run batch-invariant kernels (kernels.linear_fixed, slot_attention_logical), so a node of a
+    verification run batch-invariant kernels (invariant.linear_fixed, slot_attention_logical), so a node of a
     speculative tree gets bit for bit the logits a one-token step gives its position: speculative greedy output
     is then token-identical to plain greedy in bf16 too (plain decoding with the same setting), and a sequence
     decodes the same at any batch size. Off: cuBLAS matmuls, 1.3x (SmolLM2) to 1.8x (1.1B) faster plain steps

@@ -240,8 +240,9 @@ class Block(nn.Module):
         sub-layer's output, not yet added; None at the first block): each add is fused into the norm that
         follows it (kernels.add_rms_norm). Returns (x, delta) for the next block or the final norm. Nine launches
         per layer: add+norm, qkv, rotary+cache, attention, o, add+norm, gate/up, SwiGLU, down. `invariant`: the
-        four matmuls through kernels.linear_fixed (each row's result independent of the row count)."""
-        from flashtune.decoding.kernels import add_rms_norm, linear_fixed, silu_mul
+        four matmuls through invariant.linear_fixed (each row's result independent of the row count)."""
+        from flashtune.decoding.invariant import linear_fixed
+        from flashtune.decoding.kernels import add_rms_norm, silu_mul
 
         lin = (lambda m, v: linear_fixed(v, m.weight, m.bias)) if invariant else (lambda m, v: m(v))  # noqa: E731
 
@@ -259,7 +260,8 @@ class Block(nn.Module):
 
     def _triton_attention(self, qkv, rope, cache: KVCache, layer: int, slots, mask, scale):
         """kernels.py: rotary + cache write in one launch, then attention over the live slots -> [B*T, Hq*D]."""
-        from flashtune.decoding.kernels import rope_cache, slot_attention, slot_attention_logical
+        from flashtune.decoding.invariant import slot_attention_logical
+        from flashtune.decoding.kernels import rope_cache, slot_attention
 
         a = self.a
         bsz, t = qkv.shape[:2]
@@ -362,7 +364,7 @@ class DecoderModel(nn.Module):
     def forward(self, tokens, positions, cache: KVCache, slots, mask, invariant: bool = False, trunk: bool = False):
         """Final hidden states [B, T, d] (after the final norm); with `trunk`, also the input of the last layer
         (parallel heads draft from it): (hidden, z). invariant (Triton path, Llama family): batch-invariant
-        matmuls (kernels.linear_fixed); pair it with a position-order SlotMask (`ancestors`) for the whole pass
+        matmuls (invariant.linear_fixed); pair it with a position-order SlotMask (`ancestors`) for the whole pass
         to be invariant."""
         x = self.embed(tokens)
         if self.wpe is not None:
@@ -391,9 +393,9 @@ class DecoderModel(nn.Module):
         return (self.norm(x), z) if trunk else self.norm(x)
 
     def logits(self, hidden, invariant: bool = False):
-        """The LM head; `invariant`: through kernels.linear_fixed (see `forward`)."""
+        """The LM head; `invariant`: through invariant.linear_fixed (see `forward`)."""
         if invariant:
-            from flashtune.decoding.kernels import linear_fixed
+            from flashtune.decoding.invariant import linear_fixed
 
             return linear_fixed(hidden, self.lm_head.weight, self.lm_head.bias)
         return self.lm_head(hidden)
