@@ -443,27 +443,15 @@ def main():
     ap.add_argument("--invariant", action="store_true", help="only the invariant-kernels check (invariant_check)")
     ap.add_argument("--gemm", action="store_true", help="only the linear_fixed tile sweep (gemm_sweep)")
     args = ap.parse_args()
-    if args.gemm:
-        rows = gemm_sweep()
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile_gemm.json").write_text(json.dumps(rows, indent=2))
-        return
-    if args.invariant:
-        rows = invariant_check()
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile_invariant.json").write_text(json.dumps(rows, indent=2))
-        return
-    if args.kernels:
-        rows = kernel_sweep()
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile_kernels.json").write_text(json.dumps(rows, indent=2))
-        return
-    if args.calls:
-        cfg = shapes()["smollm2-135m-shape"]
-        rows = call_profile("smollm2-135m-shape", build(cfg)) + call_profile("smollm2-135m-shape", build(cfg), bsz=8)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "profile_calls.json").write_text(json.dumps(rows, indent=2))
-        return
+    only = {"gemm": gemm_sweep, "invariant": invariant_check, "kernels": kernel_sweep,
+            "calls": lambda: call_profile("smollm2-135m-shape", build(shapes()["smollm2-135m-shape"]))
+            + call_profile("smollm2-135m-shape", build(shapes()["smollm2-135m-shape"]), bsz=8)}
+    for mode, fn in only.items():
+        if getattr(args, mode):
+            rows = fn()
+            Path(args.out).mkdir(parents=True, exist_ok=True)
+            (Path(args.out) / f"profile_{mode}.json").write_text(json.dumps(rows, indent=2))
+            return
     rows, spec = [], []
     check = check_backends(shapes()["smollm2-135m-shape"])
     for name, cfg in shapes().items():

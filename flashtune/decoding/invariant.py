@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 import flashtune.attention.ops  # noqa: F401 - applies the CPU-interpreter fixes the tests rely on
-from flashtune.decoding.kernels import LOG2E
+from flashtune.decoding.kernels import LOG2E, online_softmax_step
 
 
 def _gemm_config(n: int, k: int) -> tuple[int, int, int, int]:
@@ -110,14 +110,9 @@ def _slot_attn_logical_kernel(Q, K, V, O, START, ANC, DEPTH, qk_scale, LO, T, G,
         k = tl.load(k_base + slot[:, None] * stride_ks + offs_d[None, :], mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         s = tl.where(row_ok[:, None] & live[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_base + slot[:, None] * stride_vs + offs_d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * stride_ob + node * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])

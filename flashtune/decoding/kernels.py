@@ -83,6 +83,18 @@ def rope_cache(qkv, cos, sin, slots, k_cache, v_cache, n_q: int, n_kv: int):
 
 
 @triton.jit
+def online_softmax_step(s, m_i, l_i):
+    """One key block of the online softmax (FlashAttention): scores s [M, N] (base 2, -inf where unseen), the
+    running max m_i and sum l_i [M] -> (p [M, N], alpha [M]: the old accumulator's rescale, new m_i, new l_i).
+    Rows that have seen nothing yet keep m = -inf without producing NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    return p, alpha, m_new, l_i * alpha + tl.sum(p, 1)
+
+
+@triton.jit
 def _slot_attn_kernel(Q, K, V, O, START, TREE, GAP, STRIDE, qk_scale, LO, T, G, NKV,
                       stride_qb, stride_qt, stride_qh, stride_kb, stride_kh, stride_ks,
                       stride_vb, stride_vh, stride_vs, stride_ob, stride_ot, stride_oh,
@@ -130,16 +142,11 @@ def _slot_attn_kernel(Q, K, V, O, START, TREE, GAP, STRIDE, qk_scale, LO, T, G, 
             seen = rel <= node[:, None]  # causal among the new tokens
         seen = seen & row_ok[:, None] & (kpos[None, :] < hi)
         s = tl.where(seen, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_safe[:, None])
-        alpha = tl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         if HAS_GAP:  # the holes hold stale drafts: never read them (p = 0 there, but 0 * inf is NaN)
             kmask = kmask & (tl.max(seen.to(tl.int32), 0) > 0)[:, None]
         v = tl.load(v_base + kpos[:, None] * stride_vs + offs_d[None, :], mask=kmask, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
     tl.store(O + b * stride_ob + node[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=row_ok[:, None] & dmask[None, :])
