@@ -50,13 +50,19 @@ def _paths(tree_tokens: torch.Tensor, tree: TreeBuffers):
     return cart, valid
 
 
+def _leading_true(match: torch.Tensor) -> torch.Tensor:
+    """bool [..., D] -> long [...]: how many leading entries are True (the index of the first False, or D).
+    One elementwise kernel and one reduction, where cumprod would be a scan."""
+    d = match.shape[-1]
+    if d == 0:
+        return match.new_zeros(match.shape[:-1], dtype=torch.long)
+    return torch.where(match, d, torch.arange(d, device=match.device)).amin(-1)
+
+
 def _choose(match: torch.Tensor, tree: TreeBuffers, score: torch.Tensor | None = None):
     """match bool [B, n_leaves, D] -> (best, accepted, node). Longest accepted prefix; first row on ties
     (or the largest `score` [B, n_leaves] among the longest)."""
-    d = match.shape[-1]
-    steps = torch.arange(d, device=match.device)
-    # [B, n_leaves]: index of the first mismatch, or D (one elementwise kernel + one reduction, not a scan)
-    acc = torch.where(match, d, steps).amin(-1) if d else match.new_zeros(match.shape[:-1], dtype=torch.long)
+    acc = _leading_true(match)  # [B, n_leaves]
     if score is None:
         best = torch.argmax(acc, dim=-1)
     else:
@@ -169,7 +175,5 @@ def chain_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tenso
     """Greedy chain verification: logits [B, k+1, V], draft [B, k] -> (accepted [B], next [B]). `greedy_tree`
     for a chain in five kernels: no paths to gather, and the accepted nodes are already the first a + 1."""
     pred = torch.argmax(logits, dim=-1)  # [B, k+1]
-    k = draft.shape[1]
-    # index of the first rejected draft, or k (an elementwise kernel and a reduction, not a scan)
-    accepted = torch.where(pred[:, :-1] == draft, k, torch.arange(k, device=draft.device)).amin(-1)
+    accepted = _leading_true(pred[:, :-1] == draft)
     return accepted, pred.gather(1, accepted[:, None])[:, 0]
