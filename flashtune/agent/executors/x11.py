@@ -55,30 +55,38 @@ class VirtualDisplay:
         xvfb = _need("Xvfb", "xvfb")
         # Lock files are per file system but abstract X sockets are per network namespace, so a number that
         # looks free can still be taken: try numbers from a random start until one server comes up.
-        first = random.randrange(100, 800)
-        for number in range(first, first + 40):
-            if os.path.exists(f"/tmp/.X{number}-lock") or os.path.exists(f"/tmp/.X11-unix/X{number}"):
-                continue
-            if self._try_start(xvfb, number, timeout):
-                self.display = f":{number}"
-                return
-        raise FlashtuneError("could not start Xvfb on any display number; is another X server hogging them?")
+        self._last_error = ""
+        for attempt in range(2):  # a loaded machine can refuse a burst of servers: one more round after a pause
+            first = random.randrange(100, 800)
+            for number in range(first, first + 40):
+                if os.path.exists(f"/tmp/.X{number}-lock") or os.path.exists(f"/tmp/.X11-unix/X{number}"):
+                    continue
+                if self._try_start(xvfb, number, timeout):
+                    self.display = f":{number}"
+                    return
+            time.sleep(1.0)
+        why = f" (Xvfb said: {self._last_error})" if self._last_error else ""
+        raise FlashtuneError(f"could not start Xvfb on any display number{why}; is another X server hogging them?")
 
     def _try_start(self, xvfb: str, number: int, timeout: float) -> bool:
         read_fd, write_fd = os.pipe()
-        self.proc = subprocess.Popen(
-            [xvfb, f":{number}", "-displayfd", str(write_fd), "-screen", "0", f"{self.width}x{self.height}x24",
-             "-nolisten", "tcp"],
-            pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        os.close(write_fd)
-        try:
-            ready, _, _ = select.select([read_fd], [], [], timeout)
-            answer = os.read(read_fd, 64).decode().strip() if ready else ""
-        finally:
-            os.close(read_fd)
-        if answer != str(number):  # EOF: the server exited (number taken); nothing: it hangs
-            self.stop()
-            return False
+        with tempfile.TemporaryFile() as log:  # the server's complaints, for the error if every number fails
+            self.proc = subprocess.Popen(
+                [xvfb, f":{number}", "-displayfd", str(write_fd), "-screen", "0", f"{self.width}x{self.height}x24",
+                 "-nolisten", "tcp"],
+                pass_fds=(write_fd,), stdout=subprocess.DEVNULL, stderr=log)
+            os.close(write_fd)
+            try:
+                ready, _, _ = select.select([read_fd], [], [], timeout)
+                answer = os.read(read_fd, 64).decode().strip() if ready else ""
+            finally:
+                os.close(read_fd)
+            if answer != str(number):  # EOF: the server exited (number taken); nothing: it hangs
+                self.stop()
+                log.seek(0)
+                lines = [ln for ln in log.read().decode(errors="replace").splitlines() if ln.strip()]
+                self._last_error = lines[-1][:200] if lines else ("no answer" if not ready else "exited")
+                return False
         lib, deadline = _libx11(), time.monotonic() + timeout
         while True:
             dpy = lib.XOpenDisplay(f":{number}".encode())
