@@ -454,7 +454,7 @@ class Engine:
     def _stop_ring(self, lag: int):
         """(pinned bool [lag + 1], lag + 1 CUDA events), allocated once per engine (pinned memory is slow
         to allocate)."""
-        if self._ring is None:
+        if self._ring is None or len(self._ring[1]) != lag + 1:  # stop_lag may change between calls
             self._ring = (torch.ones(lag + 1, dtype=torch.bool, pin_memory=True),
                           [torch.cuda.Event() for _ in range(lag + 1)])
         return self._ring

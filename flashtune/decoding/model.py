@@ -148,6 +148,15 @@ class RMSNorm(nn.Module):
         return self.weight * h.to(x.dtype)
 
 
+def _linear(layer: nn.Linear, x, invariant: bool):
+    """layer(x), or with `invariant` the batch-invariant GEMM (invariant.linear_fixed) on its weights."""
+    if not invariant:
+        return layer(x)
+    from flashtune.decoding.invariant import linear_fixed
+
+    return linear_fixed(x, layer.weight, layer.bias)
+
+
 def _act(name: str):
     if name in ("silu", "swish"):
         return F.silu
@@ -241,10 +250,9 @@ class Block(nn.Module):
         follows it (kernels.add_rms_norm). Returns (x, delta) for the next block or the final norm. Nine launches
         per layer: add+norm, qkv, rotary+cache, attention, o, add+norm, gate/up, SwiGLU, down. `invariant`: the
         four matmuls through invariant.linear_fixed (each row's result independent of the row count)."""
-        from flashtune.decoding.invariant import linear_fixed
         from flashtune.decoding.kernels import add_rms_norm, silu_mul
 
-        lin = (lambda m, v: linear_fixed(v, m.weight, m.bias)) if invariant else (lambda m, v: m(v))  # noqa: E731
+        lin = lambda m, v: _linear(m, v, invariant)  # noqa: E731
 
         a = self.a
         bsz, t, dim = x.shape
@@ -394,11 +402,7 @@ class DecoderModel(nn.Module):
 
     def logits(self, hidden, invariant: bool = False):
         """The LM head; `invariant`: through invariant.linear_fixed (see `forward`)."""
-        if invariant:
-            from flashtune.decoding.invariant import linear_fixed
-
-            return linear_fixed(hidden, self.lm_head.weight, self.lm_head.bias)
-        return self.lm_head(hidden)
+        return _linear(self.lm_head, hidden, invariant)
 
     @classmethod
     def from_hf(cls, hf_model, state_dict=None, device=None, dtype=None) -> "DecoderModel":

@@ -591,8 +591,12 @@ class MTPDrafter:
                             a.n_heads // a.n_kv_heads, x.dtype)
         return self.blocks[m](x, rope, self.cache, m, slots, mask, model.backend, model.fast)
 
-    def _recycle(self, m: int, out):
-        return self.head_norm[m](out) if self.mtp.config.recycle == "post_norm" else out
+    def _recycle(self, m: int, out, normed=None):
+        """The state module m + 1 reads: module m's output, or its head-normed form (`normed` when the caller
+        already has it)."""
+        if self.mtp.config.recycle != "post_norm":
+            return out
+        return self.head_norm[m](out) if normed is None else normed
 
     def _causal(self, slots):
         """Slots [B, q] (consecutive per row) see the keys from `first` up to their own slot."""
@@ -670,7 +674,7 @@ class MTPDrafter:
                 nodes.append(top)
                 if self.trace is not None and j == 0:
                     self.trace.append({"logits": logits.float().clone()})
-            h = normed if self.mtp.config.recycle == "post_norm" else out  # `_recycle`, the norm computed once
+            h = self._recycle(m, out, normed)
         return torch.cat(nodes, dim=1), (torch.stack(qs, dim=1) if qs else None)
 
     def accept(self, hidden, tree_tokens, acc, path) -> None:

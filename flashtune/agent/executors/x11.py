@@ -56,7 +56,7 @@ class VirtualDisplay:
         # Lock files are per file system but abstract X sockets are per network namespace, so a number that
         # looks free can still be taken: try numbers from a random start until one server comes up.
         self._last_error = ""
-        for attempt in range(2):  # a loaded machine can refuse a burst of servers: one more round after a pause
+        for _ in range(2):  # a loaded machine can refuse a burst of servers: one more round after a pause
             first = random.randrange(100, 800)
             for number in range(first, first + 40):
                 if os.path.exists(f"/tmp/.X{number}-lock") or os.path.exists(f"/tmp/.X11-unix/X{number}"):
