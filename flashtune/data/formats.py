@@ -222,10 +222,11 @@ def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
                              f"fix the conversation (roles, order) or use another format") from None
 
 
-def _prefix_tokens(tokenizer, full: str, full_ids: list[int], prefix: str, offsets: list) -> int:
-    """How many leading tokens of `full_ids` the text `prefix` (a prefix of `full`) accounts for: the token
-    count of the prefix when its ids are a prefix of the full ids, else (a merge across the boundary) the
-    tokens of `full` that start before the boundary (the fast tokenizer's offsets)."""
+def _prefix_tokens(tokenizer, full: str, full_ids: list[int], prefix: str, offsets: list, start: bool) -> int:
+    """Where the text `prefix` (a prefix of `full`) ends in `full_ids`: its own token count when its ids are a
+    prefix of the full ids; else (a token merges across the boundary) from the fast tokenizer's offsets, a
+    token across the boundary counted on the assistant side (`start`: the tokens wholly inside the prefix;
+    else the tokens that begin inside it)."""
     ids = _encode(tokenizer, prefix)
     if full_ids[:len(ids)] == ids:
         return len(ids)
@@ -235,7 +236,8 @@ def _prefix_tokens(tokenizer, full: str, full_ids: list[int], prefix: str, offse
         except Exception:
             raise FlashtuneError("the tokenizer merges tokens across chat-turn boundaries and has no offset "
                                  "mapping (not a fast tokenizer); use a fast tokenizer or the text format") from None
-    return sum(1 for start, _ in offsets if start < len(prefix))
+    cut = len(prefix)
+    return sum(1 for s, e in offsets if (e <= cut if start else s < cut))
 
 
 def encode_chat(tokenizer, messages: list[dict], max_length: int, n_prompt: int = 0) -> dict:
@@ -257,8 +259,8 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int, n_prompt: int 
             raise FlashtuneError(f"the chat template does not render this conversation turn by turn (the text "
                                  f"before assistant turn {i} changes when later turns follow), so its assistant "
                                  f"tokens cannot be found; use the prompt/completion format")
-        start = _prefix_tokens(tokenizer, full, ids, before, offsets)
-        end = _prefix_tokens(tokenizer, full, ids, through, offsets)
+        start = _prefix_tokens(tokenizer, full, ids, before, offsets, start=True)
+        end = _prefix_tokens(tokenizer, full, ids, through, offsets, start=False)
         labels[start:end] = ids[start:end]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
