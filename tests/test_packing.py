@@ -67,6 +67,7 @@ def _per_example_sums(model, batch, spans):
     """Per example, the summed next-token CE over its labelled tokens, from one forward of `batch`."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
     logits = model(**inputs, use_cache=False).logits[:, :-1]                 # [B, T-1, V]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     targets = batch["labels"][:, 1:]                                          # [B, T-1]
     ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none")
     return [ce[row, a:b - 1].sum() for row, a, b in spans]
