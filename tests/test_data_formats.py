@@ -201,6 +201,7 @@ def test_messages_from_json_csv_and_parquet_files_agree(tmp_path):
     import pyarrow.parquet as pq
 
     convs = [[{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}] for i in range(4)]
+    convs[1][0]["name"] = "bob"       # a key only one message has
     (tmp_path / "c.json").write_text(json.dumps([{"messages": c} for c in convs]), encoding="utf-8")
     _csv(tmp_path / "c.csv", ["messages"], [[json.dumps(c)] for c in convs])
     # parquet through `datasets`: a struct column whose rows lack a key get None there, which is dropped

@@ -48,10 +48,12 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     if source == "synthetic":
         examples = generate_e2e_style(n=n, seed=seed)
         return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
+    from flashtune.data.files import read_text_file
+
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"data={source!r} is neither 'synthetic' nor a text file; give a file of prompts")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()][:n]
+    lines = [ln.strip() for ln in read_text_file(path, "prompts file").splitlines() if ln.strip()][:n]
     return [tokenizer(ln)["input_ids"] for ln in lines], None
 
 
