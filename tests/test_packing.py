@@ -166,6 +166,19 @@ def test_check_packing_refuses_a_model_that_ignores_the_boundaries():
     assert "\n" not in str(exc.value)
 
 
+def test_check_packing_refuses_prefix_tuning_and_passes_lora():
+    """Prefix-tuning hands the model a KV cache, and transformers then builds no packed mask: refused."""
+    from flashtune.tuners import LoraConfig, PrefixConfig, attach
+
+    lora = tiny_model("llama", seed=2, attn_implementation="sdpa")
+    attach(lora, LoraConfig(init_lora_weights=False))          # a LoRA that changes the logits
+    check_packing(lora)
+    prefix = tiny_model("llama", seed=2, attn_implementation="sdpa")
+    attach(prefix, PrefixConfig(num_virtual_tokens=4))
+    with pytest.raises(FlashtuneError, match="prefix-tuning"):
+        check_packing(prefix)
+
+
 def test_packed_datasets_train_through_fit(tmp_path):
     """build_datasets(pack=True) -> Collator -> fit: the trainer takes packed rows and its loss matches."""
     from flashtune.training import TrainConfig, fit

@@ -11,7 +11,8 @@ counting up: the eager and SDPA paths get a block-diagonal causal mask (transfor
 flashtune's FlashAttention (`attn_implementation="flashtune"`, the GPU default) makes one variable-length
 kernel call with `cu_seqlens` at the positions' restarts (flashtune/attention/hf.py). The first token of each
 packed example carries no label: it would be predicted from the previous example. `check_packing(model)`
-proves the model honours the boundaries before a run relies on it.
+proves the model (with its tuner attached) honours the boundaries before a run relies on it; prefix-tuning
+does not (its prefix arrives as a KV cache, and transformers looks for packed rows only without a cache).
 """
 
 from __future__ import annotations
@@ -88,4 +89,5 @@ def check_packing(model, length: int = 8, seed: int = 0) -> None:
     if err > tol * max(1.0, float(alone.abs().max())):
         raise FlashtuneError(f"{type(model).__name__} (attention {getattr(model.config, '_attn_implementation', '?')}) "
                              f"lets packed examples attend to each other (logits differ by {err:.3g}); train "
-                             f"without packing (data.pack = false) or use an eager/sdpa/flashtune attention")
+                             f"without packing (data.pack = false): prefix-tuning, and attention that ignores "
+                             f"position_ids, cannot keep packed examples apart")
