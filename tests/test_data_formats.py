@@ -90,6 +90,25 @@ def test_chat_mask_on_a_tiny_tokenizer_with_its_own_template():
     assert (short["input_ids"], short["labels"]) == (want_ids[:20], want_labels[:20])
 
 
+def test_chat_mask_with_a_tokenizer_that_marks_the_start_of_each_text():
+    """Like SentencePiece's leading space: a turn tokenized alone differs from the same turn in context, so
+    the prefixes' ids are diffed against the whole instead."""
+    from tokenizers import normalizers
+
+    tok = char_tokenizer()
+    tok.backend_tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase(), normalizers.Prepend("^")])
+    conv = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+            {"role": "user", "content": "ok?"}, {"role": "assistant", "content": "k."}]
+    got = encode_chat(tok, conv, max_length=500)
+    assert got["input_ids"] == tok(tok.apply_chat_template(conv, tokenize=False), add_special_tokens=False).input_ids
+    learned = [i for i, t in enumerate(got["labels"]) if t != IGNORE_INDEX]
+    assert tok.decode([got["input_ids"][i] for i in learned]) == "yo</s>k.</s>"
+    assert all(got["labels"][i] == got["input_ids"][i] for i in learned)
+    # the learned tokens are exactly the last three of each assistant turn ("y", "o", "</s>"; "k", ".", "</s>")
+    ends = [i for i, t in enumerate(got["input_ids"]) if t == tok.eos_token_id]
+    assert learned == [ends[1] - 2, ends[1] - 1, ends[1], ends[3] - 2, ends[3] - 1, ends[3]]
+
+
 def test_chat_mask_when_a_token_merges_across_the_turn_boundary(smol):
     """A template whose generation prompt ends in a space: ' Hello' is one token across the boundary; it is
     learned (offsets path), and nothing of the user turn is."""

@@ -222,34 +222,48 @@ def _render(tokenizer, messages, generation_prompt: bool = False) -> str:
                              f"fix the conversation (roles, order) or use another format") from None
 
 
-def _prefix_tokens(tokenizer, full: str, full_ids: list[int], prefix: str, offsets: list, start: bool) -> int:
-    """Where the text `prefix` (a prefix of `full`) ends in `full_ids`: its own token count when its ids are a
-    prefix of the full ids; else (a token merges across the boundary) from the fast tokenizer's offsets, a
-    token across the boundary counted on the assistant side (`start`: the tokens wholly inside the prefix;
-    else the tokens that begin inside it)."""
-    ids = _encode(tokenizer, prefix)
-    if full_ids[:len(ids)] == ids:
-        return len(ids)
-    if not offsets:
-        try:
-            offsets += tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
-        except Exception:
-            raise FlashtuneError("the tokenizer merges tokens across chat-turn boundaries and has no offset "
-                                 "mapping (not a fast tokenizer); use a fast tokenizer or the text format") from None
-    cut = len(prefix)
-    return sum(1 for s, e in offsets if (e <= cut if start else s < cut))
+def _token_cuts(tokenizer, full: str, full_ids: list[int], cuts: list[int]) -> dict[int, tuple[int, int]]:
+    """For each text offset in `cuts` (sorted turn boundaries of `full`): (tokens wholly before it, tokens
+    that begin before it); the two differ only where one token spans the boundary.
+
+    Three ways, cheapest first: the pieces between the cuts tokenized one by one concatenate to the full ids
+    (one pass); else each prefix's own ids are a prefix of the full ids (a tokenizer that treats the start
+    of a text specially, e.g. SentencePiece's leading space); else, where a token merges across a boundary,
+    the fast tokenizer's character offsets."""
+    edges = [0, *cuts, len(full)]
+    pieces = [_encode(tokenizer, full[a:b]) for a, b in zip(edges, edges[1:])]
+    if [t for piece in pieces for t in piece] == full_ids:
+        out, n = {}, 0
+        for c, piece in zip(cuts, pieces):
+            n += len(piece)
+            out[c] = (n, n)
+        return out
+    out, offsets = {}, None
+    for c in cuts:
+        ids = _encode(tokenizer, full[:c])
+        if full_ids[:len(ids)] == ids:
+            out[c] = (len(ids), len(ids))
+            continue
+        if offsets is None:
+            try:
+                offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            except Exception:
+                raise FlashtuneError("the tokenizer merges tokens across chat-turn boundaries and has no offset "
+                                     "mapping (not a fast tokenizer); use a fast tokenizer or the text format") from None
+        out[c] = (sum(1 for _, e in offsets if e <= c), sum(1 for s, _ in offsets if s < c))
+    return out
 
 
 def encode_chat(tokenizer, messages: list[dict], max_length: int, n_prompt: int = 0) -> dict:
     """`input_ids` of the conversation rendered with the chat template, and `labels` equal to them on the
-    assistant turns at index >= n_prompt (content and end-of-turn text), -100 elsewhere; cut at max_length."""
+    assistant turns at index >= n_prompt (content and end-of-turn text), -100 elsewhere; cut at max_length.
+    A token that spans a turn boundary and holds assistant text is learned."""
     if not getattr(tokenizer, "chat_template", None):
         raise FlashtuneError("format 'messages' needs a tokenizer with a chat template, and this model's has none; "
                              "use a chat model, or the prompt/completion or text format")
     full = _render(tokenizer, messages)
     ids = _encode(tokenizer, full)
-    labels = [IGNORE_INDEX] * len(ids)
-    offsets: list = []
+    spans = []                         # (text offset where assistant turn i starts, where it ends)
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or i < n_prompt:
             continue
@@ -259,8 +273,11 @@ def encode_chat(tokenizer, messages: list[dict], max_length: int, n_prompt: int 
             raise FlashtuneError(f"the chat template does not render this conversation turn by turn (the text "
                                  f"before assistant turn {i} changes when later turns follow), so its assistant "
                                  f"tokens cannot be found; use the prompt/completion format")
-        start = _prefix_tokens(tokenizer, full, ids, before, offsets, start=True)
-        end = _prefix_tokens(tokenizer, full, ids, through, offsets, start=False)
+        spans.append((len(before), len(through)))
+    cut = _token_cuts(tokenizer, full, ids, sorted({c for span in spans for c in span}))
+    labels = [IGNORE_INDEX] * len(ids)
+    for a, b in spans:
+        start, end = cut[a][0], cut[b][1]
         labels[start:end] = ids[start:end]
     return {"input_ids": ids[:max_length], "labels": labels[:max_length]}
 
