@@ -2,9 +2,10 @@
 
 Packing without cross-contamination (Krell et al., arXiv:2107.02027) through `build_datasets(pack=True)`:
 on the GPU the "flashtune" attention runs each packed row as one varlen kernel call (cu_seqlens where the
-position ids restart). Measured per mode: rows, padding share, wall time of one epoch, real (non-padding)
-tokens/s, peak memory (unpacked batches are length-bucketed, as the finetune recipe does), and the validation loss of the untrained adapter (LoRA's B = 0, so both modes must
-give the base model's loss: a packed run that attended across examples would differ).
+position ids restart). Measured per mode: rows, row fill, wall time of one epoch, real (non-padding)
+tokens/s, peak memory (unpacked batches are length-bucketed, as the finetune recipe does), and the validation
+loss of the untrained adapter (LoRA's B = 0, so both modes must give the base model's loss: a packed run that
+attended across examples would differ).
 
 Data: the E2E csv ($FLASHTUNE_E2E_DATA, else ../shared/data/e2e/) read through `load_records`, every
 reference an example (short: ~60-90 tokens), rows of `--max-length` tokens.
