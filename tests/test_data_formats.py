@@ -404,3 +404,30 @@ def test_hub_name_offline_is_one_quick_line(monkeypatch):
         load_records("someone/some-dataset")
     assert time.perf_counter() - start < 2.0
     _one_line(exc, "'someone/some-dataset'", "offline")
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_every_format_from_a_file_trains_one_step(tmp_path, pack):
+    """File -> load_records -> build_datasets -> Collator -> fit, for each format (tiny Llama, char tokenizer)."""
+    from tiny import tiny_model
+
+    from flashtune.training import TrainConfig, fit
+
+    tok = char_tokenizer()
+    files = {
+        "messages": _jsonl(tmp_path / "m.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                                {"role": "assistant", "content": f"a{i}"}]}
+                                                  for i in range(4)]),
+        "prompt_completion": _jsonl(tmp_path / "pc.jsonl", PC),
+        "text": _csv(tmp_path / "t.csv", ["text"], [[f"some text {i}"] for i in range(4)]),
+        "e2e": _csv(tmp_path / "e.csv", ["mr", "ref"], [[f"name[n{i}]", f"n{i} is here."] for i in range(4)]),
+    }
+    model = tiny_model("llama", attn_implementation="sdpa")
+    for want, path in files.items():
+        records, fmt = load_records(path)
+        assert fmt == want
+        train, val = build_datasets(records, fmt, tok, 160, val_size=1, seed=0, pack=pack)
+        assert all(("position_ids" in ex) == pack for ex in train + val)
+        cfg = TrainConfig(out_dir=str(tmp_path / f"run-{fmt}"), max_steps=1, batch_size=4, save_every=0)
+        result = fit(model, train, cfg, collate_fn=Collator(tok.pad_token_id), progress=False)
+        assert result.step == 1 and 0 < result.history[-1]["loss"] < 20, fmt
