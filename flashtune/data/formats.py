@@ -248,8 +248,9 @@ def _token_cuts(tokenizer, full: str, full_ids: list[int], cuts: list[int]) -> d
             try:
                 offsets = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
             except Exception:
-                raise FlashtuneError("the tokenizer merges tokens across chat-turn boundaries and has no offset "
-                                     "mapping (not a fast tokenizer); use a fast tokenizer or the text format") from None
+                raise FlashtuneError("the tokenizer merges tokens across chat-turn boundaries and has no "
+                                     "offset mapping (not a fast tokenizer); use a fast tokenizer or the text "
+                                     "format") from None
         out[c] = (sum(1 for _, e in offsets if e <= c), sum(1 for s, _ in offsets if s < c))
     return out
 
