@@ -46,7 +46,7 @@ class Rows:
 
 
 def _check_file(path, what: str) -> Path:
-    p = Path(path)
+    p = Path(path).expanduser()
     if not p.exists():
         raise FlashtuneError(f"{what} {str(p)!r} does not exist; check the path")
     if p.is_dir():

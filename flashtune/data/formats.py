@@ -54,7 +54,7 @@ def load_records(path_or_name, format: str | None = None):
     if format is not None:
         check_choice("format", format, FORMATS)
     source = str(path_or_name)
-    p = Path(source)
+    p = Path(source).expanduser()
     if p.exists():
         if p.is_file() and SUFFIXES.get(p.suffix.lower()) == "text":
             return _text_file_records(p, format), "text"
