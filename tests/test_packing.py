@@ -208,7 +208,8 @@ def test_packed_loss_on_the_gpu_kernel_equals_unpacked(dtype):
     from flashtune.attention import register
 
     register()
-    model = tiny_model("llama", seed=1, dtype=dtype, attn_implementation="flashtune").cuda()
+    model = tiny_model("llama", seed=1, dtype=dtype, attn_implementation="flashtune", hidden_size=256,
+                       head_dim=64, intermediate_size=512).cuda()                  # 4 heads of 64
     check_packing(model)
     examples = _examples(12, seed=11, low=5, high=60)
     rows = pack_examples(examples, max_length=128)
