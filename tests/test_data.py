@@ -222,3 +222,16 @@ def test_bucket_batches_cover_everything_with_less_padding():
     order = list(range(400))
     rng.shuffle(order)
     assert waste(batches) < 0.5 * waste([order[i:i + 8] for i in range(0, 400, 8)])
+
+
+def test_head_training_prompt_files_are_checked_at_the_edge(tmp_path):
+    from flashtune.data import head_training_prompts
+
+    tok = char_tokenizer()
+    (tmp_path / "p.txt").write_text("one\n\ntwo\n", encoding="utf-8")
+    ids, examples = head_training_prompts(str(tmp_path / "p.txt"), 5, 0, tok)
+    assert ids == [tok("one")["input_ids"], tok("two")["input_ids"]] and examples is None
+    (tmp_path / "l1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(FlashtuneError, match="not UTF-8") as exc:
+        head_training_prompts(str(tmp_path / "l1.txt"), 5, 0, tok)
+    assert "l1.txt" in str(exc.value) and "\n" not in str(exc.value)

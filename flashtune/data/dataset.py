@@ -48,10 +48,12 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     if source == "synthetic":
         examples = generate_e2e_style(n=n, seed=seed)
         return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
+    from flashtune.data.files import read_text_file
+
     path = Path(source)
     if not path.is_file():
         raise ConfigError(f"data={source!r} is neither 'synthetic' nor a text file; give a file of prompts")
-    lines = [ln.strip() for ln in path.read_text().splitlines() if ln.strip()][:n]
+    lines = [ln.strip() for ln in read_text_file(path, "prompts file").splitlines() if ln.strip()][:n]
     return [tokenizer(ln)["input_ids"] for ln in lines], None
 
 
@@ -100,7 +102,8 @@ def example_length(example: dict) -> int:
 @dataclass
 class Collator:
     """Pads a list of examples to the longest one: `input_ids`, `attention_mask` [B, T] and `labels` [B, T]
-    (-100 on padding). `padding_side` "right" for training, "left" for generation."""
+    (-100 on padding). `padding_side` "right" for training, "left" for generation. Packed examples (with
+    `position_ids`, from `pack_examples`) give `input_ids`, `position_ids` and `labels` instead."""
 
     pad_token_id: int
     padding_side: str = "right"
@@ -110,6 +113,12 @@ class Collator:
             raise ConfigError(f"padding_side={self.padding_side!r} is not allowed; choose one of 'left', 'right'")
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        packed = sum("position_ids" in ex for ex in examples)
+        if packed:
+            if packed != len(examples):
+                raise ConfigError("a batch mixes packed examples (with position_ids) and unpacked ones; pack all "
+                                  "or none")
+            return self._packed(examples)
         width = max(len(ex["input_ids"]) for ex in examples)
         ids, mask, labels = [], [], []
         for ex in examples:
@@ -126,6 +135,24 @@ class Collator:
                 labels.append([IGNORE_INDEX] * pad + list(lab))
         return {"input_ids": torch.tensor(ids, dtype=torch.long),
                 "attention_mask": torch.tensor(mask, dtype=torch.long),
+                "labels": torch.tensor(labels, dtype=torch.long)}
+
+
+    def _packed(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        """Packed rows: `input_ids`, `position_ids`, `labels` [B, T], and no `attention_mask`, so the model finds
+        the example boundaries from the positions (see flashtune/data/packing.py). Padding goes on the right as
+        one more sequence (positions from 0, no labels): causal attention keeps real tokens from seeing it."""
+        if self.padding_side != "right":
+            raise ConfigError("packed examples are for training; collate them with padding_side='right'")
+        width = max(len(ex["input_ids"]) for ex in examples)
+        ids, pos, labels = [], [], []
+        for ex in examples:
+            pad = width - len(ex["input_ids"])
+            ids.append(list(ex["input_ids"]) + [self.pad_token_id] * pad)
+            pos.append(list(ex["position_ids"]) + list(range(pad)))
+            labels.append(list(ex.get("labels", ex["input_ids"])) + [IGNORE_INDEX] * pad)
+        return {"input_ids": torch.tensor(ids, dtype=torch.long),
+                "position_ids": torch.tensor(pos, dtype=torch.long),
                 "labels": torch.tensor(labels, dtype=torch.long)}
 
 

@@ -11,7 +11,6 @@ are alternative references for the same input and are grouped into one `E2EExamp
 
 from __future__ import annotations
 
-import csv
 import os
 import random
 import re
@@ -82,28 +81,35 @@ def load_e2e_csv(path=None, limit: int | None = None) -> list[E2EExample]:
     """Read an E2E-format CSV (`mr`, `ref` columns) and group the references per MR.
 
     Examples keep the order in which each MR first appears; references keep file order. `limit` keeps the first
-    `limit` distinct MRs. Raises FlashtuneError (one line) for a missing file or missing columns.
+    `limit` distinct MRs. Raises FlashtuneError (one line) for a missing, empty, binary, non-UTF-8 or malformed
+    file, or missing columns; a field may be of any size.
     """
+    from flashtune.data.files import read_csv
+
     path = Path(path) if path is not None else default_e2e_path()
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FlashtuneError(f"E2E data file {str(path)!r} does not exist; pass a path or set FLASHTUNE_E2E_DATA")
+    table = read_csv(path, "E2E data file")
+    if "mr" not in table.columns or "ref" not in table.columns:
+        raise FlashtuneError(f"{path} has columns {table.columns}; an E2E csv needs the columns 'mr' and 'ref'")
+    return examples_from_rows(table.rows, limit)
+
+
+def examples_from_rows(rows, limit: int | None = None) -> list[E2EExample]:
+    """Group rows with `mr` and `ref` strings into E2EExamples, one per distinct MR (first-appearance order;
+    rows with an empty MR skipped, empty references dropped); `limit` keeps the first `limit` distinct MRs."""
     grouped: dict[str, list[str]] = {}
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        if "mr" not in cols or "ref" not in cols:
-            raise FlashtuneError(f"{path} has columns {cols}; an E2E csv needs the columns 'mr' and 'ref'")
-        for row in reader:
-            mr = (row["mr"] or "").strip()
-            if not mr:
+    for row in rows:
+        mr = (row.get("mr") or "").strip()
+        if not mr:
+            continue
+        if mr not in grouped:
+            if limit is not None and len(grouped) >= limit:
                 continue
-            if mr not in grouped:
-                if limit is not None and len(grouped) >= limit:
-                    continue
-                grouped[mr] = []
-            ref = (row["ref"] or "").strip()
-            if ref:
-                grouped[mr].append(ref)
+            grouped[mr] = []
+        ref = (row.get("ref") or "").strip()
+        if ref:
+            grouped[mr].append(ref)
     return [E2EExample(mr, refs) for mr, refs in grouped.items()]
 
 
