@@ -146,7 +146,8 @@ def test_reference_quirks_fixed():
     ("Sure, I can help.", "no_action", "Action"),
     ("Thought: x\nAction: ", "truncated", "empty"),
     ("Thought: x\nAction: click(start_box='(10,2", "truncated", "never closed"),
-    ("Thought: x\nAction: click(start_box='(10,20)'", "truncated", "never closed"),
+    ("Thought: x\nAction: click(start_box='(10,20", "truncated", "never closed"),
+    ("Thought: x\nAction: click(start_box=(10,20", "truncated", "cut off"),
     ("Thought: x\nAction: click", "truncated", "argument list"),
     ("Thought: x\nAction: type(content='abc", "truncated", "never closed"),
     ("Action: click(start_box='=')", "bad_coordinate", "'='"),  # UI-TARS issue #78
@@ -239,6 +240,6 @@ def test_arbitrary_text_never_crashes(text):
 
 
 def test_parse_coord_rejects_garbage():
-    for bad in ["", "()", "(1)", "<point></point>", "[1,2,3,4,5]", "(1,2", "1 2 3", "<bbox>1 2</bbox>"]:
+    for bad in ["", "()", "(1)", "<point></point>", "[1,2,3,4,5]", "(1,2))", "((1,2", "1 2 3", "<bbox>1 2</bbox>"]:
         with pytest.raises(ActionParseError):
             parse_coord(bad)
