@@ -73,15 +73,15 @@ def test_v15_absolute_in_resized_frame():
 
 
 def test_v15_point_tag_in_model_frame_issue16():
-    # issue 16: at 224x224, smart_resize gives a 280x280 frame (min_pixels), so <point>200 300</point> is
-    # (160, 240) on the screenshot, not (44.8, 67.2) as a 0-1000 reading gives.
+    # issue 16: at 224x224, smart_resize gives a 280x280 frame (min_pixels), so <point>200 250</point> is
+    # (160, 200) on the screenshot, not (44.8, 56) as the 0-1000 reading gave.
     from flashtune.agent.parser import parse_response
 
-    a = parse_response("Action: click(point='<point>200 300</point>')").actions[0]
+    a = parse_response("Action: click(point='<point>200 250</point>')").actions[0]
     m = CoordinateMapper(224, 224, version="1.5")
-    assert smart_resize(224, 224) == (280, 280)
-    assert m.to_screen(*a.start.center, dialect=a.start.dialect) == pytest.approx((160.0, 240.0))
-    assert CoordinateMapper(224, 224, version="1.0").to_screen(200, 300, "point_tag") == pytest.approx((44.8, 67.2))
+    assert smart_resize(224, 224) == (280, 280) and m.frame("point_tag") == (280, 280)
+    assert m.to_screen(*a.start.center, dialect=a.start.dialect) == pytest.approx((160.0, 200.0))
+    assert CoordinateMapper(224, 224, version="1.0").to_screen(200, 250, "point_tag") == pytest.approx((44.8, 56.0))
 
 
 screens = st.tuples(st.integers(200, 4000), st.integers(200, 3000)).filter(lambda s: max(s) / min(s) <= 20)
