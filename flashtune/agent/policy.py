@@ -58,7 +58,7 @@ REFUSED_CHORDS = frozenset(_chord(c) for c in (
     "ctrl o", "ctrl s", "ctrl shift s", "ctrl p", "ctrl shift p", "alt f4", "ctrl w", "ctrl shift w", "ctrl q",
     "ctrl n", "ctrl shift n", "ctrl t", "ctrl shift t", "ctrl l", "alt d", "f6", "ctrl k", "ctrl e", "ctrl h",
     "ctrl j", "ctrl u", "ctrl d", "ctrl shift o", "ctrl shift b", "ctrl shift delete", "ctrl shift i",
-    "ctrl shift j", "ctrl shift c", "f12", "alt", "f10", "alt e", "alt f", "alt f1", "alt f2", "alt home",
+    "ctrl shift j", "ctrl shift c", "f12", "f10", "alt e", "alt f", "alt f1", "alt f2", "alt home",
     "ctrl escape", "ctrl shift escape", "ctrl alt t", "ctrl alt delete", "ctrl alt backspace", "ctrl alt l",
     "ctrl alt escape", *(f"ctrl alt f{i}" for i in range(1, 13))))
 
@@ -116,10 +116,12 @@ def host_class(host: str) -> str:
         return "public"
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    if ip in METADATA_IPS or ip.is_link_local or ip.is_multicast or ip.is_reserved:
+    if ip in METADATA_IPS or ip.is_link_local or ip.is_multicast:
         return "never"
     if ip.is_loopback or ip.is_unspecified:  # 0.0.0.0 reaches this machine in Chromium on Linux
         return "loopback"
+    if ip.is_reserved:
+        return "never"
     if not ip.is_global:
         return "private"
     return "public"
