@@ -93,11 +93,12 @@ def _decode(png: bytes):
         return im.convert("RGB")
 
 
-def model_image(png: bytes, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS) -> tuple[bytes, tuple]:
+def model_image(png: bytes, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                image=None) -> tuple[bytes, tuple]:
     """The screenshot as the model should see it: resized (bicubic, as Qwen2-VL's processor) to
     smart_resize(h, w) within the server's pixel budget, so the server's processor leaves it as it is.
-    Returns (PNG bytes, (width, height))."""
-    im = _decode(png)
+    `image`: the PNG already decoded (RGB), when the caller has it. Returns (PNG bytes, (width, height))."""
+    im = image if image is not None else _decode(png)
     h, w = smart_resize(im.height, im.width, min_pixels=min_pixels, max_pixels=max_pixels)
     if (w, h) == im.size:
         return png, (w, h)
@@ -153,9 +154,10 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
         png = executor.screenshot()
         shot = f"step_{index:03d}.png"
         write_atomic(os.path.join(out_dir, shot), png)
-        sent, sent_size = model_image(png, config.min_pixels, config.max_pixels)
+        image = _decode(png)
+        sent, sent_size = model_image(png, config.min_pixels, config.max_pixels, image=image)
         screenshots.append(sent)
-        width, height = _decode(png).size
+        width, height = image.size
         mapper = executor.mapper(width, height, config.model_version, min_pixels=config.min_pixels,
                                  max_pixels=config.max_pixels)
         entry: dict = {"index": index, "screenshot": shot, "screen_size": [width, height],
@@ -201,7 +203,7 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
             record["answer"] = next(a for a in actions if a.name == terminal).text
             return terminal
         if config.stuck_after and any(a.name != "wait" for a in actions):
-            key = (hashlib.sha256(_decode(png).tobytes()).hexdigest(), tuple(entry["action_strings"]))
+            key = (hashlib.sha256(image.tobytes()).hexdigest(), tuple(entry["action_strings"]))
             repeats = repeats + 1 if key == last_key else 1
             last_key = key
             if repeats >= config.stuck_after:
