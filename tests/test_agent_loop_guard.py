@@ -194,3 +194,36 @@ def test_4k_screenshot_is_resized_to_the_servers_budget(tmp_path):
     (name, _, (x, y)), = ex.done
     assert x == pytest.approx(1000 * 3840 / 1932) and round(x) == 1988
     assert y == pytest.approx(500 * 2160 / 1064)
+
+
+def test_agent_run_cli_with_a_400_digit_coordinate(tmp_path, capsys):
+    # issue 13: `agent run` ended in OverflowError without trajectory.json
+    from agent_fixtures.support import PageServer
+
+    pages = PageServer()
+    try:
+        with FakeModelServer([f"Action: click(start_box='({'9' * 400},5)')"] * 3) as fake:
+            code = main(["agent", "run", "--task", "t", "--endpoint", fake.url, "--executor", "browser",
+                         "--start-url", pages.url(), "--size", "640x480", "--out", str(tmp_path)])
+    finally:
+        pages.close()
+    captured = capsys.readouterr()
+    assert code == 1 and "status: parse_error after 1 step(s)" in captured.out and "Traceback" not in captured.err
+    record = json.loads((tmp_path / "trajectory.json").read_text())
+    assert record["status"] == "parse_error" and (tmp_path / "report.html").exists()
+    assert [a["reason"] for a in record["steps"][0]["attempts"]] == ["bad_coordinate"] * 3
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--start-url", "file:///etc/passwd"], "start URL"),
+    (["--allow-host", "bad host"], "allow host"),
+    (["--stuck-after", "1"], "stuck_after"),
+    (["--max-type-chars", "0"], "max_type_chars"),
+])
+def test_agent_run_cli_refuses_bad_policy_options(tmp_path, capsys, args, needle):
+    before = sorted(p.name for p in tmp_path.iterdir())
+    code = main(["agent", "run", "--task", "t", "--endpoint", "http://127.0.0.1:9/v1", "--out",
+                 str(tmp_path / "run"), *args])
+    err = capsys.readouterr().err
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing started, nothing written
