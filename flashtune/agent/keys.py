@@ -22,7 +22,7 @@ MODIFIERS = frozenset({"ctrl", "alt", "shift", "meta"})
 MAX_HOTKEY_KEYS = 3  # the templates' own limit
 
 
-class KeyError_(FlashtuneError):
+class UnknownKeyError(FlashtuneError):
     """A key name outside the fixed list."""
 
 
@@ -38,5 +38,5 @@ def normalize_key(key: str) -> str:
     if k not in NAMED_KEYS:
         shown = repr(key if len(key) <= 30 else key[:30] + "...")
         hint = "; separate keys with spaces, e.g. 'ctrl c'" if "+" in key and len(key) > 1 else ""
-        raise KeyError_(f"unknown key {shown}{hint}; use one character or one of {', '.join(sorted(NAMED_KEYS))}")
+        raise UnknownKeyError(f"unknown key {shown}{hint}; use one character or one of {', '.join(sorted(NAMED_KEYS))}")
     return k
