@@ -1,8 +1,8 @@
 """What every executor shares: key names, and the translation of a parsed action into a backend's primitives.
 
 A backend implements a few primitives in its own input units (CSS pixels for Playwright, screen pixels for
-X11): `click`, `move`, `drag`, `type_text`, `line_break`, `hotkey`, `key_down`, `key_up`, `scroll`, `long_press`, and
-optionally `navigate` / `go_back`. `perform` maps model coordinates through a `CoordinateMapper` first.
+X11): `click`, `move`, `drag`, `type_text`, `line_break` (or `paste_text` for text with newlines), `hotkey`,
+`key_down`, `key_up`, `scroll`, `long_press`, and optionally `navigate` / `go_back`. `perform` maps model coordinates through a `CoordinateMapper` first.
 """
 
 from __future__ import annotations
@@ -66,6 +66,9 @@ def perform(action: Action, mapper: CoordinateMapper, backend, scroll_clicks: in
         if action.start is not None:  # type(content=..., start_box=...): focus the field first
             backend.click(*point(action.start), button="left", count=1)
         chunks, submit = split_typed_text(action.text)
+        if "\n" in chunks and getattr(type(backend), "paste_text", None):  # X11: paste, as the reference does
+            backend.paste_text("".join(chunks))
+            chunks = []
         for chunk in chunks:
             if chunk == "\n":
                 backend.line_break()

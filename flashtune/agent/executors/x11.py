@@ -228,10 +228,20 @@ class X11Executor:
     def type_text(self, text: str) -> None:
         self._run("type", "--delay", str(self.type_delay_ms), "--", text)
 
-    def line_break(self) -> None:
-        """A newline inside typed content: Shift+Return (a new line in text areas and editors), never the bare
-        Return that submits a form; only a trailing newline submits (see base.split_typed_text)."""
-        self._run("key", "--clearmodifiers", "shift+Return")
+    def paste_text(self, text: str) -> None:
+        """Enter text that holds newlines by pasting it (ctrl+v), as the reference executor does: a newline
+        becomes a line in a text area and a space in a one-line field, never an Enter that submits a form
+        (only a trailing newline submits, see base.split_typed_text). The display's clipboard is replaced."""
+        from flashtune.agent.executors.x11_clipboard import ClipboardServer
+
+        server = ClipboardServer(_libx11(), self.display, text)
+        try:
+            self._run("key", "--clearmodifiers", "ctrl+v")
+            if not server.wait_served(5.0):
+                raise FlashtuneError("the focused window did not take the pasted text (ctrl+v) within 5 s")
+            time.sleep(0.3)  # clients may ask again (Chromium polls TARGETS after a paste)
+        finally:
+            server.close()
 
     def hotkey(self, keys: list[str]) -> None:
         self._run("key", "--clearmodifiers", "+".join(keysym(k) for k in keys))
