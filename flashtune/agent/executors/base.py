@@ -2,7 +2,8 @@
 
 A backend implements a few primitives in its own input units (CSS pixels for Playwright, screen pixels for
 X11): `click`, `move`, `drag`, `type_text`, `line_break` (or `paste_text` for text with newlines), `hotkey`,
-`key_down`, `key_up`, `scroll`, `long_press`, and optionally `navigate` / `go_back`. `perform` maps model coordinates through a `CoordinateMapper` first.
+`key_down`, `key_up`, `scroll`, `long_press`, and optionally `navigate` / `go_back`. `perform` maps model
+coordinates through a `CoordinateMapper` first.
 """
 
 from __future__ import annotations

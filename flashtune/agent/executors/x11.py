@@ -270,7 +270,8 @@ class ChromiumWindow:
         self.sandbox = sandbox_status()
         self.profile = tempfile.mkdtemp(prefix="flashtune-chromium-")
         self.proc = subprocess.Popen(
-            [find_chromium(), *CHROMIUM_ARGS, *sandbox_args(self.sandbox), "--kiosk", f"--user-data-dir={self.profile}",
+            [find_chromium(), *CHROMIUM_ARGS, *sandbox_args(self.sandbox), "--kiosk",
+             f"--user-data-dir={self.profile}",
              "--window-position=0,0", f"--window-size={width},{height}", "--no-default-browser-check", url],
             env=dict(os.environ, DISPLAY=display), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.display = display
