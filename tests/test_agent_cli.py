@@ -83,9 +83,14 @@ def test_dispatch_to_primitives():
         ("drag", (0.0, 0.0, 1999 / 2, 999 / 2), {})]  # clamped to the last pixel
     assert run("Action: scroll(direction='up')") == [("scroll", (500.0, 250.0, "up", 5), {})]  # screen centre
     assert run("Action: scroll(start_box='(0,0)', end_box='(0,500)')")[0][0] == "drag"  # v1 mobile swipe
+    # only a trailing newline submits; one inside the content is a line break (issue 16)
     assert run("Action: type(content='a\\nb\\n')") == [
-        ("type_text", ("a",), {}), ("hotkey", (["enter"],), {}), ("type_text", ("b",), {}),
-        ("hotkey", (["enter"],), {})]
+        ("type_text", ("a",), {}), ("line_break", (), {}), ("type_text", ("b",), {}), ("hotkey", (["enter"],), {})]
+    assert run("Action: type(content='a\\nb')") == [
+        ("type_text", ("a",), {}), ("line_break", (), {}), ("type_text", ("b",), {})]
+    # type(content=..., start_box=...) from the official training action space: focus the field, then type
+    assert run("Action: type(content='hi', start_box='(500,500)')") == [
+        ("click", (500.0, 250.0), {"button": "left", "count": 1}), ("type_text", ("hi",), {})]
     assert run("Action: hotkey(key='Ctrl Shift ArrowLeft')") == [("hotkey", (["ctrl", "shift", "left"],), {})]
     assert run("Action: press(key='ctrl')\n\nrelease(key='ctrl')") == [("key_down", ("ctrl",), {}),
                                                                        ("key_up", ("ctrl",), {})]
@@ -108,7 +113,8 @@ def test_dispatch_errors_and_keys():
         normalize_key("hyperdrive")
     assert [normalize_key(k) for k in ("Return", "ESC", "cmd", "PgDn", "A", "F5")] == \
         ["enter", "escape", "meta", "pagedown", "a", "f5"]
-    assert split_typed_text("\n\nx") == ["\n", "\n", "x"]
+    assert split_typed_text("\n\nx") == (["\n", "\n", "x"], False)
+    assert split_typed_text("x\n\n") == (["x", "\n"], True)
 
 
 def test_annotate_draws_at_the_mapped_point():

@@ -67,8 +67,21 @@ def test_v15_absolute_in_resized_frame():
     assert m.model_size == (1932, 1092)
     x, y = m.to_screen(966, 546)  # centre of the resized image -> centre of the screen
     assert x == pytest.approx(960) and y == pytest.approx(540)
-    # the Doubao <point> dialect is relative 0-1000 whatever the version
-    assert m.to_screen(500, 500, dialect="point_tag") == (960.0, 540.0)
+    # <point> under 1.5 is in the same resized frame (as ui_tars and UI-TARS-desktop read it)
+    assert m.to_screen(966, 546, dialect="point_tag") == pytest.approx((960.0, 540.0))
+    assert CoordinateMapper(1920, 1080, version="doubao").to_screen(500, 500, dialect="point_tag") == (960.0, 540.0)
+
+
+def test_v15_point_tag_in_model_frame_issue16():
+    # issue 16: at 224x224, smart_resize gives a 280x280 frame (min_pixels), so <point>200 250</point> is
+    # (160, 200) on the screenshot, not (44.8, 56) as the 0-1000 reading gave.
+    from flashtune.agent.parser import parse_response
+
+    a = parse_response("Action: click(point='<point>200 250</point>')").actions[0]
+    m = CoordinateMapper(224, 224, version="1.5")
+    assert smart_resize(224, 224) == (280, 280) and m.frame("point_tag") == (280, 280)
+    assert m.to_screen(*a.start.center, dialect=a.start.dialect) == pytest.approx((160.0, 200.0))
+    assert CoordinateMapper(224, 224, version="1.0").to_screen(200, 250, "point_tag") == pytest.approx((44.8, 56.0))
 
 
 screens = st.tuples(st.integers(200, 4000), st.integers(200, 3000)).filter(lambda s: max(s) / min(s) <= 20)
@@ -110,4 +123,5 @@ def test_bad_mapper_config():
         CoordinateMapper(100, 100, version="2")
     with pytest.raises(ConfigError, match="scale_factor"):
         CoordinateMapper(100, 100, scale_factor=0)
-    assert math.isclose(CoordinateMapper(800, 600, scale_factor=2).to_input(500, 500, "point_tag")[0], 200)
+    assert math.isclose(CoordinateMapper(800, 600, version="doubao", scale_factor=2).to_input(500, 500, "point_tag")[0],
+                        200)

@@ -26,7 +26,8 @@ def test_example_run_browser(tmp_path, capsys):
                          "--max-steps", "6", "--out", str(tmp_path)])
     finally:
         pages.close()
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0 and "status: finished after 4 step(s)" in out and "Subscribed as Ada." in out
     record = json.loads((tmp_path / "trajectory.json").read_text())
     first = Image.open(io.BytesIO((tmp_path / "step_000.png").read_bytes())).convert("RGB")
@@ -34,6 +35,15 @@ def test_example_run_browser(tmp_path, capsys):
     assert first.getpixel((900, 600)) == (244, 244, 248)  # #f4f4f8 before
     assert last.getpixel((900, 600)) == (200, 247, 197)  # #c8f7c5 once subscribed
     assert record["steps"][0]["model_size"] == [1288, 728]
+    # the trajectory says whether Chromium ran sandboxed, and why not (as root it cannot)
+    from flashtune.agent.executors.browser import sandbox_status
+
+    assert record["sandbox"] == sandbox_status()
+    if os.geteuid() == 0:
+        assert not record["sandbox"]["enabled"] and "root" in record["sandbox"]["reason"]
+    if not record["sandbox"]["enabled"]:
+        assert "sandbox: off" in (tmp_path / "report.html").read_text()
+        assert "without its sandbox" in captured.err
     assert (tmp_path / "report.html").read_text().count("<img ") == 4
 
 

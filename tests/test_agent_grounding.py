@@ -120,7 +120,19 @@ def test_wrong_format_and_other_answer_styles(dataset):
     assert result["wrong_format"] == 2  # no coordinate at all: the prose and wait()
     rows = {r["image"]: r for r in result["rows"]}
     assert rows["ios.png"]["point"] == pytest.approx((500, 500))  # 1.5: pixels of the 1288x728 frame
-    assert rows["pro.png"]["point"] == pytest.approx((1.28, 0.72))  # <bbox> is relative 0-1000
+    # <bbox> under 1.5 is in the model's resized frame too, like <point> (issue 16; as ui_tars reads it)
+    from PIL import Image
+
+    from flashtune.agent.coords import smart_resize
+
+    with Image.open(dataset.parent / "pro.png") as im:
+        w, h = im.size
+    fh, fw = smart_resize(h, w)
+    assert rows["pro.png"]["point"] == pytest.approx((0.5 * w / fw, 0.5 * h / fh))
+    doubao = evaluate(load_samples(str(dataset)), lambda s: answers[s.image.rsplit("/", 1)[-1]],
+                      model_version="doubao")
+    assert {r["image"]: r for r in doubao["rows"]}["pro.png"]["point"] == pytest.approx((0.5 * w / 1000,
+                                                                                       0.5 * h / 1000))
     assert result["correct"] == 0
 
 

@@ -146,7 +146,8 @@ def test_reference_quirks_fixed():
     ("Sure, I can help.", "no_action", "Action"),
     ("Thought: x\nAction: ", "truncated", "empty"),
     ("Thought: x\nAction: click(start_box='(10,2", "truncated", "never closed"),
-    ("Thought: x\nAction: click(start_box='(10,20)'", "truncated", "never closed"),
+    ("Thought: x\nAction: click(start_box='(10,20", "truncated", "never closed"),
+    ("Thought: x\nAction: click(start_box=(10,20", "truncated", "cut off"),
     ("Thought: x\nAction: click", "truncated", "argument list"),
     ("Thought: x\nAction: type(content='abc", "truncated", "never closed"),
     ("Action: click(start_box='=')", "bad_coordinate", "'='"),  # UI-TARS issue #78
@@ -239,6 +240,39 @@ def test_arbitrary_text_never_crashes(text):
 
 
 def test_parse_coord_rejects_garbage():
-    for bad in ["", "()", "(1)", "<point></point>", "[1,2,3,4,5]", "(1,2", "1 2 3", "<bbox>1 2</bbox>"]:
+    for bad in ["", "()", "(1)", "<point></point>", "[1,2,3,4,5]", "(1,2))", "((1,2", "1 2 3", "<bbox>1 2</bbox>"]:
         with pytest.raises(ActionParseError):
             parse_coord(bad)
+
+
+# -- hostile numbers through the coordinate consumers (issues 13 and 16) ----------------------------------
+_big = st.one_of(st.integers(-10 ** 500, 10 ** 500), st.integers(-200000, 200000),
+                 st.floats(allow_nan=False, allow_infinity=False, width=64).map(lambda f: f"{f:.6f}"))
+
+
+@settings(max_examples=200, deadline=None)
+@given(_big, _big, st.sampled_from(["(%s,%s)", "<point>%s %s</point>", "[%s, %s, 10, 10]", "(%s,%s"]),
+       st.sampled_from(["1.5", "1.0", "doubao"]))
+def test_any_number_is_a_typed_error_or_a_point_on_screen(x, y, form, version):
+    import math
+
+    from flashtune.agent.coords import CoordinateMapper
+    from flashtune.agent.executors.pyautogui_code import to_pyautogui
+    from flashtune.agent.policy import Policy, PolicyError
+
+    key = "point" if form.startswith("<point>") else "start_box"
+    text = f"Action: click({key}='{form % (x, y)}')"
+    try:
+        step = parse_response(text)
+    except ActionParseError as exc:
+        assert exc.reason == "bad_coordinate" and len(str(exc)) < 400
+        return
+    mapper = CoordinateMapper(1920, 1080, version=version)
+    (a,) = step.actions
+    sx, sy = mapper.to_screen(*a.start.center, dialect=a.start.dialect)
+    assert math.isfinite(sx) and math.isfinite(sy) and 0 <= sx <= 1919 and 0 <= sy <= 1079
+    assert "pyautogui.click(" in to_pyautogui(step.actions, mapper)
+    try:
+        Policy().check_step(step.actions, mapper)
+    except PolicyError as exc:
+        assert "outside the screenshot" in str(exc)

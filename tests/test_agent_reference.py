@@ -25,8 +25,10 @@ _key = st.lists(st.sampled_from(["ctrl", "alt", "shift", "c", "v", "enter", "tab
 def case(draw):
     (w, h) = draw(st.sampled_from(SCREENS))
     version = draw(st.sampled_from(["1.5", "1.0", "doubao"]))
-    mapper = CoordinateMapper(w, h, version="1.5" if version == "doubao" else version)
-    dialect = "point_tag" if version == "doubao" else "paren"
+    mapper = CoordinateMapper(w, h, version=version)
+    # <point> under 1.5 is read in the model's resized frame, as the reference reads it (issue 16)
+    dialect = "point_tag" if version == "doubao" else draw(st.sampled_from(
+        ["paren", "point_tag"] if version == "1.5" else ["paren"]))
     fw, fh = mapper.frame(dialect)
     # stay inside the screen so clamping (ours, on purpose) does not differ from the reference
     xs = st.integers(0, int((w - 1) * fw / w))

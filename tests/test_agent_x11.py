@@ -102,6 +102,17 @@ def test_type_enter_and_hotkeys(x):
     assert "Control+a" in keys and keys[-3:] == ["ArrowLeft", " ", "PageDown"]
 
 
+def test_newline_inside_content_never_submits(x):
+    # issue 16: a newline inside content was pressed as Enter; X11 pastes such text, as the reference does
+    x.run(answer(f"click({x.coord('#inp')})\n\ntype(content='line one\\nline two')"))
+    x.page.wait_for_function("document.getElementById('inp').value.length > 0", timeout=10000)
+    assert x.page.input_value("#inp") == "line one line two"  # a one-line field makes the break a space
+    x.run(answer(f"click({x.coord('#area')})\n\ntype(content='a\\nb\\n')"))
+    x.page.wait_for_function("window.state.keys.includes('Enter')", timeout=10000)
+    assert x.page.input_value("#area") == "a\nb\n"  # the line break pasted, the trailing newline pressed
+    assert x.state()["enter"] == 0 and x.state()["keys"].count("Enter") == 1
+
+
 def test_scroll_each_way(x):
     def pos():
         return x.page.evaluate("[document.getElementById('scroller').scrollLeft, "

@@ -25,7 +25,7 @@ SCHEMA: dict[str, tuple[tuple[str, ...], str | None, bool]] = {
     "keydown": ((), "key", True),
     "release": ((), "key", True),
     "keyup": ((), "key", True),
-    "type": ((), "content", True),
+    "type": (("start?",), "content", True),  # the training action space also writes type(content, start_box)
     "scroll": (("start?", "end?"), None, False),  # plus direction= (1.5); v1 mobile used start+end instead
     "wait": ((), None, False),
     "finished": ((), "content", False),

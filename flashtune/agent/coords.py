@@ -1,8 +1,8 @@
 """Coordinate systems of UI-TARS models (arXiv 2501.12326) and Qwen2-VL's `smart_resize`.
 
 Three frames are involved:
-- model space: what the model writes. v1 (Qwen2-VL base) and the Doubao `<point>` dialect use relative integers
-  0-1000; UI-TARS-1.5 (Qwen2.5-VL base) uses absolute pixels of the image *after* `smart_resize`.
+- model space: what the model writes. v1 (Qwen2-VL base) and Doubao use relative integers 0-1000; UI-TARS-1.5
+  (Qwen2.5-VL base) uses absolute pixels of the image *after* `smart_resize`, in every dialect (`<point>` too).
 - screenshot space: pixels of the screenshot we took (device pixels; a Retina page at scale 2 gives a
   screenshot twice the CSS size).
 - input space: what the executor's mouse takes. Playwright works in CSS pixels (screenshot / device scale
@@ -78,7 +78,10 @@ class CoordinateMapper:
         return 1000, 1000
 
     def frame(self, dialect: str) -> tuple[float, float]:
-        return (1000, 1000) if dialect in ("point_tag", "bbox_tag") else self.model_size
+        """(width, height) of the frame a coordinate of `dialect` is written in. The dialect does not change
+        the frame: UI-TARS-1.5 writes `<point>` in its own resized-image frame too (the official 1.5 templates
+        use `<point>`; `ui_tars` and UI-TARS-desktop read it so), v1 and Doubao write 0-1000."""
+        return self.model_size
 
     def clamp(self, x: float, y: float) -> tuple[float, float]:
         """Keep a screenshot point on the screen: [0, width-1] x [0, height-1]."""

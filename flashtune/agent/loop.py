@@ -1,130 +1,250 @@
-"""The UI-TARS agent loop (arXiv 2501.12326): screenshot -> model -> parsed actions -> executor, repeated.
+"""The UI-TARS agent loop (arXiv 2501.12326): screenshot -> model -> parsed actions -> policy -> executor, repeated.
 
-Stops on `finished` (status "finished"), `call_user` ("call_user"), an answer that never parses
-("parse_error"), an action the executor cannot perform ("error") or the step limit ("max_steps"). `wait()`
-sleeps through the injectable `sleep` and takes a new screenshot. Everything is written to `out_dir`:
-step_NNN.png (the screenshot the model saw), step_NNN_annotated.png (the actions drawn on it),
-trajectory.json (raw responses, parsed actions, screen points, status) and report.html.
+Each screenshot is resized on the client with `smart_resize` to the server's pixel budget before it is sent, so
+the image the model sees is exactly the frame its coordinates are mapped from, on any screen size.
+
+An answer that does not parse, or a step the policy refuses (`policy.py`), is sent back to the model as an error
+message and asked again, at most `resamples` times per step (at temperature 1, as OSWorld resamples); none of a
+refused step's actions is executed. Keys held with press()/keydown() are released at the end of every step.
+
+Stops on `finished` (status "finished"), `call_user` ("call_user"), an answer that never parses ("parse_error"),
+a step still refused after the retries ("refused"), the same action proposed on an unchanged screenshot
+`stuck_after` times in a row ("stuck"), an action the executor cannot perform or an executor crash ("error"),
+an unreachable model server ("endpoint_error") or the step limit ("max_steps"). `wait()` sleeps through the
+injectable `sleep` and takes a new screenshot. Whatever happens, out_dir ends with trajectory.json and
+report.html; also there: step_NNN.png (the full screenshot) and step_NNN_annotated.png (the actions drawn on it).
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import time
 from dataclasses import asdict, dataclass
 
+from flashtune.agent.actions import Action
 from flashtune.agent.client import EndpointError
-from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS
-from flashtune.agent.parser import ActionParseError
-from flashtune.agent.prompts import HISTORY_N, TEMPLATES, build_messages
+from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS, smart_resize
+from flashtune.agent.parser import ActionParseError, parse_response
+from flashtune.agent.policy import ACTION_SPACES, Policy, PolicyError
+from flashtune.agent.prompts import HISTORY_N, build_messages
 from flashtune.agent.report import annotate, write_atomic, write_record
-from flashtune.errors import FlashtuneError, check_choice, check_range
+from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+
+STATUSES = ("finished", "call_user", "max_steps", "parse_error", "refused", "stuck", "error", "endpoint_error",
+            "interrupted")
+FEEDBACK_CHARS = 2000  # how much of a rejected answer is repeated back to the model
 
 
 @dataclass
 class AgentConfig:
-    """How the loop talks to the model and paces the executor."""
+    """How the loop talks to the model, what the policy allows, and how the executor is paced."""
 
     max_steps: int = 15
     model_version: str = "1.5"  # "1.5" (absolute, smart_resize frame) | "1.0" (relative 0-1000) | "doubao"
-    template: str = "computer"
+    template: str = "computer"  # computer | mobile | browser (computer + navigate)
     language: str = "English"
     history_n: int = HISTORY_N  # screenshots sent per request, the current one included
     wait_seconds: float = 5.0  # what wait() sleeps
     settle_seconds: float = 0.5  # pause after each step's actions before the next screenshot
-    resamples: int = 2  # retries at temperature 1 after an unparseable answer
-    min_pixels: int = MIN_PIXELS  # must match the server's image processor
+    resamples: int = 2  # retries per step after an unparseable or refused answer, the error sent back
+    min_pixels: int = MIN_PIXELS  # the server's image processor budget: screenshots are resized to it
     max_pixels: int = MAX_PIXELS
+    stuck_after: int = 3  # the same action on an unchanged screenshot this many times ends the run; 0: never
+    start_url: str | None = None  # the policy's reference for allowed hosts (the executor opens it)
+    allow_hosts: tuple[str, ...] = ()  # navigation allow-list; empty: the start URL's host and public hosts
+    max_type_chars: int = 2000
 
     def __post_init__(self):
         check_range("max_steps", self.max_steps, 1, integer=True)
         check_choice("model_version", self.model_version, VERSIONS)
-        check_choice("template", self.template, tuple(k for k in TEMPLATES if k != "grounding"))
+        check_choice("template", self.template, tuple(ACTION_SPACES))
         check_range("history_n", self.history_n, 1, integer=True)
         check_range("wait_seconds", self.wait_seconds, 0)
         check_range("settle_seconds", self.settle_seconds, 0)
         check_range("resamples", self.resamples, 0, integer=True)
         check_range("min_pixels", self.min_pixels, 1, integer=True)
         check_range("max_pixels", self.max_pixels, self.min_pixels, integer=True)
+        check_range("stuck_after", self.stuck_after, 0, integer=True)
+        if self.stuck_after == 1:
+            raise ConfigError("stuck_after=1 would stop at the first action; use 2 or more, or 0 to turn it off")
+        self.allow_hosts = tuple(self.allow_hosts)
+        self.policy()  # validates start_url, allow_hosts and max_type_chars
+
+    def policy(self) -> Policy:
+        return Policy(template=self.template, model_version=self.model_version, start_url=self.start_url,
+                      allow_hosts=self.allow_hosts, max_type_chars=self.max_type_chars)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["allow_hosts"] = list(self.allow_hosts)
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "AgentConfig":
         return cls(**d)
 
 
-def _image_size(png: bytes) -> tuple[int, int]:
+def _decode(png: bytes):
     from PIL import Image
 
     with Image.open(io.BytesIO(png)) as im:
-        return im.size
+        return im.convert("RGB")
+
+
+def model_image(png: bytes, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_PIXELS,
+                image=None) -> tuple[bytes, tuple]:
+    """The screenshot as the model should see it: resized (bicubic, as Qwen2-VL's processor) to
+    smart_resize(h, w) within the server's pixel budget, so the server's processor leaves it as it is.
+    `image`: the PNG already decoded (RGB), when the caller has it. Returns (PNG bytes, (width, height))."""
+    im = image if image is not None else _decode(png)
+    h, w = smart_resize(im.height, im.width, min_pixels=min_pixels, max_pixels=max_pixels)
+    if (w, h) == im.size:
+        return png, (w, h)
+    from PIL import Image
+
+    buf = io.BytesIO()
+    im.resize((w, h), Image.BICUBIC).save(buf, format="PNG")
+    return buf.getvalue(), (w, h)
+
+
+def _feedback(exc: FlashtuneError) -> str:
+    nothing = "Nothing of that step was executed. " if isinstance(exc, PolicyError) else ""
+    return (f"Error: {exc}. {nothing}Answer again for the same screenshot in the format 'Thought: ...' then "
+            "'Action: ...', using only the actions of the action space.")
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {text[:500]}"
 
 
 def run_agent(task: str, client, executor, out_dir: str, config: AgentConfig | None = None,
               sleep=time.sleep, executor_name: str = "") -> dict:
     """Run one episode; returns the trajectory record (also written to out_dir/trajectory.json)."""
     config = config or AgentConfig()
+    policy = config.policy()
     os.makedirs(out_dir, exist_ok=True)
     record = {"task": task, "config": config.to_dict(), "executor": executor_name, "status": "running",
-              "steps": []}
-    screenshots: list[bytes] = []
+              "policy": policy.to_dict(), "sandbox": getattr(executor, "sandbox", None), "steps": []}
+    status = "error"
+    try:
+        status = _episode(task, client, executor, out_dir, config, policy, sleep, record)
+    except KeyboardInterrupt:
+        status = "interrupted"
+        raise
+    except EndpointError as exc:
+        record["error"] = str(exc)
+        status = "endpoint_error"
+    except Exception as exc:  # an executor crash (Playwright, xdotool, X11 ...): end cleanly with the files
+        record["error"] = _one_line(exc)
+        status = "error"
+    finally:
+        record["status"] = status
+        write_record(out_dir, record)
+    return record
+
+
+def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> str:
+    screenshots: list[bytes] = []  # as sent to the model
     responses: list[str] = []
-    status = "max_steps"
+    last_key, repeats = None, 0
     for index in range(config.max_steps):
         png = executor.screenshot()
-        screenshots.append(png)
         shot = f"step_{index:03d}.png"
         write_atomic(os.path.join(out_dir, shot), png)
-        width, height = _image_size(png)
+        image = _decode(png)
+        sent, sent_size = model_image(png, config.min_pixels, config.max_pixels, image=image)
+        screenshots.append(sent)
+        width, height = image.size
         mapper = executor.mapper(width, height, config.model_version, min_pixels=config.min_pixels,
                                  max_pixels=config.max_pixels)
         entry: dict = {"index": index, "screenshot": shot, "screen_size": [width, height],
-                       "scale_factor": mapper.scale_factor, "model_size": list(mapper.model_size)}
+                       "image_sent_size": list(sent_size), "scale_factor": mapper.scale_factor,
+                       "model_size": list(mapper.model_size), "responses": [], "attempts": [], "executed": []}
         record["steps"].append(entry)
         messages = build_messages(task, screenshots, responses, template=config.template,
                                   language=config.language, history_n=config.history_n)
         entry["images_sent"] = sum(1 for m in messages for part in m["content"]
                                    if isinstance(part, dict) and part.get("type") == "image_url")
-        try:
-            step, answers = client.predict(messages, resamples=config.resamples)
-        except ActionParseError as exc:
-            entry.update(responses=getattr(exc, "answers", []), error=str(exc))
-            status = "parse_error"
-            break
-        except EndpointError as exc:
-            entry["error"] = str(exc)
-            status = "endpoint_error"
-            break
+        step = actions = error = None
+        for attempt in range(config.resamples + 1):
+            try:
+                text = client.complete(messages, **({"temperature": 1.0} if attempt else {}))
+            except EndpointError as exc:
+                entry["error"] = str(exc)
+                return "endpoint_error"
+            entry["responses"].append(text)
+            try:
+                step = parse_response(text)
+                actions = policy.check_step(step.actions, mapper)
+                break
+            except (ActionParseError, PolicyError) as exc:
+                step, error = None, exc
+                entry["attempts"].append({"error": str(exc), "reason": exc.reason})
+                messages = messages + [
+                    {"role": "assistant", "content": [{"type": "text", "text": text[:FEEDBACK_CHARS]}]},
+                    {"role": "user", "content": [{"type": "text", "text": _feedback(exc)}]}]
+        if step is None:
+            entry["error"] = str(error)
+            return "refused" if isinstance(error, PolicyError) else "parse_error"
         responses.append(step.raw)
-        entry.update(responses=answers, thought=step.thought, reflection=step.reflection, summary=step.summary,
-                     actions=[a.to_dict() for a in step.actions], action_strings=[str(a) for a in step.actions],
+        entry.update(thought=step.thought, reflection=step.reflection, summary=step.summary,
+                     actions=[a.to_dict() for a in actions], action_strings=[str(a) for a in actions],
                      screen_points=[list(mapper.to_screen(*a.start.center, dialect=a.start.dialect))
-                                    if a.start else None for a in step.actions])
+                                    if a.start else None for a in actions])
         annotated = f"step_{index:03d}_annotated.png"
-        write_atomic(os.path.join(out_dir, annotated), annotate(png, step.actions, mapper))
+        write_atomic(os.path.join(out_dir, annotated), annotate(png, actions, mapper))
         entry["annotated"] = annotated
+        write_record(out_dir, record)
         terminal = step.terminal
         if terminal:
-            status = terminal
-            finished = next(a for a in step.actions if a.name == terminal)
-            record["answer"] = finished.text
-            break
+            record["answer"] = next(a for a in actions if a.name == terminal).text
+            return terminal
+        if config.stuck_after and any(a.name != "wait" for a in actions):
+            key = (hashlib.sha256(image.tobytes()).hexdigest(), tuple(entry["action_strings"]))
+            repeats = repeats + 1 if key == last_key else 1
+            last_key = key
+            if repeats >= config.stuck_after:
+                entry["error"] = (f"stuck: the same action on an unchanged screenshot {repeats} times in a row; "
+                                  "not executed again")
+                return "stuck"
+        else:
+            last_key, repeats = None, 0
         try:
-            for action in step.actions:
-                if action.name == "wait":
-                    sleep(config.wait_seconds)
-                else:
-                    executor.execute(action, mapper)
+            _execute(actions, executor, mapper, config, sleep, entry)
         except FlashtuneError as exc:  # UnsupportedActionError, xdotool failures, ...
             entry["error"] = str(exc)
-            status = "error"
-            break
+            return "error"
         write_record(out_dir, record)
         if config.settle_seconds:
             sleep(config.settle_seconds)
-    record["status"] = status
-    write_record(out_dir, record)
-    return record
+    return "max_steps"
+
+
+def _execute(actions, executor, mapper, config, sleep, entry) -> None:
+    """Perform one step's actions; keys still held at its end are released, also when an action fails."""
+    held: list[str] = []
+    failed = True
+    try:
+        for action in actions:
+            if action.name == "wait":
+                sleep(config.wait_seconds)
+            else:
+                executor.execute(action, mapper)
+            entry["executed"].append(str(action))
+            if action.name in ("press", "keydown"):
+                held.extend(k for k in action.keys if k not in held)
+            elif action.name in ("release", "keyup"):
+                held = [k for k in held if k not in action.keys]
+        failed = False
+    finally:
+        if held:
+            entry["released"] = list(reversed(held))
+        for key in reversed(held):
+            try:
+                executor.execute(Action("release", text=key), mapper)
+            except Exception:
+                if not failed:
+                    raise

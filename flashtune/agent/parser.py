@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 
 from flashtune.agent.actions import DIRECTIONS, SCHEMA, Action, Coord, Step
+from flashtune.agent.keys import MAX_HOTKEY_KEYS, normalize_key
 from flashtune.errors import FlashtuneError
 
 REASONS = ("empty", "no_action", "truncated", "syntax", "unknown_action", "bad_argument", "bad_coordinate")
@@ -33,6 +34,13 @@ _LABEL = re.compile(r"(?<![A-Za-z_])(Thought|Reflection|Action_Summary|Action)[ 
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 _IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _UNESCAPE = {"n": "\n", "'": "'", '"': '"', "\\": "\\", "t": "\t"}
+_END_TOKENS = re.compile(r"(?:\s*<\|(?:im_end|endoftext|eot_id)\|>)+\s*$")
+_NEXT_KWARG = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_]*\s*=")
+_AFTER_CALL = re.compile(r"[ \t]*(?:$|\n|\r|```|[A-Za-z_][A-Za-z0-9_]*\s*\()")
+_FREE_TEXT_KEYS = ("content", "app_name")
+# A model coordinate is at most a few thousand; anything past this bound is garbage (a 400-digit number would
+# overflow float arithmetic downstream), refused here as a typed error the model can correct.
+MAX_COORD = 100_000
 _COORD_KEYS = {"start_box": "start", "point": "start", "start_point": "start", "end_box": "end", "end_point": "end"}
 
 
@@ -45,6 +53,9 @@ def parse_response(text: str) -> Step:
     """Parse one whole model answer (Thought/Reflection/Action_Summary/Action) into a `Step`."""
     if text is None or not text.strip():
         raise ActionParseError("empty", "the model returned an empty answer")
+    raw, text = text, _END_TOKENS.sub("", text)  # a trailing <|im_end|> left in by the server
+    if not text.strip():
+        raise ActionParseError("empty", "the model returned only end-of-turn tokens")
     labels = list(_LABEL.finditer(text))
     action_labels = [m for m in labels if m.group(1) == "Action"]
     sections = {"Thought": "", "Reflection": "", "Action_Summary": ""}
@@ -70,7 +81,7 @@ def parse_response(text: str) -> Step:
         thought=sections["Thought"],
         reflection=sections["Reflection"],
         summary=sections["Action_Summary"],
-        raw=text,
+        raw=raw,
     )
 
 
@@ -154,15 +165,35 @@ class _Scanner:
             self.skip_ws()
             if key in args:
                 raise ActionParseError("bad_argument", f"{name}() repeats the argument {key!r}")
+            quoted = self.s[self.i] in "'\"" if not self.done() else False
             args[key] = self.value(name, key)
+            after = self.i
             self.skip_ws()
+            newline = "\n" in self.s[after:self.i]
             if self.done():
+                if quoted:  # a complete last argument whose ')' is missing (Doubao-1.6, UI-TARS-desktop #942)
+                    break
                 raise self._truncated(f"'{name}(' is never closed")
+            if quoted and newline and _IDENT.match(self.s, self.i) and \
+                    _IDENT.match(self.s, self.i).group(0) in SCHEMA:  # the next action starts: ')' was dropped
+                break
             if self.s[self.i] == ",":
                 self.i += 1
             elif self.s[self.i] != ")":
                 raise ActionParseError("syntax", f"expected ',' or ')' in {name}() at {_excerpt(self.s[self.i:])}")
         return _build(name, args)
+
+    def _closes_free_text(self, j: int) -> bool:
+        """Whether a quote ending at j-1 closes a free-text value. Models leave quotes in text unescaped
+        ("it's", "He said 'hi', then left"), so a quote closes only when what follows ends the value: the end
+        of the answer, ', key=' (the next argument) or ')' followed by the end of the line or the next call."""
+        while j < len(self.s) and self.s[j] in " \t":
+            j += 1
+        if j >= len(self.s):
+            return True
+        if self.s[j] == ",":
+            return bool(_NEXT_KWARG.match(self.s, j + 1))
+        return self.s[j] == ")" and bool(_AFTER_CALL.match(self.s, j + 1))
 
     def value(self, name: str, key: str) -> str:
         if self.done():
@@ -196,14 +227,9 @@ class _Scanner:
                 out.append(_UNESCAPE.get(nxt, "\\" + nxt))
                 self.i += 2
                 continue
-            if ch == quote:
-                # An unescaped quote inside free text ("it's"): a closing quote must be followed by ',' or ')'.
-                j = self.i + 1
-                while j < len(self.s) and self.s[j] in " \t":
-                    j += 1
-                if j >= len(self.s) or self.s[j] in ",)" or key not in ("content", "app_name"):
-                    self.i += 1
-                    return "".join(out)
+            if ch == quote and (key not in _FREE_TEXT_KEYS or self._closes_free_text(self.i + 1)):
+                self.i += 1
+                return "".join(out)
             out.append(ch)
             self.i += 1
 
@@ -228,8 +254,14 @@ def parse_coord(raw: str, key: str = "start_box") -> Coord:
         ok = re.fullmatch(r"[\s(]*-?\d+(?:\.\d+)?(?:[\s(),]*,[\s(),]*-?\d+(?:\.\d+)?)*[\s)]*", s)
     numbers = _NUMBER.findall(s) if ok else []
     expected = {"point_tag": (2,), "bbox_tag": (4,), "brackets": (2, 4)}.get(dialect, (2, 4))
-    if len(numbers) not in expected or s.count("(") != s.count(")"):
-        raise ActionParseError("bad_coordinate", f"{key}={raw!r} is not a coordinate")
+    # '(573,322' (the official inference test) is missing its final ')': accept exactly that one
+    missing_paren = s.count("(") == s.count(")") + 1 and not s.rstrip().endswith(")")
+    if len(numbers) not in expected or (s.count("(") != s.count(")") and not missing_paren):
+        raise ActionParseError("bad_coordinate", f"{key}={_excerpt(raw)} is not a coordinate")
+    for n in numbers:
+        if len(n) > 12 or abs(float(n)) > MAX_COORD:
+            raise ActionParseError("bad_coordinate", f"{key}={_excerpt(raw)} holds {_excerpt(n, 20)}, outside "
+                                                     f"[-{MAX_COORD}, {MAX_COORD}]; write a point on the screenshot")
     values = tuple(float(n) if "." in n else int(n) for n in numbers)
     if dialect == "brackets" and len(values) == 2:
         dialect = "paren"
@@ -268,4 +300,16 @@ def _build(name: str, args: dict[str, str]) -> Action:
         raise ActionParseError("bad_argument", "scroll() needs direction= ('up', 'down', 'left' or 'right')")
     if name == "hotkey" and not fields["text"].split():
         raise ActionParseError("bad_argument", "hotkey() has an empty key=")
+    if text_key == "key":
+        keys = fields["text"].split()
+        if not keys:
+            raise ActionParseError("bad_argument", f"{name}() has an empty key=")
+        if len(keys) > MAX_HOTKEY_KEYS:
+            raise ActionParseError("bad_argument", f"{name}(key={_excerpt(fields['text'])}) has {len(keys)} keys; "
+                                                   f"use at most {MAX_HOTKEY_KEYS}, separated by spaces")
+        for k in keys:
+            try:
+                normalize_key(k)
+            except FlashtuneError as exc:
+                raise ActionParseError("bad_argument", f"{name}(): {exc}") from None
     return Action(name, extra=tuple(extra), **fields)

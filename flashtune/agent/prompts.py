@@ -38,6 +38,11 @@ wait() # Wait 5 seconds and take a new screenshot to see what changed.
 finished(content='xxx') # The task is done; say what you found or did, escaping quotes and newlines.
 call_user() # Ask the user for help: the task cannot be solved, or it needs a human."""
 
+# computer + the browser operator's navigation actions (UI-TARS-desktop); the policy limits the URLs
+BROWSER_ACTIONS = COMPUTER_ACTIONS + """
+navigate(content='https://example.com/') # Open a web address (http or https only) in the current tab.
+navigate_back() # Go back to the previous page."""
+
 MOBILE_ACTIONS = """## Action Space
 click(start_box='<|box_start|>(x1,y1)<|box_end|>')
 long_press(start_box='<|box_start|>(x1,y1)<|box_end|>')
@@ -55,6 +60,7 @@ _INSTRUCTION = """## User Instruction
 TEMPLATES = {
     "computer": "\n\n".join([_HEAD, _FORMAT, COMPUTER_ACTIONS, _NOTE, _INSTRUCTION]),
     "mobile": "\n\n".join([_HEAD, _FORMAT, MOBILE_ACTIONS, _NOTE, _INSTRUCTION]),
+    "browser": "\n\n".join([_HEAD, _FORMAT, BROWSER_ACTIONS, _NOTE, _INSTRUCTION]),
     "grounding": ("You are a GUI agent. You are given a task and a screenshot of the screen. "
                   "You need to perform a single click on the element the task describes.\n\n"
                   "## Output Format\n\nAction: click(start_box='<|box_start|>(x1,y1)<|box_end|>')\n\n"
@@ -65,7 +71,7 @@ HISTORY_N = 5
 
 
 def fill_template(kind: str, instruction: str, language: str = "English") -> str:
-    """The template `kind` ('computer' | 'mobile' | 'grounding') with the instruction and language filled in."""
+    """The template `kind` ('computer' | 'mobile' | 'browser' | 'grounding') with the instruction and language filled in."""
     check_choice("template", kind, tuple(TEMPLATES))
     # str.replace, not str.format: the action space itself contains braces-free examples, but the
     # instruction may contain "{...}" and must be left alone.

@@ -73,6 +73,11 @@ def render_html(record: dict) -> str:
     for s in record["steps"]:
         actions = "".join(f"<li><code>{e(a)}</code></li>" for a in s.get("action_strings", []))
         err = f"<p class=err>{e(s['error'])}</p>" if s.get("error") else ""
+        tries = "".join(f"<li class=err>{e(a['reason'])}: {e(a['error'])}</li>" for a in s.get("attempts", []))
+        if tries:
+            err = f"<p>Answers sent back to the model, not executed:</p><ul>{tries}</ul>" + err
+        if s.get("released"):
+            err += f"<p>Released at the end of the step: {e(', '.join(s['released']))}</p>"
         img = s.get("annotated") or s["screenshot"]
         rows.append(f"""<section><h2>Step {s['index'] + 1}</h2>
 <a href="{e(s['screenshot'])}"><img src="{e(img)}" alt="step {s['index'] + 1}"></a>
@@ -86,9 +91,18 @@ section{{display:flex;gap:1.5em;margin-bottom:2em}} pre{{white-space:pre-wrap}} 
 </head><body><h1>{e(record['task'])}</h1>
 <p>Status: <b>{e(record['status'])}</b> after {len(record['steps'])} step(s); model version
 {e(record['config']['model_version'])}; executor {e(record.get('executor', ''))}.</p>
+{_sandbox(record)}{f"<p class=err>{e(record['error'])}</p>" if record.get('error') else ''}
 {''.join(rows)}
 </body></html>
 """
+
+
+def _sandbox(record: dict) -> str:
+    box = record.get("sandbox")
+    if not box:
+        return ""
+    state = "on" if box.get("enabled") else "off"
+    return f"<p>Chromium sandbox: {state} ({html.escape(str(box.get('reason', '')))}).</p>"
 
 
 def write_record(out_dir: str, record: dict) -> None:

@@ -51,7 +51,9 @@ def cmd_run(args) -> int:
 
     config = AgentConfig(max_steps=args.max_steps, model_version=args.model_version, template=args.template,
                          language=args.language, wait_seconds=args.wait_seconds,
-                         min_pixels=args.min_pixels, max_pixels=args.max_pixels)
+                         min_pixels=args.min_pixels, max_pixels=args.max_pixels, resamples=args.answer_retries,
+                         stuck_after=args.stuck_after, start_url=args.start_url,
+                         allow_hosts=tuple(args.allow_host or ()), max_type_chars=args.max_type_chars)
     out = args.out or os.path.join("agent_runs", time.strftime("%Y%m%d-%H%M%S"))
     width, height = args.size
     closers = []
@@ -59,12 +61,14 @@ def cmd_run(args) -> int:
         if args.executor == "browser":
             from flashtune.agent.executors.browser import BrowserExecutor
 
-            executor = BrowserExecutor.launch(args.start_url, width, height, scale_factor=args.scale_factor)
+            executor = BrowserExecutor.launch(args.start_url, width, height, scale_factor=args.scale_factor,
+                                              policy=config.policy())
             closers.append(executor.close)
+            sandbox = executor.sandbox
         else:
             from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor
 
-            display = args.display
+            display, sandbox = args.display, None
             if display is None:
                 vd = VirtualDisplay(width, height)
                 closers.append(vd.stop)
@@ -73,7 +77,11 @@ def cmd_run(args) -> int:
                 window = ChromiumWindow(display, args.start_url, width, height)
                 closers.append(window.close)
                 window.wait_until_drawn(args.startup_seconds)
+                sandbox = window.sandbox
             executor = X11Executor(display)
+            executor.sandbox = sandbox
+        if sandbox is not None and not sandbox["enabled"]:
+            print(f"note: Chromium runs without its sandbox: {sandbox['reason']}", file=sys.stderr)
         record = run_agent(args.task, _client(args), executor, out, config, executor_name=args.executor)
     finally:
         for close in reversed(closers):
@@ -167,7 +175,19 @@ def register(subparsers) -> None:
     r.add_argument("--startup-seconds", type=float, default=30.0,
                    help="x11: the longest wait for the --start-url window to draw (default 30)")
     r.add_argument("--max-steps", type=int, default=15)
-    r.add_argument("--template", choices=["computer", "mobile"], default="computer")
+    r.add_argument("--template", choices=["computer", "mobile", "browser"], default="computer",
+                   help="action space offered and allowed: computer (desktop), mobile, or browser (computer + "
+                        "navigate/navigate_back)")
+    r.add_argument("--allow-host", action="append", metavar="HOST",
+                   help="navigation allow-list (repeatable; example.com or *.example.com); default: the start "
+                        "URL's host and any public host. Metadata and link-local addresses are never allowed")
+    r.add_argument("--stuck-after", type=int, default=3,
+                   help="end with status 'stuck' when the same action is proposed on an unchanged screenshot "
+                        "this many times in a row (default 3; 0 turns the guard off)")
+    r.add_argument("--answer-retries", type=int, default=2,
+                   help="times per step an unparseable or refused answer is sent back to the model (default 2)")
+    r.add_argument("--max-type-chars", type=int, default=2000,
+                   help="longest text one type() may enter (default 2000)")
     r.add_argument("--language", default="English", help="language of the Thought part (default English)")
     r.add_argument("--wait-seconds", type=float, default=5.0, help="what wait() sleeps (default 5)")
     r.add_argument("--out", default=None, help="trajectory folder (default agent_runs/<time>)")

@@ -1,14 +1,16 @@
 """What every executor shares: key names, and the translation of a parsed action into a backend's primitives.
 
 A backend implements a few primitives in its own input units (CSS pixels for Playwright, screen pixels for
-X11): `click`, `move`, `drag`, `type_text`, `hotkey`, `key_down`, `key_up`, `scroll`, `long_press`, and
-optionally `navigate` / `go_back`. `perform` maps model coordinates through a `CoordinateMapper` first.
+X11): `click`, `move`, `drag`, `type_text`, `line_break` (or `paste_text` for text with newlines), `hotkey`,
+`key_down`, `key_up`, `scroll`, `long_press`, and optionally `navigate` / `go_back`. `perform` maps model
+coordinates through a `CoordinateMapper` first.
 """
 
 from __future__ import annotations
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
+from flashtune.agent.keys import NAMED_KEYS, normalize_key  # noqa: F401 (re-exported)
 from flashtune.errors import FlashtuneError
 
 SCROLL_CLICKS = 5  # the reference scrolls pyautogui.scroll(+-5)
@@ -18,39 +20,21 @@ class UnsupportedActionError(FlashtuneError):
     """The executor cannot perform this action (e.g. open_app in a browser)."""
 
 
-_ALIASES = {
-    "return": "enter", "esc": "escape", "control": "ctrl", "command": "meta", "cmd": "meta", "win": "meta",
-    "windows": "meta", "super": "meta", "option": "alt", "del": "delete", "arrowup": "up", "arrowdown": "down",
-    "arrowleft": "left", "arrowright": "right", "page_up": "pageup", "page_down": "pagedown", "pgup": "pageup",
-    "pgdn": "pagedown", "spacebar": "space", "back": "backspace", "ins": "insert",
-}
-NAMED_KEYS = {
-    "enter", "escape", "ctrl", "alt", "shift", "meta", "space", "tab", "backspace", "delete", "up", "down",
-    "left", "right", "pageup", "pagedown", "home", "end", "insert", "capslock",
-    *(f"f{i}" for i in range(1, 13)),
-}
+def split_typed_text(text: str) -> tuple[list[str], bool]:
+    """'ab\\ncd\\n' -> (['ab', '\\n', 'cd'], True).
 
-
-def normalize_key(key: str) -> str:
-    """A model key name ('Return', 'arrowleft', 'cmd', 'A') -> the canonical lower-case name used here."""
-    k = key.strip()
-    if len(k) == 1:
-        return k.lower()
-    k = _ALIASES.get(k.lower(), k.lower())
-    if k not in NAMED_KEYS:
-        raise FlashtuneError(f"unknown key {key!r}; use a single character or one of {sorted(NAMED_KEYS)}")
-    return k
-
-
-def split_typed_text(text: str) -> list[str]:
-    """'ab\\ncd\\n' -> ['ab', '\\n', 'cd', '\\n']: newlines become Enter presses between typed chunks."""
+    Only a trailing newline means "submit" in the UI-TARS templates ("use \\n at the end of content"); a newline
+    inside the content is a line break, typed without pressing Enter, so a form is never submitted early.
+    """
+    submit = text.endswith("\n")
+    body = text[:-1] if submit else text
     out: list[str] = []
-    for i, chunk in enumerate(text.split("\n")):
+    for i, chunk in enumerate(body.split("\n")):
         if i:
             out.append("\n")
         if chunk:
             out.append(chunk)
-    return out
+    return out, submit
 
 
 def perform(action: Action, mapper: CoordinateMapper, backend, scroll_clicks: int = SCROLL_CLICKS) -> None:
@@ -80,11 +64,19 @@ def perform(action: Action, mapper: CoordinateMapper, backend, scroll_clicks: in
             x, y = mapper.width / 2 / mapper.scale_factor, mapper.height / 2 / mapper.scale_factor
         backend.scroll(x, y, action.direction, scroll_clicks)
     elif name == "type":
-        for chunk in split_typed_text(action.text):
+        if action.start is not None:  # type(content=..., start_box=...): focus the field first
+            backend.click(*point(action.start), button="left", count=1)
+        chunks, submit = split_typed_text(action.text)
+        if "\n" in chunks and getattr(type(backend), "paste_text", None):  # X11: paste, as the reference does
+            backend.paste_text("".join(chunks))
+            chunks = []
+        for chunk in chunks:
             if chunk == "\n":
-                backend.hotkey(["enter"])
+                backend.line_break()
             else:
                 backend.type_text(chunk)
+        if submit:
+            backend.hotkey(["enter"])
     elif name == "hotkey":
         backend.hotkey([normalize_key(k) for k in action.keys])
     elif name in ("press", "keydown"):

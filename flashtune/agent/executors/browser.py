@@ -16,9 +16,10 @@ from flashtune.agent.executors.base import SCROLL_CLICKS, perform
 from flashtune.errors import MissingDependencyError
 
 CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
 ]
+SUID_SANDBOX = ("/usr/lib/chromium/chrome-sandbox", "/opt/google/chrome/chrome-sandbox")
 WHEEL_PX_PER_CLICK = 100  # CSS pixels per scroll "click"
 
 _PW_KEYS = {
@@ -39,10 +40,49 @@ def find_chromium() -> str:
     return path
 
 
-def launch_chromium(playwright, headless: bool = True, env: dict | None = None, args: list[str] = ()):
-    """Launch Chromium with the flags that keep it quiet on a closed network."""
+def _read(path: str) -> str | None:
+    try:
+        with open(path, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def sandbox_status() -> dict:
+    """Whether Chromium can run with its sandbox here: {"enabled": bool, "reason": str}.
+
+    The sandbox is on wherever the platform allows it. It is off when flashtune runs as root (Chromium refuses
+    its sandbox for root and will not start without --no-sandbox), when the kernel allows no unprivileged user
+    namespaces and no setuid chrome-sandbox helper is installed, or when FLASHTUNE_CHROMIUM_SANDBOX=0.
+    """
+    if os.environ.get("FLASHTUNE_CHROMIUM_SANDBOX", "").strip() == "0":
+        return {"enabled": False, "reason": "turned off by FLASHTUNE_CHROMIUM_SANDBOX=0"}
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return {"enabled": False, "reason": "running as root: Chromium cannot use its sandbox for root; run "
+                                            "flashtune as an unprivileged user to turn it on"}
+    suid = any(os.path.exists(p) and os.stat(p).st_mode & 0o4000 and os.stat(p).st_uid == 0 for p in SUID_SANDBOX)
+    no_userns = (_read("/proc/sys/kernel/unprivileged_userns_clone") == "0"
+                 or _read("/proc/sys/user/max_user_namespaces") == "0"
+                 or _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1")
+    if no_userns and not suid:
+        return {"enabled": False, "reason": "the kernel allows no unprivileged user namespaces and no setuid "
+                                            "chrome-sandbox is installed"}
+    return {"enabled": True, "reason": "setuid chrome-sandbox" if no_userns else "user namespaces"}
+
+
+def sandbox_args(status: dict | None = None) -> list[str]:
+    """Extra Chromium flags for `status` (sandbox_status()): --no-sandbox only where the sandbox cannot run."""
+    status = status or sandbox_status()
+    return [] if status["enabled"] else ["--no-sandbox"]
+
+
+def launch_chromium(playwright, headless: bool = True, env: dict | None = None, args: list[str] = (),
+                    sandbox: dict | None = None):
+    """Launch Chromium with the flags that keep it quiet on a closed network, sandboxed where possible."""
+    sandbox = sandbox or sandbox_status()
     return playwright.chromium.launch(executable_path=find_chromium(), headless=headless,
-                                      args=CHROMIUM_ARGS + list(args), env=env)
+                                      chromium_sandbox=sandbox["enabled"],
+                                      args=CHROMIUM_ARGS + sandbox_args(sandbox) + list(args), env=env)
 
 
 def playwright_key(key: str) -> str:
@@ -50,30 +90,57 @@ def playwright_key(key: str) -> str:
 
 
 class BrowserExecutor:
-    """Drives one Playwright `page`. Use `BrowserExecutor.launch(...)` to own a browser, or pass a page."""
+    """Drives one Playwright `page`. Use `BrowserExecutor.launch(...)` to own a browser, or pass a page.
 
-    def __init__(self, page, *, owned=None):
+    With a `policy` (policy.Policy), every request the page makes is checked against its URL rules: a
+    navigation outside them (a link, a redirect, a script) is aborted, and so is any request to a metadata,
+    link-local or (unless the start URL is local) loopback address. `blocked` lists what was stopped.
+    """
+
+    def __init__(self, page, *, owned=None, policy=None, sandbox: dict | None = None):
         self.page = page
         self._owned = owned  # (playwright context manager, browser) when we launched them
+        self.sandbox = sandbox
+        self.blocked: list[str] = []
+        self.errors: list[str] = []
+        if policy is not None:
+            self.guard(policy)
+
+    def guard(self, policy) -> None:
+        """Check every request of the page's context against `policy` (see the class docstring)."""
+        from flashtune.agent.policy import PolicyError
+
+        def handle(route, request):
+            try:
+                policy.check_url(request.url, navigation=request.is_navigation_request())
+            except PolicyError:
+                self.blocked.append(request.url[:200])
+                route.abort("blockedbyclient")
+                return
+            route.continue_()
+
+        self.page.context.route("**/*", handle)
 
     @classmethod
     def launch(cls, start_url: str | None = None, width: int = 1280, height: int = 720,
-               scale_factor: float = 1.0, headless: bool = True) -> "BrowserExecutor":
+               scale_factor: float = 1.0, headless: bool = True, policy=None) -> "BrowserExecutor":
         try:
             from playwright.sync_api import sync_playwright
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise MissingDependencyError("the browser executor needs playwright: pip install 'flashtune[agent]'") \
                 from exc
+        sandbox = sandbox_status()
         pw = sync_playwright().start()
         try:
-            browser = launch_chromium(pw, headless=headless)
+            browser = launch_chromium(pw, headless=headless, sandbox=sandbox)
             page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor)
+            ex = cls(page, owned=(pw, browser), policy=policy, sandbox=sandbox)
             if start_url:
                 page.goto(start_url)
         except Exception:
             pw.stop()
             raise
-        return cls(page, owned=(pw, browser))
+        return ex
 
     # -- executor interface -------------------------------------------------------------------------------
     @property
@@ -114,6 +181,10 @@ class BrowserExecutor:
     def type_text(self, text: str) -> None:
         self.page.keyboard.type(text)
 
+    def line_break(self) -> None:
+        """A newline inside typed content: inserted as text (a line in a textarea), never an Enter press."""
+        self.page.keyboard.insert_text("\n")
+
     def hotkey(self, keys: list[str]) -> None:
         self.page.keyboard.press("+".join(playwright_key(k) for k in keys))
 
@@ -137,7 +208,19 @@ class BrowserExecutor:
         self.page.mouse.up()
 
     def navigate(self, url: str) -> None:
-        self.page.goto(url)
+        """Open `url` (already checked by the policy). A page that fails to load is not an error of the run:
+        the model sees the browser's error page on the next screenshot."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        try:
+            self.page.goto(url)
+        except PlaywrightError as exc:
+            self.errors.append(f"navigate {url[:200]}: {str(exc).splitlines()[0][:200]}")
 
     def go_back(self) -> None:
-        self.page.go_back()
+        from playwright.sync_api import Error as PlaywrightError
+
+        try:
+            self.page.go_back()
+        except PlaywrightError as exc:
+            self.errors.append(f"go back: {str(exc).splitlines()[0][:200]}")

@@ -64,6 +64,8 @@ def to_pyautogui(actions: list[Action] | tuple[Action, ...], mapper: CoordinateM
                 code = f"pyautogui.write({text!r}, interval=0.1)"
             if a.submits:
                 code += "\npyautogui.press('enter')"
+            if a.start is not None:  # type(content=..., start_box=...): focus the field first
+                code = f"pyautogui.click({pt(a.start)}, button='left')\n" + code
         elif n == "hotkey":
             code = f"pyautogui.hotkey({', '.join(repr(_key(k)) for k in a.keys)})"
         elif n in ("press", "keydown"):

@@ -173,9 +173,11 @@ def grab_screen(display: str) -> bytes:
 
 
 class X11Executor:
-    """Drives the mouse and keyboard of an X display through xdotool (screen pixels, scale factor 1)."""
+    """Drives the mouse and keyboard of an X display through xdotool (screen pixels, scale factor 1).
+    `sandbox` describes the Chromium sandbox of the window it drives, when flashtune started one."""
 
     scale_factor = 1.0
+    sandbox: dict | None = None
 
     def __init__(self, display: str | None = None, type_delay_ms: int = 8):
         self.display = display or os.environ.get("DISPLAY")
@@ -226,6 +228,21 @@ class X11Executor:
     def type_text(self, text: str) -> None:
         self._run("type", "--delay", str(self.type_delay_ms), "--", text)
 
+    def paste_text(self, text: str) -> None:
+        """Enter text that holds newlines by pasting it (ctrl+v), as the reference executor does: a newline
+        becomes a line in a text area and a space in a one-line field, never an Enter that submits a form
+        (only a trailing newline submits, see base.split_typed_text). The display's clipboard is replaced."""
+        from flashtune.agent.executors.x11_clipboard import ClipboardServer
+
+        server = ClipboardServer(_libx11(), self.display, text)
+        try:
+            self._run("key", "--clearmodifiers", "ctrl+v")
+            if not server.wait_served(5.0):
+                raise FlashtuneError("the focused window did not take the pasted text (ctrl+v) within 5 s")
+            time.sleep(0.3)  # clients may ask again (Chromium polls TARGETS after a paste)
+        finally:
+            server.close()
+
     def hotkey(self, keys: list[str]) -> None:
         self._run("key", "--clearmodifiers", "+".join(keysym(k) for k in keys))
 
@@ -248,11 +265,13 @@ class ChromiumWindow:
     """A full-screen (kiosk) Chromium showing `url` on an X display, in a throw-away profile."""
 
     def __init__(self, display: str, url: str, width: int, height: int):
-        from flashtune.agent.executors.browser import CHROMIUM_ARGS, find_chromium
+        from flashtune.agent.executors.browser import CHROMIUM_ARGS, find_chromium, sandbox_args, sandbox_status
 
+        self.sandbox = sandbox_status()
         self.profile = tempfile.mkdtemp(prefix="flashtune-chromium-")
         self.proc = subprocess.Popen(
-            [find_chromium(), *CHROMIUM_ARGS, "--kiosk", f"--user-data-dir={self.profile}",
+            [find_chromium(), *CHROMIUM_ARGS, *sandbox_args(self.sandbox), "--kiosk",
+             f"--user-data-dir={self.profile}",
              "--window-position=0,0", f"--window-size={width},{height}", "--no-default-browser-check", url],
             env=dict(os.environ, DISPLAY=display), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.display = display
