@@ -29,7 +29,7 @@ $(SYSSTAMP): | $(BIN)/python
 sysdeps: $(SYSSTAMP)
 
 demo: $(STAMP)
-	$(BIN)/flashtune demo
+	$(BIN)/flashtune demo --overwrite
 
 test: $(STAMP) $(SYSSTAMP)
 	$(BIN)/python -m pytest -n 2 -q

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashtune.cli import main
-from flashtune.cli.finetune import FinetuneConfig, load_config, parse_override
+from flashtune.recipes.finetune import FinetuneConfig, load_config, parse_override
 from flashtune.errors import ConfigError, MissingDependencyError
 from test_data import char_tokenizer
 from tiny import tiny_model
@@ -115,7 +115,7 @@ def test_finetune_then_eval_reproduces_the_run(model_dir, tmp_path, capsys):
     assert base != first
     # An existing run is not silently overwritten; --resume continues it.
     assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL]) == 2
-    assert "already holds a checkpoint" in _one_error_line(capsys)
+    assert "already holds a run (a checkpoint)" in _one_error_line(capsys)
     assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL, "--max-steps", "4", "--resume"]) == 0
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s <= 3] == [1, 2, 3, 3] and steps[-1] == 4   # rows 1-3 (+ eval at 3) kept

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from flashtune.cli.finetune import add_common_flags, load_config, load_examples, quiet_libraries, run_finetune
+from flashtune.cli.finetune import add_common_flags, add_device_flag, quiet_libraries
+from flashtune.recipes.finetune import check_run_folder, load_config, load_examples, run_finetune
 
 # What `make demo` runs: sized to finish in about 5 minutes on 2 CPU cores (model conversion included).
 DEMO_CONFIG = {
@@ -17,7 +18,7 @@ DEMO_CONFIG = {
     "data": {"task": "synthetic", "num_examples": 416, "val_size": 16, "seed": 0, "refs": "all"},
     "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
     "train": {"lr": 3e-3, "max_steps": 56, "batch_size": 8, "warmup_steps": 3, "schedule": "cosine",
-              "log_every": 2, "save_every": 0, "precision": "fp32", "seed": 0, "overwrite": True},
+              "log_every": 2, "save_every": 0, "seed": 0},
     "eval": {"num_beams": 1, "max_new_tokens": 40, "batch_size": 16, "samples": 3},
 }
 # LoRA goes on the linear layers of the top third of the blocks only: backward then stops there, which makes
@@ -42,13 +43,16 @@ def register(subparsers) -> None:
                    help="LoRA on the linear layers of the top K blocks only (default: a third; 0: all blocks)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any field of the demo's config (as in `flashtune finetune`)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (default: refuse)")
+    add_device_flag(p)
     add_common_flags(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
     from flashtune.evaluation import evaluate_generation, write_report
-    from flashtune.models import load_base_model
+    from flashtune.models import load_base_model, resolve_device
+    from flashtune.recipes.finetune import resolve_runtime
 
     t0 = time.perf_counter()
     over = [(["out_dir"], args.out)]
@@ -62,13 +66,17 @@ def main(args) -> int:
     if args.max_new_tokens is not None:
         over.append((["eval", "max_new_tokens"], args.max_new_tokens))
     cfg = load_config(None, [*over, *args.overrides], base=DEMO_CONFIG)
+    device = resolve_device(args.device)
+    cfg = resolve_runtime(cfg, device)
+    check_run_folder(cfg, overwrite=args.overwrite)     # refuse before the minutes of work, not after
     quiet_libraries(args.quiet)
     log = (lambda *a, **k: None) if args.quiet else print
     say = print
 
     log("flashtune demo: LoRA on generated E2E-style restaurant descriptions")
     log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} (the first run converts the GGUF file: ~40 s) ...")
-    model, tok = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype)
+    extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
+    model, tok = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype, device=device, **extra)
     if args.top_layers != 0 and not any(o.startswith("method.target_modules") for o in args.overrides):
         cfg.method["target_modules"] = top_layers_regex(model, args.top_layers)
     _, held_out = load_examples(cfg.data)
@@ -77,7 +85,8 @@ def main(args) -> int:
     log(f"scoring the base model on {len(held_out)} held-out inputs ...")
     before = evaluate_generation(model, tok, held_out, **gen)
     say(f"before: BLEU {before['metrics']['bleu']:.2f}  ROUGE-L {before['metrics']['rouge_l']:.2f}")
-    res = run_finetune(cfg, log=log, progress=not args.quiet, overwrite=True, model=model, tokenizer=tok)
+    res = run_finetune(cfg, log=log, progress=not args.quiet, overwrite=args.overwrite, model=model, tokenizer=tok,
+                       device=device)
     after = res["metrics"]
     say(f"after:  BLEU {after['bleu']:.2f}  ROUGE-L {after['rouge_l']:.2f}  "
         f"({res['trainable_params']:,} LoRA parameters, {after['steps']} steps in {after['train_time_s']:.0f} s)")

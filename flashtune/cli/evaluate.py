@@ -9,12 +9,12 @@ With a bare adapter folder, data and model come from the flags (defaults: genera
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from flashtune.cli.finetune import (TASKS, add_common_flags, load_config, load_examples, load_texts,
-                                    make_loss_eval, quiet_libraries)
+from flashtune.cli.finetune import add_common_flags, add_device_flag, quiet_libraries
 from flashtune.errors import FlashtuneError
+from flashtune.recipes.finetune import (TASKS, load_config, load_examples, load_texts, make_loss_eval, model_dtype,
+                                        read_run_config)
 
 
 def register(subparsers) -> None:
@@ -34,6 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="report folder (default: <path>/eval-<split>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a field of the run's config, e.g. --set eval.max_new_tokens=80")
+    add_device_flag(p)
     add_common_flags(p)
     p.set_defaults(func=main)
 
@@ -41,14 +42,13 @@ def register(subparsers) -> None:
 def main(args) -> int:
     from flashtune.data import Collator, make_text_dataset
     from flashtune.evaluation import evaluate_generation, write_report
-    from flashtune.models import load_base_model
+    from flashtune.models import load_base_model, resolve_device
     from flashtune.tuners import load_adapter
 
     root = Path(args.path)
     if not root.exists():
         raise FlashtuneError(f"{str(root)!r} does not exist; pass a finetune run folder or an adapter folder")
-    run_file = root / "finetune.json"
-    base = json.loads(run_file.read_text()) if run_file.is_file() else {}
+    base = read_run_config(root) or {}
     adapter_dir = root / "adapter" if (root / "adapter").is_dir() else root
     over = []
     for keys, value in ((["model", "name"], args.model), (["data", "task"], args.task),
@@ -57,13 +57,15 @@ def main(args) -> int:
         if value is not None:
             over.append((keys, value))
     cfg = load_config(None, [*over, *args.overrides], base=base)
+    device = resolve_device(args.device)
     quiet_libraries(args.quiet)
     log = (lambda *a, **k: None) if args.quiet else print
 
-    log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} + adapter {adapter_dir} ...")
-    model, tok = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype)
+    log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} + adapter {adapter_dir} on {device} ...")
+    model, tok = load_base_model(cfg.model.name or None, dtype=model_dtype(cfg, device), device=device)
     if not args.base_only:
         load_adapter(model, adapter_dir)
+        model.to(device)
     out = Path(args.out) if args.out else root / f"eval-{args.split}{'-base' if args.base_only else ''}"
     config = {**cfg.to_dict(), "adapter": None if args.base_only else str(adapter_dir), "split": args.split}
     if cfg.data.task == "text":
