@@ -112,3 +112,24 @@ def test_resume_compares_hyper_parameters_with_the_run(tmp_path):
         check_run_folder(old)
     assert check_run_folder(old, overwrite=True) == "overwrite"
     assert check_run_folder(_small(tmp_path / "new")) == "fresh"
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_finetune_defaults_to_cuda_bf16_and_the_fast_path(tmp_path):
+    import math
+
+    from safetensors.torch import load_file
+
+    model_dir = tmp_path / "model"
+    tiny_model("llama", seed=0).save_pretrained(model_dir)
+    char_tokenizer().save_pretrained(model_dir)
+    cfg = load_config(None, ["model.name=" + str(model_dir)], base=_small(tmp_path / "gpu").to_dict())
+    res = run_finetune(cfg, log=lambda *a: None, progress=False)                           # no device given
+    saved = json.loads((tmp_path / "gpu" / "finetune.json").read_text())
+    assert saved["train"]["precision"] == "bf16" and saved["train"]["compile"] is True
+    assert saved["model"]["dtype"] == "bfloat16"
+    assert next(res["model"].parameters()).device.type == "cuda"
+    assert {p.dtype for p in res["model"].parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert math.isfinite(res["metrics"]["eval_loss"])
+    weights = load_file(tmp_path / "gpu" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.isfinite(w).all() for w in weights.values())

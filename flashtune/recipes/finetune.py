@@ -484,6 +484,9 @@ def run_finetune(cfg: FinetuneConfig, log=print, progress: bool = True, resume: 
         model, tokenizer = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype, device=device, **extra)
     else:
         model.to(device)
+        held = str(next(model.parameters()).dtype).removeprefix("torch.")
+        if held in MODEL_DTYPES:               # finetune.json records the dtype the passed model is held in
+            cfg.model.dtype = held
     train_ds, val_ds, val_examples = load_datasets(cfg.data, tokenizer)
     if not train_ds:
         raise FlashtuneError("the training set is empty; give more data or a smaller data.block_size")
