@@ -300,3 +300,18 @@ def test_overwrite_replaces_the_run(model_dir, finished_run, tmp_path):
     steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert max(steps) == 2 and json.loads((run / "finetune.json").read_text())["train"]["max_steps"] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+
+
+@pytest.mark.parametrize("latest, words", [
+    (b'{"checkpoint": ', ["latest.json is corrupt"]),
+    (b'{"step": 3}', ["latest.json is corrupt"]),
+    (b'{"checkpoint": "/tmp/other-run/checkpoints/step-000003", "step": 3}', ["points outside this run"]),
+    (b'{"checkpoint": "checkpoints/../../elsewhere", "step": 3}', ["points outside this run"]),
+])
+def test_a_bad_latest_json_is_one_line_on_resume(model_dir, finished_run, tmp_path, capsys, latest, words):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "latest.json").write_bytes(latest)
+    _refused(capsys, ["finetune", "--model", model_dir, "--out", str(run), *SMALL, "--resume"], run, *words)
