@@ -205,6 +205,22 @@ def trl_row(args, device, name, tokens_per_example) -> dict:
     return row
 
 
+def markdown(result) -> str:
+    """The rows as a Markdown table (for docs/benchmarks.md)."""
+    lines = ["| run | tokens/s | vs TRL | peak GiB | train s | total s | val loss |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        peak = "-" if r["peak_gib"] is None else f"{r['peak_gib']:.2f}"
+        lines.append(f"| {r['name']} | {r['tokens_per_s']:,} | {r.get('speed_vs_trl', '-')} | {peak} | "
+                     f"{r['train_s']:.1f} | {r['wall_s']:.1f} | {r['val_loss']:.4f} |")
+    s = result["setup"]
+    lines.append("")
+    lines.append(f"{s['model']}, LoRA r={LORA['r']} on all linear layers, E2E: {s['train_examples']} training "
+                 f"examples, {s['steps']} steps of {s['batch_size']}, lr {s['lr']:g}; validation loss over "
+                 f"{s['val_examples']} held-out MRs; {result['env'].get('gpu', result['env']['device'])}.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default=None, help="E2E csv (default: $FLASHTUNE_E2E_DATA or ../shared/data/e2e/)")
@@ -261,7 +277,9 @@ def main(argv=None) -> int:
                 r["speed_vs_trl"] = round(r["tokens_per_s"] / base["tokens_per_s"], 3)
                 if r["peak_gib"] and base["peak_gib"]:
                     r["memory_vs_trl"] = round(r["peak_gib"] / base["peak_gib"], 3)
+        result["markdown"] = markdown(result)
         atomic_write_json(out, result)
+    print(result.get("markdown", ""))
     print(f"wrote {out}")
     return 0
 
