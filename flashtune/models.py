@@ -44,6 +44,35 @@ def resolve_dtype(dtype) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def resolve_device(name: str | torch.device | None = None) -> torch.device:
+    """The device a command runs its model on: None / "" / "auto" -> cuda when available, else cpu.
+
+    Takes "cpu", "cuda", "cuda:N" (and "mps" where PyTorch has it); anything else, or a GPU this machine
+    lacks, is one FlashtuneError line naming the devices it has.
+    """
+    if isinstance(name, torch.device):
+        name = str(name)
+    if name is None or str(name).strip().lower() in ("", "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    text = str(name).strip().lower()
+    have = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        have.append("mps")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {name!r} is not a device; choose one of {', '.join(have)}") from None
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {name!r} is not supported; choose one of {', '.join(have)}")
+    if device.type not in have:
+        raise ConfigError(f"--device {name!r}: this machine has no {device.type.upper()} device; "
+                          f"choose one of {', '.join(have)}")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                          f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    return device
+
+
 def default_gguf_path() -> Path:
     """Where the embedded default model's GGUF file is ($FLASHTUNE_GGUF overrides the package's copy)."""
     if os.environ.get("FLASHTUNE_GGUF"):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from flashtune.cli import main
-from flashtune.cli.finetune import FinetuneConfig, load_config, parse_override
+from flashtune.recipes.finetune import FinetuneConfig, load_config, parse_override
 from flashtune.errors import ConfigError, MissingDependencyError
 from test_data import char_tokenizer
 from tiny import tiny_model
@@ -115,7 +115,7 @@ def test_finetune_then_eval_reproduces_the_run(model_dir, tmp_path, capsys):
     assert base != first
     # An existing run is not silently overwritten; --resume continues it.
     assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL]) == 2
-    assert "already holds a checkpoint" in _one_error_line(capsys)
+    assert "already holds a run (a checkpoint)" in _one_error_line(capsys)
     assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL, "--max-steps", "4", "--resume"]) == 0
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in steps if s <= 3] == [1, 2, 3, 3] and steps[-1] == 4   # rows 1-3 (+ eval at 3) kept
@@ -181,3 +181,137 @@ def test_help(command, capsys):
     with pytest.raises(SystemExit) as exc:
         main([command, "--help"])
     assert exc.value.code == 0 and "--quiet" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------- run folders and probes
+def _snapshot(folder):
+    from pathlib import Path
+
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def finished_run(model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main(["finetune", "--model", model_dir, "--out", str(out), *SMALL]) == 0
+    return out
+
+
+def _refused(capsys, argv, folder, *words):
+    """`flashtune argv` exits 2 with one stderr line naming `words`, no traceback, `folder` byte-identical."""
+    before = _snapshot(folder)
+    capsys.readouterr()
+    assert main(argv) == 2
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    line = _one_error_line_from(captured.err)
+    for word in words:
+        assert word in line, (word, line)
+    assert _snapshot(folder) == before
+    return line
+
+
+def _one_error_line_from(err):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("flashtune: error: "), lines
+    return lines[0]
+
+
+def test_a_refused_rerun_changes_nothing_in_the_run(model_dir, finished_run, capsys):
+    base = ["finetune", "--model", model_dir, "--out", str(finished_run), *SMALL]
+    # Another split and seed: before, finetune.json was rewritten before fit refused.
+    _refused(capsys, [*base, "--set", "data.seed=7", "--set", "data.val_size=5"], finished_run,
+             "already holds a run", "--resume", "--overwrite")
+    _refused(capsys, [*base, "--resume", "--overwrite"], finished_run, "--resume and --overwrite")
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--lr", "0.5"], ["train.lr=0.01 in the run, now 0.5"]),
+    (["--batch-size", "2"], ["train.batch_size=4 in the run, now 2"]),
+    (["--lr", "0.5", "--set", "data.seed=3"], ["data.seed=0 in the run, now 3", "train.lr=0.01"]),
+    (["--method", "houlsby"], ["method.name='lora' in the run, now 'houlsby'"]),
+])
+def test_resume_with_changed_hyper_parameters_is_refused_naming_each(model_dir, finished_run, capsys, flags, words):
+    argv = ["finetune", "--model", model_dir, "--out", str(finished_run), *SMALL, *flags, "--resume"]
+    _refused(capsys, argv, finished_run, "--resume with changed settings", *words)
+
+
+def test_demo_refuses_to_clobber_a_run(model_dir, finished_run, capsys):
+    _refused(capsys, ["demo", "--model", model_dir, "--out", str(finished_run), "--steps", "1", "--quiet"],
+             finished_run, "already holds a run", "--overwrite")
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["finetune", "--device", "tpu"], ["--device 'tpu'", "cpu"]),
+    (["finetune", "--device", "cuda:99"], ["--device 'cuda:99'"]),
+    (["eval", "RUN", "--device", "tpu"], ["--device 'tpu'"]),
+    (["demo", "--device", "tpu", "--out", "RUN"], ["--device 'tpu'"]),
+    (["finetune", "--set", "train.lr=nan"], ["train.lr=nan", "finite"]),
+    (["finetune", "--set", "train.epochs=inf"], ["train.epochs=inf", "finite"]),
+    (["finetune", "--set", "data.val_size=nan"], ["val_size=nan"]),
+    (["finetune", "--set", "method.lora_alpha=inf"], ["method.lora_alpha=inf"]),
+])
+def test_bad_device_and_non_finite_values_are_one_line(finished_run, capsys, argv, words):
+    argv = [str(finished_run) if a == "RUN" else a for a in argv]
+    _refused(capsys, [*argv, "--quiet"], finished_run, *words)
+
+
+def test_config_that_is_not_utf8_or_not_toml_is_one_line(tmp_path, finished_run, capsys):
+    latin = tmp_path / "latin.toml"
+    latin.write_bytes('out_dir = "caf\xe9"\n'.encode("latin-1"))
+    _refused(capsys, ["finetune", "--config", str(latin)], tmp_path, "latin.toml", "not UTF-8")
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(bytes(range(256)))
+    _refused(capsys, ["finetune", "--config", str(binary)], tmp_path, "binary.toml")
+    _refused(capsys, ["finetune", "--config", str(tmp_path)], tmp_path, "does not exist")
+
+
+def test_corrupt_finetune_json_is_one_line_on_resume_and_eval(model_dir, finished_run, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "finetune.json").write_bytes(b'{"train": {"lr": ')
+    _refused(capsys, ["finetune", "--model", model_dir, "--out", str(run), *SMALL, "--resume"], run,
+             "finetune.json is corrupt")
+    _refused(capsys, ["eval", str(run), "--quiet"], run, "finetune.json is corrupt")
+
+
+def test_method_flag_on_a_lora_config_trains_the_other_tuner(model_dir, tmp_path):
+    from pathlib import Path
+
+    import flashtune
+
+    config = Path(flashtune.__file__).parent / "configs" / "e2e_lora.toml"
+    out = tmp_path / "houlsby"
+    assert main(["finetune", "--config", str(config), "--model", model_dir, "--out", str(out), "--method",
+                 "houlsby", "--task", "synthetic", "--set", "method.bottleneck_size=4", *SMALL]) == 0
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["method"] == {"name": "houlsby", "bottleneck_size": 4}
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "BOTTLENECK"
+
+
+def test_overwrite_replaces_the_run(model_dir, finished_run, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main(["finetune", "--model", model_dir, "--out", str(run), *SMALL, "--max-steps", "2", "--overwrite"]) == 0
+    steps = [json.loads(x)["step"] for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 2 and json.loads((run / "finetune.json").read_text())["train"]["max_steps"] == 2
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000002"]
+
+
+@pytest.mark.parametrize("latest, words", [
+    (b'{"checkpoint": ', ["latest.json is corrupt"]),
+    (b'{"step": 3}', ["latest.json is corrupt"]),
+    (b'{"checkpoint": "/tmp/other-run/checkpoints/step-000003", "step": 3}', ["points outside this run"]),
+    (b'{"checkpoint": "checkpoints/../../elsewhere", "step": 3}', ["points outside this run"]),
+])
+def test_a_bad_latest_json_is_one_line_on_resume(model_dir, finished_run, tmp_path, capsys, latest, words):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    (run / "latest.json").write_bytes(latest)
+    _refused(capsys, ["finetune", "--model", model_dir, "--out", str(run), *SMALL, "--resume"], run, *words)

@@ -5,16 +5,13 @@
 
 With a run folder (it holds finetune.json and adapter/), the validation split is the one the run held out.
 With a bare adapter folder, data and model come from the flags (defaults: generated data, default model).
+The work is `flashtune.recipes.finetune.run_eval`; this module parses the arguments and prints.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from flashtune.cli.finetune import (TASKS, add_common_flags, load_config, load_examples, load_texts,
-                                    make_loss_eval, quiet_libraries)
-from flashtune.errors import FlashtuneError
+from flashtune.cli.finetune import add_common_flags, add_device_flag, quiet_libraries
+from flashtune.recipes.finetune import TASKS, run_eval
 
 
 def register(subparsers) -> None:
@@ -34,61 +31,22 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="report folder (default: <path>/eval-<split>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override a field of the run's config, e.g. --set eval.max_new_tokens=80")
+    add_device_flag(p)
     add_common_flags(p)
     p.set_defaults(func=main)
 
 
 def main(args) -> int:
-    from flashtune.data import Collator, make_text_dataset
-    from flashtune.evaluation import evaluate_generation, write_report
-    from flashtune.models import load_base_model
-    from flashtune.tuners import load_adapter
-
-    root = Path(args.path)
-    if not root.exists():
-        raise FlashtuneError(f"{str(root)!r} does not exist; pass a finetune run folder or an adapter folder")
-    run_file = root / "finetune.json"
-    base = json.loads(run_file.read_text()) if run_file.is_file() else {}
-    adapter_dir = root / "adapter" if (root / "adapter").is_dir() else root
-    over = []
-    for keys, value in ((["model", "name"], args.model), (["data", "task"], args.task),
-                        (["data", "path"], args.data), (["eval", "num_beams"], args.num_beams),
-                        (["eval", "max_inputs"], args.max_inputs)):
-        if value is not None:
-            over.append((keys, value))
-    cfg = load_config(None, [*over, *args.overrides], base=base)
+    over = [(keys, value) for keys, value in (
+        (["model", "name"], args.model), (["data", "task"], args.task), (["data", "path"], args.data),
+        (["eval", "num_beams"], args.num_beams), (["eval", "max_inputs"], args.max_inputs)) if value is not None]
     quiet_libraries(args.quiet)
     log = (lambda *a, **k: None) if args.quiet else print
-
-    log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} + adapter {adapter_dir} ...")
-    model, tok = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype)
-    if not args.base_only:
-        load_adapter(model, adapter_dir)
-    out = Path(args.out) if args.out else root / f"eval-{args.split}{'-base' if args.base_only else ''}"
-    config = {**cfg.to_dict(), "adapter": None if args.base_only else str(adapter_dir), "split": args.split}
-    if cfg.data.task == "text":
-        train_texts, val_texts = load_texts(cfg.data)
-        texts = val_texts if args.split == "val" else train_texts + val_texts
-        ds = make_text_dataset(texts, tok, cfg.data.block_size)
-        if not ds:
-            raise FlashtuneError("the split holds less than one block of text; lower data.block_size")
-        loss = make_loss_eval(model, ds, Collator(tok.pad_token_id or 0), limit=len(ds))(model)["loss"]
-        import math
-
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "blocks": len(ds)}
-        summary = write_report(out, metrics, None, None, title="flashtune eval (text)", config=config)
-    else:
-        train, val = load_examples(cfg.data)
-        examples = val if args.split == "val" else train + val
-        if cfg.eval.max_inputs:
-            examples = examples[:cfg.eval.max_inputs]
-        res = evaluate_generation(model, tok, examples, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
-                                  max_new_tokens=cfg.eval.max_new_tokens, progress=not args.quiet)
-        metrics = res["metrics"]
-        summary = write_report(out, metrics, res["samples"], None, title="flashtune eval", config=config,
-                               n_samples=cfg.eval.samples)
+    res = run_eval(args.path, split=args.split, overrides=[*over, *args.overrides], base_only=args.base_only,
+                   out=args.out, device=args.device, log=log, progress=not args.quiet)
+    metrics = res["metrics"]
     scores = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bleu", "rouge_l", "nist", "loss", "perplexity")
                        if k in metrics)
     print(f"{args.split}: {scores}")
-    print(f"report: {summary}")
+    print(f"report: {res['summary']}")
     return 0
