@@ -12,7 +12,7 @@ import shutil
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
-from flashtune.agent.executors.base import SCROLL_CLICKS, perform
+from flashtune.agent.executors.base import SCROLL_CLICKS, ActionError, check_supported, perform
 from flashtune.errors import MissingDependencyError
 
 CHROMIUM_ARGS = [
@@ -154,6 +154,10 @@ class BrowserExecutor:
     def mapper(self, width: int, height: int, version: str = "1.5", **kw) -> CoordinateMapper:
         return CoordinateMapper(width, height, version=version, scale_factor=self.scale_factor, **kw)
 
+    def check(self, action: Action) -> None:
+        """Raise UnsupportedActionError for an action this executor lacks (open_app, press_home ...)."""
+        check_supported(action, self)
+
     def execute(self, action: Action, mapper: CoordinateMapper, scroll_clicks: int = SCROLL_CLICKS) -> None:
         perform(action, mapper, self, scroll_clicks)
 
@@ -208,19 +212,23 @@ class BrowserExecutor:
         self.page.mouse.up()
 
     def navigate(self, url: str) -> None:
-        """Open `url` (already checked by the policy). A page that fails to load is not an error of the run:
-        the model sees the browser's error page on the next screenshot."""
-        from playwright.sync_api import Error as PlaywrightError
-
-        try:
-            self.page.goto(url)
-        except PlaywrightError as exc:
-            self.errors.append(f"navigate {url[:200]}: {str(exc).splitlines()[0][:200]}")
+        """Open `url` (already checked by the policy). A page that cannot be loaded (refused, unknown host,
+        blocked by the request guard, too slow) is the model's to handle: ActionError, sent back to it."""
+        self._load(lambda: self.page.goto(url), f"navigate(content='{url[:200]}')")
 
     def go_back(self) -> None:
+        self._load(self.page.go_back, "navigate_back()")
+
+    def _load(self, go, what: str) -> None:
         from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         try:
-            self.page.go_back()
+            go()
         except PlaywrightError as exc:
-            self.errors.append(f"go back: {str(exc).splitlines()[0][:200]}")
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self.errors.append(f"{what}: {first}")
+            if not isinstance(exc, PlaywrightTimeout) and "net::ERR_" not in first:
+                raise  # the browser itself failed (closed, crashed): the machine's fault
+            why = " (stopped by the navigation policy)" if "ERR_BLOCKED_BY_CLIENT" in first else ""
+            raise ActionError(f"the page did not load: {first.split(': ', 1)[-1]}{why}") from None
