@@ -133,14 +133,52 @@ def _one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[:500]}"
 
 
+class LaunchError(FlashtuneError):
+    """The run could not start; its folder still holds trajectory.json and report.html. `exit_code` is the
+    cause's (2: the user's input, 3: a missing dependency, 1: the machine)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _new_record(task, config, policy, executor_name, sandbox) -> dict:
+    return {"task": task, "config": config.to_dict(), "executor": executor_name, "status": "running",
+            "policy": policy.to_dict(), "sandbox": sandbox, "steps": []}
+
+
+def first_line(exc: BaseException) -> str:
+    """A FlashtuneError's message, or the first line of any other exception (Playwright adds call logs)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0][:300] if lines else ""
+    return text if isinstance(exc, FlashtuneError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def record_failed_start(task: str, out_dir: str, exc: BaseException, config: AgentConfig | None = None,
+                        executor_name: str = "", sandbox: dict | None = None) -> LaunchError:
+    """For a run that failed before its first step (Chromium or Xvfb missing, a start URL that did not load):
+    write out_dir/trajectory.json (status "error", or "interrupted" on ctrl-c, with the reason) and report.html,
+    and return the one-line LaunchError to raise (exit code 2 for the user's input, 3 for a missing dependency,
+    1 for anything else)."""
+    config = config or AgentConfig()
+    record = _new_record(task, config, config.policy(), executor_name, sandbox)
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = "interrupted while starting" if interrupted else first_line(exc)
+    record.update(status="interrupted" if interrupted else "error", stage="launch", error=reason)
+    os.makedirs(out_dir, exist_ok=True)
+    write_record(out_dir, record)
+    code = exc.exit_code if isinstance(exc, FlashtuneError) else 1
+    return LaunchError(f"the run could not start: {reason} (the run folder {out_dir} has trajectory.json and "
+                       "report.html)", exit_code=code)
+
+
 def run_agent(task: str, client, executor, out_dir: str, config: AgentConfig | None = None,
               sleep=time.sleep, executor_name: str = "") -> dict:
     """Run one episode; returns the trajectory record (also written to out_dir/trajectory.json)."""
     config = config or AgentConfig()
     policy = config.policy()
     os.makedirs(out_dir, exist_ok=True)
-    record = {"task": task, "config": config.to_dict(), "executor": executor_name, "status": "running",
-              "policy": policy.to_dict(), "sandbox": getattr(executor, "sandbox", None), "steps": []}
+    record = _new_record(task, config, policy, executor_name, getattr(executor, "sandbox", None))
     status = "error"
     try:
         status = _episode(task, client, executor, out_dir, config, policy, sleep, record)

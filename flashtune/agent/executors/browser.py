@@ -13,7 +13,7 @@ import shutil
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
 from flashtune.agent.executors.base import SCROLL_CLICKS, ActionError, check_supported, perform
-from flashtune.errors import MissingDependencyError
+from flashtune.errors import FlashtuneError, MissingDependencyError
 
 CHROMIUM_ARGS = [
     "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -33,7 +33,11 @@ _PW_KEYS = {
 
 def find_chromium() -> str:
     """Path to a Chromium binary: $FLASHTUNE_CHROMIUM, else chromium / chromium-browser on PATH."""
-    path = os.environ.get("FLASHTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    chosen = os.environ.get("FLASHTUNE_CHROMIUM")
+    if chosen and not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+        raise MissingDependencyError(f"FLASHTUNE_CHROMIUM={chosen!r} is not an executable file; point it at a "
+                                     "Chromium binary or unset it")
+    path = chosen or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
         raise MissingDependencyError("no Chromium found; install it with `apt-get install chromium` "
                                      "or set FLASHTUNE_CHROMIUM=/path/to/chrome")
@@ -136,7 +140,7 @@ class BrowserExecutor:
             page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor)
             ex = cls(page, owned=(pw, browser), policy=policy, sandbox=sandbox)
             if start_url:
-                page.goto(start_url)
+                ex.open_start_url(start_url)
         except Exception:
             pw.stop()
             raise
@@ -210,6 +214,14 @@ class BrowserExecutor:
         self.page.mouse.down()
         self.page.wait_for_timeout(int(seconds * 1000))
         self.page.mouse.up()
+
+    def open_start_url(self, url: str) -> None:
+        """Open the run's start URL; one that does not load is the user's to fix (FlashtuneError)."""
+        try:
+            self._load(lambda: self.page.goto(url), "start URL")
+        except ActionError as exc:
+            raise FlashtuneError(f"cannot open the start URL: {exc}; check the address and that the site is "
+                                 "up") from None
 
     def navigate(self, url: str) -> None:
         """Open `url` (already checked by the policy). A page that cannot be loaded (refused, unknown host,
