@@ -65,3 +65,17 @@ def test_endpoint_that_refuses(tmp_path, capsys):
         pages.close()
     assert code == 2 and "endpoint" in err and "Connection refused" in err
     assert record["status"] == "endpoint_error" and "Connection refused" in record["error"]
+
+
+def test_ctrl_c_while_starting(tmp_path, capsys, monkeypatch):
+    from flashtune.agent.executors.browser import BrowserExecutor
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BrowserExecutor, "launch", interrupted)
+    code = main(["agent", "run", "--task", "t", "--endpoint", "http://127.0.0.1:9/v1", "--out", str(tmp_path)])
+    assert code == 130 and "interrupted" in capsys.readouterr().err
+    record = json.loads((tmp_path / "trajectory.json").read_text())
+    assert record["status"] == "interrupted" and record["stage"] == "launch"
+    assert (tmp_path / "report.html").exists()
