@@ -8,16 +8,17 @@ lacks (open_app in a browser) is sent back to the model as an error message and 
 `resamples` times per step (at temperature 1, as OSWorld resamples); none of such a step's actions is executed.
 An action that fails while it runs through the model's fault (`executors.base.ActionError`: a page that did not
 load, a field that took no text) ends the step there; the next step's request tells the model what failed and
-what ran before it, at most `resamples` failing steps in a row. Any other executor exception is the machine's
+what ran before it; `resamples` + 1 such steps in a row end the run. Any other executor exception is the machine's
 (a browser that crashed, a lost X connection) and ends the run. Keys held with press()/keydown() are released at
 the end of every step.
 
 Stops on `finished` (status "finished"), `call_user` ("call_user"), an answer that never parses ("parse_error"),
 a step still refused after the retries ("refused"), actions the executor still cannot do after the retries
 ("action_error"), the same action proposed on an unchanged screenshot `stuck_after` times in a row ("stuck"), an
-executor crash ("error"), an unreachable model server ("endpoint_error") or the step limit ("max_steps"). `wait()` sleeps through the
-injectable `sleep` and takes a new screenshot. Whatever happens, out_dir ends with trajectory.json and
-report.html; also there: step_NNN.png (the full screenshot) and step_NNN_annotated.png (the actions drawn on it).
+executor crash ("error"), an unreachable model server ("endpoint_error") or the step limit ("max_steps").
+`wait()` sleeps through the injectable `sleep` and takes a new screenshot. Whatever happens, out_dir ends with
+trajectory.json and report.html (so does a run that fails before its first step: `record_failed_start`); also
+there: step_NNN.png (the full screenshot) and step_NNN_annotated.png (the actions drawn on it).
 """
 
 from __future__ import annotations
