@@ -122,7 +122,8 @@ def test_failing_steps_in_a_row_are_bounded(page, tmp_path):
     dead = f"http://127.0.0.1:{closed_port()}/"
     record, requests = run(tmp_path, [f"Action: navigate(content='{dead}')"] * 5, ex, template="browser",
                            start_url=url, resamples=1, stuck_after=0)
-    assert record["status"] == "action_error" and len(record["steps"]) == 2 and len(requests) == 2
+    assert record["status"] == "action_error", (record.get("error"), record["steps"][-1].get("error"))
+    assert len(record["steps"]) == 2 and len(requests) == 2
     assert "2 failing steps in a row" in record["steps"][-1]["error"]
 
 

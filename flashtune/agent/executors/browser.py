@@ -151,9 +151,18 @@ class BrowserExecutor:
     def scale_factor(self) -> float:
         return float(self.page.evaluate("window.devicePixelRatio"))
 
-    def screenshot(self) -> bytes:
-        """A PNG of the viewport in device pixels."""
-        return self.page.screenshot(type="png")
+    def screenshot(self, tries: int = 5) -> bytes:
+        """A PNG of the viewport in device pixels. Chromium cannot capture a page that is still committing (just
+        after a failed navigation, when its error page replaces the document): asked again after a pause."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        for attempt in range(tries):
+            try:
+                return self.page.screenshot(type="png")
+            except PlaywrightError as exc:
+                if "Unable to capture screenshot" not in str(exc) or attempt == tries - 1:
+                    raise
+                self.page.wait_for_timeout(200)
 
     def mapper(self, width: int, height: int, version: str = "1.5", **kw) -> CoordinateMapper:
         return CoordinateMapper(width, height, version=version, scale_factor=self.scale_factor, **kw)
@@ -242,5 +251,9 @@ class BrowserExecutor:
             self.errors.append(f"{what}: {first}")
             if not isinstance(exc, PlaywrightTimeout) and "net::ERR_" not in first:
                 raise  # the browser itself failed (closed, crashed): the machine's fault
+            try:  # let the browser's error page finish replacing the document before the next screenshot
+                self.page.wait_for_load_state(timeout=5000)
+            except PlaywrightError:
+                pass
             why = " (stopped by the navigation policy)" if "ERR_BLOCKED_BY_CLIENT" in first else ""
             raise ActionError(f"the page did not load: {first.split(': ', 1)[-1]}{why}") from None
