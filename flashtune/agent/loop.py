@@ -3,16 +3,22 @@
 Each screenshot is resized on the client with `smart_resize` to the server's pixel budget before it is sent, so
 the image the model sees is exactly the frame its coordinates are mapped from, on any screen size.
 
-An answer that does not parse, or a step the policy refuses (`policy.py`), is sent back to the model as an error
-message and asked again, at most `resamples` times per step (at temperature 1, as OSWorld resamples); none of a
-refused step's actions is executed. Keys held with press()/keydown() are released at the end of every step.
+An answer that does not parse, a step the policy refuses (`policy.py`) or a step with an action the executor
+lacks (open_app in a browser) is sent back to the model as an error message and asked again, at most
+`resamples` times per step (at temperature 1, as OSWorld resamples); none of such a step's actions is executed.
+An action that fails while it runs through the model's fault (`executors.base.ActionError`: a page that did not
+load, a field that took no text) ends the step there; the next step's request tells the model what failed and
+what ran before it; `resamples` + 1 such steps in a row end the run. Any other executor exception is the machine's
+(a browser that crashed, a lost X connection) and ends the run. Keys held with press()/keydown() are released at
+the end of every step.
 
 Stops on `finished` (status "finished"), `call_user` ("call_user"), an answer that never parses ("parse_error"),
-a step still refused after the retries ("refused"), the same action proposed on an unchanged screenshot
-`stuck_after` times in a row ("stuck"), an action the executor cannot perform or an executor crash ("error"),
-an unreachable model server ("endpoint_error") or the step limit ("max_steps"). `wait()` sleeps through the
-injectable `sleep` and takes a new screenshot. Whatever happens, out_dir ends with trajectory.json and
-report.html; also there: step_NNN.png (the full screenshot) and step_NNN_annotated.png (the actions drawn on it).
+a step still refused after the retries ("refused"), actions the executor still cannot do after the retries
+("action_error"), the same action proposed on an unchanged screenshot `stuck_after` times in a row ("stuck"), an
+executor crash ("error"), an unreachable model server ("endpoint_error") or the step limit ("max_steps").
+`wait()` sleeps through the injectable `sleep` and takes a new screenshot. Whatever happens, out_dir ends with
+trajectory.json and report.html (so does a run that fails before its first step: `record_failed_start`); also
+there: step_NNN.png (the full screenshot) and step_NNN_annotated.png (the actions drawn on it).
 """
 
 from __future__ import annotations
@@ -26,14 +32,15 @@ from dataclasses import asdict, dataclass
 from flashtune.agent.actions import Action
 from flashtune.agent.client import EndpointError
 from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS, smart_resize
+from flashtune.agent.executors.base import ActionError, UnsupportedActionError
 from flashtune.agent.parser import ActionParseError, parse_response
 from flashtune.agent.policy import ACTION_SPACES, Policy, PolicyError
 from flashtune.agent.prompts import HISTORY_N, build_messages
 from flashtune.agent.report import annotate, write_atomic, write_record
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 
-STATUSES = ("finished", "call_user", "max_steps", "parse_error", "refused", "stuck", "error", "endpoint_error",
-            "interrupted")
+STATUSES = ("finished", "call_user", "max_steps", "parse_error", "refused", "action_error", "stuck", "error",
+            "endpoint_error", "interrupted")
 FEEDBACK_CHARS = 2000  # how much of a rejected answer is repeated back to the model
 
 
@@ -110,14 +117,60 @@ def model_image(png: bytes, min_pixels: int = MIN_PIXELS, max_pixels: int = MAX_
 
 
 def _feedback(exc: FlashtuneError) -> str:
-    nothing = "Nothing of that step was executed. " if isinstance(exc, PolicyError) else ""
+    nothing = "Nothing of that step was executed. " if isinstance(exc, (PolicyError, ActionError)) else ""
     return (f"Error: {exc}. {nothing}Answer again for the same screenshot in the format 'Thought: ...' then "
             "'Action: ...', using only the actions of the action space.")
+
+
+def _action_feedback(exc: ActionError, executed: list[str]) -> str:
+    done = f"These actions of it were executed first: {'; '.join(executed)}. " if executed else \
+        "Nothing of it was executed. "
+    return (f"Error: your last step's action {exc.action} could not be performed: {exc}. {done}"
+            "This is the screen now; continue the task from here.")
 
 
 def _one_line(exc: BaseException) -> str:
     text = " ".join(str(exc).split())
     return f"{type(exc).__name__}: {text[:500]}"
+
+
+class LaunchError(FlashtuneError):
+    """The run could not start; its folder still holds trajectory.json and report.html. `exit_code` is the
+    cause's (2: the user's input, 3: a missing dependency, 1: the machine)."""
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _new_record(task, config, policy, executor_name, sandbox) -> dict:
+    return {"task": task, "config": config.to_dict(), "executor": executor_name, "status": "running",
+            "policy": policy.to_dict(), "sandbox": sandbox, "steps": []}
+
+
+def first_line(exc: BaseException) -> str:
+    """A FlashtuneError's message, or the first line of any other exception (Playwright adds call logs)."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    text = lines[0][:300] if lines else ""
+    return text if isinstance(exc, FlashtuneError) else f"{type(exc).__name__}: {text}".rstrip(": ")
+
+
+def record_failed_start(task: str, out_dir: str, exc: BaseException, config: AgentConfig | None = None,
+                        executor_name: str = "", sandbox: dict | None = None) -> LaunchError:
+    """For a run that failed before its first step (Chromium or Xvfb missing, a start URL that did not load):
+    write out_dir/trajectory.json (status "error", or "interrupted" on ctrl-c, with the reason) and report.html,
+    and return the one-line LaunchError to raise (exit code 2 for the user's input, 3 for a missing dependency,
+    1 for anything else)."""
+    config = config or AgentConfig()
+    record = _new_record(task, config, config.policy(), executor_name, sandbox)
+    interrupted = isinstance(exc, KeyboardInterrupt)
+    reason = "interrupted while starting" if interrupted else first_line(exc)
+    record.update(status="interrupted" if interrupted else "error", stage="launch", error=reason)
+    os.makedirs(out_dir, exist_ok=True)
+    write_record(out_dir, record)
+    code = exc.exit_code if isinstance(exc, FlashtuneError) else 1
+    return LaunchError(f"the run could not start: {reason} (the run folder {out_dir} has trajectory.json and "
+                       "report.html)", exit_code=code)
 
 
 def run_agent(task: str, client, executor, out_dir: str, config: AgentConfig | None = None,
@@ -126,11 +179,12 @@ def run_agent(task: str, client, executor, out_dir: str, config: AgentConfig | N
     config = config or AgentConfig()
     policy = config.policy()
     os.makedirs(out_dir, exist_ok=True)
-    record = {"task": task, "config": config.to_dict(), "executor": executor_name, "status": "running",
-              "policy": policy.to_dict(), "sandbox": getattr(executor, "sandbox", None), "steps": []}
+    record = _new_record(task, config, policy, executor_name, getattr(executor, "sandbox", None))
     status = "error"
     try:
         status = _episode(task, client, executor, out_dir, config, policy, sleep, record)
+        if status == "endpoint_error":
+            record["error"] = record["steps"][-1]["error"]
     except KeyboardInterrupt:
         status = "interrupted"
         raise
@@ -150,6 +204,9 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
     screenshots: list[bytes] = []  # as sent to the model
     responses: list[str] = []
     last_key, repeats = None, 0
+    feedback = None  # what failed in the last step, told to the model with the next screenshot
+    failures = 0  # steps in a row whose actions failed
+    check = getattr(executor, "check", None)  # raises UnsupportedActionError before anything runs
     for index in range(config.max_steps):
         png = executor.screenshot()
         shot = f"step_{index:03d}.png"
@@ -166,6 +223,9 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
         record["steps"].append(entry)
         messages = build_messages(task, screenshots, responses, template=config.template,
                                   language=config.language, history_n=config.history_n)
+        if feedback:  # the current screenshot follows the account of what failed
+            messages[-1]["content"].insert(0, {"type": "text", "text": feedback})
+            entry["feedback"] = feedback
         entry["images_sent"] = sum(1 for m in messages for part in m["content"]
                                    if isinstance(part, dict) and part.get("type") == "image_url")
         step = actions = error = None
@@ -179,8 +239,10 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
             try:
                 step = parse_response(text)
                 actions = policy.check_step(step.actions, mapper)
+                for action in actions if check else ():
+                    check(action)
                 break
-            except (ActionParseError, PolicyError) as exc:
+            except (ActionParseError, PolicyError, UnsupportedActionError) as exc:
                 step, error = None, exc
                 entry["attempts"].append({"error": str(exc), "reason": exc.reason})
                 messages = messages + [
@@ -188,7 +250,8 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
                     {"role": "user", "content": [{"type": "text", "text": _feedback(exc)}]}]
         if step is None:
             entry["error"] = str(error)
-            return "refused" if isinstance(error, PolicyError) else "parse_error"
+            return ("refused" if isinstance(error, PolicyError) else
+                    "action_error" if isinstance(error, ActionError) else "parse_error")
         responses.append(step.raw)
         entry.update(thought=step.thought, reflection=step.reflection, summary=step.summary,
                      actions=[a.to_dict() for a in actions], action_strings=[str(a) for a in actions],
@@ -212,9 +275,19 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
                 return "stuck"
         else:
             last_key, repeats = None, 0
+        feedback = None
         try:
             _execute(actions, executor, mapper, config, sleep, entry)
-        except FlashtuneError as exc:  # UnsupportedActionError, xdotool failures, ...
+            failures = 0
+        except ActionError as exc:  # the model's action could not be done: tell the model on the next step
+            failures += 1
+            entry["action_error"] = {"action": exc.action, "error": str(exc), "reason": exc.reason}
+            if failures > config.resamples:
+                entry["error"] = (f"{exc.action} could not be performed: {exc} ({failures} failing steps in a "
+                                  "row)")
+                return "action_error"
+            feedback = _action_feedback(exc, entry["executed"])
+        except FlashtuneError as exc:  # the machine's fault: xdotool failures, a lost display ...
             entry["error"] = str(exc)
             return "error"
         write_record(out_dir, record)
@@ -229,10 +302,14 @@ def _execute(actions, executor, mapper, config, sleep, entry) -> None:
     failed = True
     try:
         for action in actions:
-            if action.name == "wait":
-                sleep(config.wait_seconds)
-            else:
-                executor.execute(action, mapper)
+            try:
+                if action.name == "wait":
+                    sleep(config.wait_seconds)
+                else:
+                    executor.execute(action, mapper)
+            except ActionError as exc:
+                exc.action = exc.action or str(action)
+                raise
             entry["executed"].append(str(action))
             if action.name in ("press", "keydown"):
                 held.extend(k for k in action.keys if k not in held)

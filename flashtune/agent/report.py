@@ -76,6 +76,10 @@ def render_html(record: dict) -> str:
         tries = "".join(f"<li class=err>{e(a['reason'])}: {e(a['error'])}</li>" for a in s.get("attempts", []))
         if tries:
             err = f"<p>Answers sent back to the model, not executed:</p><ul>{tries}</ul>" + err
+        if s.get("action_error"):
+            fail = s["action_error"]
+            err += f"<p class=err>Could not be performed (told to the model): {e(str(fail['action']))}: " \
+                   f"{e(fail['error'])}</p>"
         if s.get("released"):
             err += f"<p>Released at the end of the step: {e(', '.join(s['released']))}</p>"
         img = s.get("annotated") or s["screenshot"]

@@ -47,42 +47,29 @@ def _add_model_args(p) -> None:
 
 
 def cmd_run(args) -> int:
-    from flashtune.agent.loop import AgentConfig, run_agent
+    from flashtune.agent.loop import AgentConfig, record_failed_start, run_agent
 
+    # bad options: one line, nothing started, nothing written
     config = AgentConfig(max_steps=args.max_steps, model_version=args.model_version, template=args.template,
                          language=args.language, wait_seconds=args.wait_seconds,
                          min_pixels=args.min_pixels, max_pixels=args.max_pixels, resamples=args.answer_retries,
                          stuck_after=args.stuck_after, start_url=args.start_url,
                          allow_hosts=tuple(args.allow_host or ()), max_type_chars=args.max_type_chars)
+    client = _client(args)
     out = args.out or os.path.join("agent_runs", time.strftime("%Y%m%d-%H%M%S"))
-    width, height = args.size
     closers = []
     try:
-        if args.executor == "browser":
-            from flashtune.agent.executors.browser import BrowserExecutor
-
-            executor = BrowserExecutor.launch(args.start_url, width, height, scale_factor=args.scale_factor,
-                                              policy=config.policy())
-            closers.append(executor.close)
-            sandbox = executor.sandbox
-        else:
-            from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor
-
-            display, sandbox = args.display, None
-            if display is None:
-                vd = VirtualDisplay(width, height)
-                closers.append(vd.stop)
-                display = vd.display
-            if args.start_url:
-                window = ChromiumWindow(display, args.start_url, width, height)
-                closers.append(window.close)
-                window.wait_until_drawn(args.startup_seconds)
-                sandbox = window.sandbox
-            executor = X11Executor(display)
-            executor.sandbox = sandbox
+        try:
+            executor = _launch(args, config, closers)
+        except (Exception, KeyboardInterrupt) as exc:  # Chromium or Xvfb missing, a start URL that did not load
+            error = record_failed_start(args.task, out, exc, config, executor_name=args.executor)
+            if isinstance(exc, KeyboardInterrupt):
+                raise
+            raise error from None
+        sandbox = executor.sandbox
         if sandbox is not None and not sandbox["enabled"]:
             print(f"note: Chromium runs without its sandbox: {sandbox['reason']}", file=sys.stderr)
-        record = run_agent(args.task, _client(args), executor, out, config, executor_name=args.executor)
+        record = run_agent(args.task, client, executor, out, config, executor_name=args.executor)
     finally:
         for close in reversed(closers):
             close()
@@ -90,7 +77,37 @@ def cmd_run(args) -> int:
     if record.get("answer"):
         print(f"answer: {record['answer']}")
     print(f"report: {os.path.join(out, 'report.html')}")
+    if record["status"] == "endpoint_error":  # the --endpoint the user gave: one line, exit 2
+        print(f"flashtune: error: the model endpoint failed: {record.get('error', '')}", file=sys.stderr)
+        return 2
     return 0 if record["status"] == "finished" else 1
+
+
+def _launch(args, config, closers: list):
+    """The executor for `args`, with what must be closed after the run appended to `closers`."""
+    width, height = args.size
+    if args.executor == "browser":
+        from flashtune.agent.executors.browser import BrowserExecutor
+
+        executor = BrowserExecutor.launch(args.start_url, width, height, scale_factor=args.scale_factor,
+                                          policy=config.policy())
+        closers.append(executor.close)
+        return executor
+    from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor
+
+    display, sandbox = args.display, None
+    if display is None:
+        vd = VirtualDisplay(width, height)
+        closers.append(vd.stop)
+        display = vd.display
+    if args.start_url:
+        window = ChromiumWindow(display, args.start_url, width, height)
+        closers.append(window.close)
+        window.wait_until_drawn(args.startup_seconds)
+        sandbox = window.sandbox
+    executor = X11Executor(display)
+    executor.sandbox = sandbox
+    return executor
 
 
 def cmd_ground(args) -> int:

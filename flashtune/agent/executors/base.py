@@ -16,8 +16,36 @@ from flashtune.errors import FlashtuneError
 SCROLL_CLICKS = 5  # the reference scrolls pyautogui.scroll(+-5)
 
 
-class UnsupportedActionError(FlashtuneError):
+class ActionError(FlashtuneError):
+    """The model's action could not be done, through no fault of the machine (a page that refused the
+    navigation, a field that took no text ...). The loop sends it back to the model to try again; any other
+    exception an executor raises is the machine's (a browser that crashed, a lost X connection) and ends the run
+    with status `error`. `action` names the action once the loop knows it."""
+
+    reason = "action_failed"
+    action: str | None = None
+
+
+class UnsupportedActionError(ActionError):
     """The executor cannot perform this action (e.g. open_app in a browser)."""
+
+    reason = "unsupported_action"
+
+
+# actions every backend performs; navigate and navigate_back/press_back need backend.navigate / go_back
+_PERFORMED = frozenset({"click", "left_single", "left_double", "right_single", "hover", "drag", "select", "scroll",
+                        "type", "hotkey", "press", "keydown", "release", "keyup", "long_press", "wait", "finished",
+                        "call_user"})
+_NEEDS = {"navigate": "navigate", "navigate_back": "go_back", "press_back": "go_back"}
+
+
+def check_supported(action: Action, backend) -> None:
+    """Raise UnsupportedActionError unless `perform` can do `action` on `backend` (checked before a step runs,
+    so a step with an action the executor lacks is sent back to the model with nothing of it executed)."""
+    name = action.name
+    if name in _PERFORMED or (name in _NEEDS and hasattr(backend, _NEEDS[name])):
+        return
+    raise UnsupportedActionError(f"the {type(backend).__name__} executor cannot perform {name}()")
 
 
 def split_typed_text(text: str) -> tuple[list[str], bool]:
@@ -39,6 +67,7 @@ def split_typed_text(text: str) -> tuple[list[str], bool]:
 
 def perform(action: Action, mapper: CoordinateMapper, backend, scroll_clicks: int = SCROLL_CLICKS) -> None:
     """Execute one non-terminal action on `backend`. wait/finished/call_user are the loop's business."""
+    check_supported(action, backend)
     name = action.name
 
     def point(coord):
@@ -87,11 +116,7 @@ def perform(action: Action, mapper: CoordinateMapper, backend, scroll_clicks: in
             backend.key_up(normalize_key(k))
     elif name == "long_press":
         backend.long_press(*point(action.start), seconds=1.0)
-    elif name == "navigate" and hasattr(backend, "navigate"):
+    elif name == "navigate":
         backend.navigate(action.text)
-    elif name in ("navigate_back", "press_back") and hasattr(backend, "go_back"):
+    elif name in ("navigate_back", "press_back"):
         backend.go_back()
-    elif name in ("wait", "finished", "call_user"):
-        return
-    else:
-        raise UnsupportedActionError(f"the {type(backend).__name__} executor cannot perform {name}()")

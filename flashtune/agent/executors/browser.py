@@ -12,8 +12,8 @@ import shutil
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
-from flashtune.agent.executors.base import SCROLL_CLICKS, perform
-from flashtune.errors import MissingDependencyError
+from flashtune.agent.executors.base import SCROLL_CLICKS, ActionError, check_supported, perform
+from flashtune.errors import FlashtuneError, MissingDependencyError
 
 CHROMIUM_ARGS = [
     "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
@@ -33,7 +33,11 @@ _PW_KEYS = {
 
 def find_chromium() -> str:
     """Path to a Chromium binary: $FLASHTUNE_CHROMIUM, else chromium / chromium-browser on PATH."""
-    path = os.environ.get("FLASHTUNE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    chosen = os.environ.get("FLASHTUNE_CHROMIUM")
+    if chosen and not (os.path.isfile(chosen) and os.access(chosen, os.X_OK)):
+        raise MissingDependencyError(f"FLASHTUNE_CHROMIUM={chosen!r} is not an executable file; point it at a "
+                                     "Chromium binary or unset it")
+    path = chosen or shutil.which("chromium") or shutil.which("chromium-browser")
     if not path:
         raise MissingDependencyError("no Chromium found; install it with `apt-get install chromium` "
                                      "or set FLASHTUNE_CHROMIUM=/path/to/chrome")
@@ -136,7 +140,7 @@ class BrowserExecutor:
             page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor)
             ex = cls(page, owned=(pw, browser), policy=policy, sandbox=sandbox)
             if start_url:
-                page.goto(start_url)
+                ex.open_start_url(start_url)
         except Exception:
             pw.stop()
             raise
@@ -147,12 +151,25 @@ class BrowserExecutor:
     def scale_factor(self) -> float:
         return float(self.page.evaluate("window.devicePixelRatio"))
 
-    def screenshot(self) -> bytes:
-        """A PNG of the viewport in device pixels."""
-        return self.page.screenshot(type="png")
+    def screenshot(self, tries: int = 5) -> bytes:
+        """A PNG of the viewport in device pixels. Chromium cannot capture a page that is still committing (just
+        after a failed navigation, when its error page replaces the document): asked again after a pause."""
+        from playwright.sync_api import Error as PlaywrightError
+
+        for attempt in range(tries):
+            try:
+                return self.page.screenshot(type="png")
+            except PlaywrightError as exc:
+                if "Unable to capture screenshot" not in str(exc) or attempt == tries - 1:
+                    raise
+                self.page.wait_for_timeout(200)
 
     def mapper(self, width: int, height: int, version: str = "1.5", **kw) -> CoordinateMapper:
         return CoordinateMapper(width, height, version=version, scale_factor=self.scale_factor, **kw)
+
+    def check(self, action: Action) -> None:
+        """Raise UnsupportedActionError for an action this executor lacks (open_app, press_home ...)."""
+        check_supported(action, self)
 
     def execute(self, action: Action, mapper: CoordinateMapper, scroll_clicks: int = SCROLL_CLICKS) -> None:
         perform(action, mapper, self, scroll_clicks)
@@ -207,20 +224,36 @@ class BrowserExecutor:
         self.page.wait_for_timeout(int(seconds * 1000))
         self.page.mouse.up()
 
-    def navigate(self, url: str) -> None:
-        """Open `url` (already checked by the policy). A page that fails to load is not an error of the run:
-        the model sees the browser's error page on the next screenshot."""
-        from playwright.sync_api import Error as PlaywrightError
-
+    def open_start_url(self, url: str) -> None:
+        """Open the run's start URL; one that does not load is the user's to fix (FlashtuneError)."""
         try:
-            self.page.goto(url)
-        except PlaywrightError as exc:
-            self.errors.append(f"navigate {url[:200]}: {str(exc).splitlines()[0][:200]}")
+            self._load(lambda: self.page.goto(url), "start URL")
+        except ActionError as exc:
+            raise FlashtuneError(f"cannot open the start URL: {exc}; check the address and that the site is "
+                                 "up") from None
+
+    def navigate(self, url: str) -> None:
+        """Open `url` (already checked by the policy). A page that cannot be loaded (refused, unknown host,
+        blocked by the request guard, too slow) is the model's to handle: ActionError, sent back to it."""
+        self._load(lambda: self.page.goto(url), f"navigate(content='{url[:200]}')")
 
     def go_back(self) -> None:
+        self._load(self.page.go_back, "navigate_back()")
+
+    def _load(self, go, what: str) -> None:
         from playwright.sync_api import Error as PlaywrightError
+        from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         try:
-            self.page.go_back()
+            go()
         except PlaywrightError as exc:
-            self.errors.append(f"go back: {str(exc).splitlines()[0][:200]}")
+            first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            self.errors.append(f"{what}: {first}")
+            if not isinstance(exc, PlaywrightTimeout) and "net::ERR_" not in first:
+                raise  # the browser itself failed (closed, crashed): the machine's fault
+            try:  # let the browser's error page finish replacing the document before the next screenshot
+                self.page.wait_for_load_state(timeout=5000)
+            except PlaywrightError:
+                pass
+            why = " (stopped by the navigation policy)" if "ERR_BLOCKED_BY_CLIENT" in first else ""
+            raise ActionError(f"the page did not load: {first.split(': ', 1)[-1]}{why}") from None

@@ -19,7 +19,7 @@ import time
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
-from flashtune.agent.executors.base import SCROLL_CLICKS, perform
+from flashtune.agent.executors.base import SCROLL_CLICKS, ActionError, check_supported, perform
 from flashtune.errors import FlashtuneError, MissingDependencyError
 
 # canonical key name -> X keysym, as xdotool takes it
@@ -199,6 +199,10 @@ class X11Executor:
     def mapper(self, width: int, height: int, version: str = "1.5", **kw) -> CoordinateMapper:
         return CoordinateMapper(width, height, version=version, scale_factor=1.0, **kw)
 
+    def check(self, action: Action) -> None:
+        """Raise UnsupportedActionError for an action this executor lacks (navigate, open_app ...)."""
+        check_supported(action, self)
+
     def execute(self, action: Action, mapper: CoordinateMapper, scroll_clicks: int = SCROLL_CLICKS) -> None:
         perform(action, mapper, self, scroll_clicks)
 
@@ -238,7 +242,8 @@ class X11Executor:
         try:
             self._run("key", "--clearmodifiers", "ctrl+v")
             if not server.wait_served(5.0):
-                raise FlashtuneError("the focused window did not take the pasted text (ctrl+v) within 5 s")
+                raise ActionError("no window took the typed text (pasted with ctrl+v) within 5 s; click the "
+                                  "text field first")
             time.sleep(0.3)  # clients may ask again (Chromium polls TARGETS after a paste)
         finally:
             server.close()
