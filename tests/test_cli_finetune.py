@@ -315,3 +315,49 @@ def test_a_bad_latest_json_is_one_line_on_resume(model_dir, finished_run, tmp_pa
     shutil.copytree(finished_run, run)
     (run / "latest.json").write_bytes(latest)
     _refused(capsys, ["finetune", "--model", model_dir, "--out", str(run), *SMALL, "--resume"], run, *words)
+
+
+def _write_format(path, fmt):
+    rows = [("the cafe is cheap.", "it serves food."), ("a pub near the river.", "good for families."),
+            ("the inn has five stars.", "it is in the city."), ("a shop in the east.", "prices are low."),
+            ("the bar is open late.", "it is quiet."), ("a diner by the park.", "it serves tea.")]
+    if fmt == "e2e":
+        lines = ["mr,ref"] + [f'"name[{a.split()[1]}], area[city centre]","{b}"' for a, b in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return
+    with open(path, "w") as f:
+        for a, b in rows:
+            row = {"messages": [{"role": "user", "content": a}, {"role": "assistant", "content": b}]} \
+                if fmt == "messages" else {"prompt": a, "completion": b} if fmt == "prompt_completion" \
+                else {"text": f"{a} {b}"}
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.mark.parametrize("fmt, suffix", [("messages", "jsonl"), ("prompt_completion", "jsonl"), ("text", "jsonl"),
+                                         ("e2e", "csv")])
+def test_finetune_on_a_data_file_detects_its_format(model_dir, tmp_path, capsys, fmt, suffix):
+    data = tmp_path / f"data.{suffix}"
+    _write_format(data, fmt)
+    out = tmp_path / "run"
+    rc = main(["finetune", "--model", model_dir, "--data", str(data), "--out", str(out), "--max-steps", "2",
+               "--batch-size", "2", "--set", "data.val_size=2", "--set", "eval.max_new_tokens=4", "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    saved = json.loads((out / "finetune.json").read_text())
+    assert saved["data"]["task"] == "file" and saved["data"]["path"] == str(data)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    metrics = json.loads((out / "report" / "metrics.json").read_text())["metrics"]
+    # E2E files are scored by generation; the other formats by the held-out loss.
+    assert ("bleu" in metrics) == (fmt == "e2e") and "eval_loss" in metrics
+    assert main(["eval", str(out), "--quiet"]) == 0
+
+
+def test_finetune_packs_on_request_and_refuses_prefix_tuning_with_packing(model_dir, tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    _write_format(data, "prompt_completion")
+    argv = ["finetune", "--model", model_dir, "--data", str(data), "--max-steps", "1", "--batch-size", "2",
+            "--set", "data.val_size=2", "--set", "data.max_length=64", "--pack", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path / "packed")]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "packed" / "finetune.json").read_text())["data"]["pack"] is True
+    assert main([*argv, "--out", str(tmp_path / "prefix"), "--method", "prefix"]) == 2
+    assert "prefix" in _one_error_line(capsys)
+    assert not (tmp_path / "prefix" / "finetune.json").exists()

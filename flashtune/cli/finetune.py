@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from flashtune.recipes.finetune import METHODS, TASKS, load_config, run_finetune
+from flashtune.recipes.finetune import FORMATS, METHODS, TASKS, load_config, run_finetune
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -33,10 +33,12 @@ def quiet_libraries(quiet: bool) -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "finetune", help="fine-tune an adapter from a TOML config",
-        description="Fine-tune a LoRA / prefix / Houlsby / Pfeiffer adapter on E2E-format data, generated "
-                    "E2E-style data or plain text, then evaluate it and write a report. On a GPU it trains "
+        description="Fine-tune a LoRA / prefix / Houlsby / Pfeiffer adapter on your data (chat messages, "
+                    "prompt/completion, text or E2E, from JSONL / JSON / CSV / Parquet / text files), then evaluate "
+                    "it and write a report. On a GPU it trains "
                     "in bf16 with fused LoRA, chunked cross-entropy and torch.compile unless told otherwise.",
-        epilog="Example: flashtune finetune --config flashtune/configs/e2e_lora.toml --set train.lr=1e-3")
+        epilog="Examples: flashtune finetune --data chats.jsonl --out runs/chat;  "
+               "flashtune finetune --config flashtune/configs/e2e_lora.toml --set train.lr=1e-3")
     p.add_argument("--config", "-c", help="TOML config file (sections model, data, method, train, eval)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override one config field, e.g. --set train.lr=1e-4 (repeatable)")
@@ -45,7 +47,12 @@ def register(subparsers) -> None:
     p.add_argument("--method", choices=METHODS,
                    help="tuner (config: method.name); a change of tuner drops the config's other method fields")
     p.add_argument("--task", choices=TASKS, help="data task (config: data.task)")
-    p.add_argument("--data", help="data file (config: data.path)")
+    p.add_argument("--data", help="data file: .jsonl / .json / .csv / .parquet / .txt, or a Hub dataset name "
+                                  "(config: data.path)")
+    p.add_argument("--format", choices=[f for f in FORMATS if f],
+                   help="the data's format (config: data.format; default: detected from the columns)")
+    p.add_argument("--pack", action=argparse.BooleanOptionalAction, default=None,
+                   help="pack short examples into full rows, attention kept inside each (config: data.pack)")
     p.add_argument("--lr", type=float, help="learning rate (config: train.lr)")
     p.add_argument("--epochs", type=float, help="epochs (config: train.epochs)")
     p.add_argument("--max-steps", type=int, help="optimizer steps, overrides epochs (config: train.max_steps)")
@@ -67,7 +74,8 @@ def register(subparsers) -> None:
 
 def _flag_overrides(args) -> list:
     pairs = [(["out_dir"], args.out), (["model", "name"], args.model), (["method", "name"], args.method),
-             (["data", "task"], args.task), (["data", "path"], args.data), (["train", "lr"], args.lr),
+             (["data", "task"], args.task), (["data", "path"], args.data),
+             (["data", "format"], args.format), (["data", "pack"], args.pack), (["train", "lr"], args.lr),
              (["train", "epochs"], args.epochs), (["train", "max_steps"], args.max_steps),
              (["train", "batch_size"], args.batch_size), (["train", "precision"], args.precision),
              (["train", "seed"], args.seed), (["eval", "num_beams"], args.num_beams)]

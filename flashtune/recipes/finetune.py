@@ -30,7 +30,8 @@ from typing import Any
 
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 
-TASKS = ("e2e", "synthetic", "text")
+TASKS = ("e2e", "synthetic", "text", "file")
+FORMATS = ("", "messages", "prompt_completion", "text", "e2e")   # "": detected from the columns
 METHODS = ("lora", "prefix", "houlsby", "pfeiffer")
 # Defaults per method, overridden by the [method] section's other keys.
 METHOD_DEFAULTS = {
@@ -61,8 +62,12 @@ class ModelSection:
 
 @dataclasses.dataclass
 class DataSection:
-    task: str = "synthetic"        # "e2e" (csv), "synthetic" (generated E2E-style), "text" (plain-text file)
-    path: str = ""                 # e2e: csv ("" = $FLASHTUNE_E2E_DATA or ../shared/data/e2e/); text: a file
+    task: str = "synthetic"        # "file" (any data file), "e2e" (csv), "synthetic" (generated E2E-style),
+                                   # "text" (plain-text file); a path with the default task means "file"
+    path: str = ""                 # file: .jsonl/.json/.csv/.tsv/.parquet/.txt or a Hub dataset name;
+                                   # e2e: csv ("" = $FLASHTUNE_E2E_DATA or ../shared/data/e2e/); text: a file
+    format: str = ""               # file: "messages" | "prompt_completion" | "text" | "e2e" ("" = detect)
+    pack: bool = False             # pack short examples into full rows (attention stays inside each example)
     num_examples: int = 1000       # synthetic: distinct MRs generated
     max_inputs: int = 0            # e2e/synthetic: keep the first N distinct MRs (0 = all)
     val_size: float = 100          # distinct MRs held out (a count, or a fraction in (0, 1))
@@ -72,7 +77,14 @@ class DataSection:
     seed: int = 0                  # the validation split (and synthetic data) seed
 
     def __post_init__(self):
+        if self.task == "synthetic" and self.path:
+            self.task = "file"     # `--data my.jsonl` on the default config: the file is the data
         check_choice("task", self.task, TASKS)
+        check_choice("format", self.format, FORMATS)
+        if not isinstance(self.pack, bool):
+            raise ConfigError(f"pack={self.pack!r} must be true or false")
+        if self.task == "file" and not self.path:
+            raise ConfigError("path='' is not allowed with task='file'; set data.path (--data) to a data file")
         check_choice("refs", self.refs, ("all", "first"))
         check_range("num_examples", self.num_examples, 2, integer=True)
         check_range("max_inputs", self.max_inputs, 0, integer=True)
@@ -421,14 +433,27 @@ def load_datasets(data: DataSection, tokenizer):
     val_examples: E2EExample inputs to generate for and score (empty for tasks without references).
     """
     from flashtune.data import make_lm_dataset, make_text_dataset
+    from flashtune.data.formats import build_datasets, load_records, split_records
+    from flashtune.data.packing import pack_examples
 
+    if data.task == "file":
+        records, fmt = load_records(data.path, data.format or None)
+        train_ds, val_ds = build_datasets(records, fmt, tokenizer, data.max_length, data.val_size, data.seed,
+                                          pack=data.pack, refs=data.refs)
+        # E2E records are scored by generation (BLEU, slot errors); other formats by the held-out loss.
+        val_examples = split_records(records, fmt, data.val_size, data.seed)[1] if fmt == "e2e" else []
+        return train_ds, val_ds, val_examples
     if data.task == "text":
         train_texts, val_texts = load_texts(data)
-        return (make_text_dataset(train_texts, tokenizer, data.block_size),
-                make_text_dataset(val_texts, tokenizer, data.block_size), [])
-    train_ex, val_examples = load_examples(data)
-    return (make_lm_dataset(train_ex, tokenizer, data.max_length, refs=data.refs),
-            make_lm_dataset(val_examples, tokenizer, data.max_length, refs="first"), val_examples)
+        train_ds = make_text_dataset(train_texts, tokenizer, data.block_size)
+        val_ds, val_examples = make_text_dataset(val_texts, tokenizer, data.block_size), []
+    else:
+        train_ex, val_examples = load_examples(data)
+        train_ds = make_lm_dataset(train_ex, tokenizer, data.max_length, refs=data.refs)
+        val_ds = make_lm_dataset(val_examples, tokenizer, data.max_length, refs="first")
+    if data.pack:
+        train_ds, val_ds = pack_examples(train_ds, data.max_length), pack_examples(val_ds, data.max_length)
+    return train_ds, val_ds, val_examples
 
 
 # ------------------------------------------------------------------------------------------------ recipe
@@ -513,6 +538,10 @@ def run_finetune(cfg: FinetuneConfig, log=print, progress: bool = True, resume: 
     seed_everything(train_cfg.seed)        # before attach: the adapter's initial weights come from this seed
     attach(model, tuner_cfg)
     model.to(device)
+    if cfg.data.pack:
+        from flashtune.data.packing import check_packing
+
+        check_packing(model)               # refuses tuners / attention that would let packed rows mix
     n_params = trainable_parameters(model)
     log(f"{cfg.method.get('name', 'lora')}: {n_params:,} trainable parameters; {len(train_ds)} training "
         f"examples, {len(val_examples) or len(val_ds)} validation inputs; {device}, {train_cfg.precision}")
@@ -580,7 +609,18 @@ def run_eval(path, split: str = "val", overrides=(), base_only: bool = False, ou
         model.to(device)
     out = Path(out) if out else root / f"eval-{split}{'-base' if base_only else ''}"
     config = {**cfg.to_dict(), "adapter": None if base_only else str(adapter_dir), "split": split}
-    if cfg.data.task == "text":
+    if cfg.data.task == "file":
+        train_ds, val_ds, examples = load_datasets(cfg.data, tok)
+        if split == "all" and examples:
+            from flashtune.data.formats import load_records
+
+            examples = load_records(cfg.data.path, "e2e")[0]
+    if cfg.data.task == "file" and not examples:
+        ds = val_ds if split == "val" else train_ds + val_ds
+        loss = make_loss_eval(model, ds, Collator(tok.pad_token_id or 0), limit=len(ds))(model)["loss"]
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "examples": len(ds)}
+        summary = write_report(out, metrics, None, None, title="flashtune eval (loss)", config=config)
+    elif cfg.data.task == "text":
         train_texts, val_texts = load_texts(cfg.data)
         ds = make_text_dataset(val_texts if split == "val" else train_texts + val_texts, tok, cfg.data.block_size)
         if not ds:
@@ -589,8 +629,9 @@ def run_eval(path, split: str = "val", overrides=(), base_only: bool = False, ou
         metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "blocks": len(ds)}
         summary = write_report(out, metrics, None, None, title="flashtune eval (text)", config=config)
     else:
-        train, val = load_examples(cfg.data)
-        examples = val if split == "val" else train + val
+        if cfg.data.task != "file":
+            train, val = load_examples(cfg.data)
+            examples = val if split == "val" else train + val
         if cfg.eval.max_inputs:
             examples = examples[:cfg.eval.max_inputs]
         res = evaluate_generation(model, tok, examples, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
