@@ -33,6 +33,7 @@ CASES = [
      "Aromi is a highly rated English coffee shop with high prices near Café Rouge.", (0, 0, 3)),
     # a wrong landmark is a wrong value, not missing + added; a wrong name likewise
     ("name[Aromi], eatType[coffee shop], near[Café Rouge]", "Cotto is a coffee shop near Café Brazil.", (0, 2, 0)),
+    ("name[Aromi], near[Café Rouge]", "Aromi is next to the Café Brazil.", (0, 1, 0)),
     # negation: "not family-friendly" said for familyFriendly[yes]
     ("name[Cocum], familyFriendly[yes]", "Cocum is not family-friendly.", (0, 1, 0)),
     # numbers and words realise each other: "less than £20" for cheap, "average" for 3 out of 5

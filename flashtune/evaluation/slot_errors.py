@@ -42,7 +42,7 @@ E2E_NAMES = (
 _NEAR_CUE = re.compile(r"(?:\bnear(?:by)?|\bclose\s+(?:by\s+)?to|\bnext\s+(?:door\s+)?to|\bbeside|\bby|\bfrom|"
                        r"\badjacent\s+to|\baround|\bacross\s+from|\bopposite|\bneighbou?ring|\bneighbou?rs?|"
                        r"\bvicinity\s+of|\bwalk\s+(?:away\s+)?(?:of|to)|\bnot\s+far\s+from|\bproximity\s+(?:of|to))"
-                       r"(?:\s+(?:the\s+)?(?:restaurant|venue|pub|coffee\s+shop|place|hotel|café|cafe))?[\s,:]*$")
+                       r"(?:\s+(?:the\s+)?(?:restaurant|venue|pub|coffee\s+shop|place|hotel|café|cafe))?(?:\s+the)?[\s,:]*$")
 
 _W = r"[\s-]*"  # a word boundary written as space, hyphen or nothing ("family-friendly", "kid friendly")
 
