@@ -204,9 +204,10 @@ def markdown(rows, meta) -> str:
                      f"{r['outputs_correct']:.0f}% | {r['train_time_s']:.0f} | {r['eval_time_s']:.0f} |")
     lines.append("")
     model = "tiny random Llama (--smoke)" if meta["smoke"] else "SmolLM2-135M-Instruct"
+    length = f"{meta['max_steps']} steps" if meta.get("max_steps") else f"{meta['epochs']:g} epochs"
     lines.append(f"{model}, cleaned E2E development split minus {meta['val_inputs']} held-out MRs "
                  f"({meta['train_inputs']} MRs / {meta['train_refs']} references for training, refs={meta['refs']}), "
-                 f"{meta['epochs']} epochs, {meta['precision']}, {meta['decode'][0]}; multi-reference sacrebleu and "
+                 f"{length}, {meta['precision']}, {meta['decode'][0]}; multi-reference sacrebleu and "
                  f"slot errors (missing + wrong + added MR values / all MR values) on {meta['eval_inputs']} held-out "
                  f"MRs, whose own references score {meta['reference_slot_error_rate']:.2f}% slot errors; "
                  f"{meta['device']}.")
@@ -267,7 +268,7 @@ def main(argv=None) -> int:
             "val_inputs": len(val_ex), "val_refs": sum(len(e.refs) for e in val_ex), "eval_inputs": len(gen_ex),
             "reference_slot_error_rate": round(ref_slots["slot_error_rate"], 2),
             "reference_outputs_correct": round(ref_slots["outputs_correct"], 1),
-            "refs": args.refs, "epochs": args.epochs, "lr_override": args.lr, "schedule": args.schedule,
+            "refs": args.refs, "epochs": args.epochs, "max_steps": args.max_steps, "lr_override": args.lr, "schedule": args.schedule,
             "min_lr_ratio": args.min_lr_ratio, "warmup_steps": args.warmup, "weight_decay": args.weight_decay,
             "max_length": args.max_length, "precision": args.precision, "batch_size": args.batch_size,
             "decode": [decode_name(d) for d in args.decode], "max_new_tokens": args.max_new_tokens,
