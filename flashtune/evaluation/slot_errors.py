@@ -205,7 +205,6 @@ class SlotMatcher:
         friendly = _family(low)
         if friendly is not None:
             out.setdefault("familyFriendly", set()).add(friendly)
-        # "X star(s)" counted as a numeric rating; an explicit price in £ that matched no range is not a value.
         return out
 
     def errors(self, mr: str, text: str) -> SlotErrors:
