@@ -11,7 +11,10 @@ import torch
 
 from flashtune.data import E2EExample, encode_prompt, stop_token_ids
 from flashtune.errors import FlashtuneError
-from flashtune.evaluation import corpus_bleu, evaluate_generation, generate_texts, nist, rouge_l, write_report
+from flashtune.errors import ConfigError
+from flashtune.evaluation import (corpus_bleu, evaluate_generation, generate_texts, nist, rouge_l, slot_error_scores,
+                                  write_report)
+from flashtune.evaluation.slot_errors import matcher_for
 from test_data import char_tokenizer
 from tiny import tiny_model
 
@@ -162,3 +165,100 @@ def test_report_folder(tmp_path):
     assert "final training loss 0.30, validation loss 0.50" in text
     assert "50.25" in text and "| after |" in text and "![loss](loss.png)" in text and "name[A\\|B]" in text
     assert not [p for p in (tmp_path / "rep").iterdir() if p.name.startswith(".")]   # no temp files left
+
+
+# A word-level tokenizer over a few E2E words, so that a tiny random model's beam candidates differ in the slot
+# values they say (a character model's candidates are gibberish that says none).
+WORDS = ["cotto", "is", "a", "pub", "near", "aromi", "cheap", "expensive", "riverside", "in", "the", "city",
+         "centre", "restaurant", "and", "."]
+E2E_MRS = ["name[Cotto], eatType[pub], near[Aromi]", "name[Aromi], priceRange[cheap], area[riverside]",
+           "name[Cotto], area[city centre], eatType[restaurant]"]
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3}
+    for w in WORDS:
+        vocab[w] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=False)     # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+
+
+def _hf_beams(model, tok, mr, num_beams, max_new):
+    """Oracle candidates: Hugging Face beam search on one unpadded prompt, all beams, best first."""
+    ids = torch.tensor([encode_prompt(tok, mr)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new,
+                         do_sample=False, num_beams=num_beams, num_return_sequences=num_beams, early_stopping=True,
+                         eos_token_id=stop_token_ids(tok), pad_token_id=tok.pad_token_id)
+    texts = []
+    for row in out[:, ids.shape[1]:].tolist():
+        cut = next((j for j, t in enumerate(row) if t in stop_token_ids(tok)), len(row))
+        texts.append(tok.decode(row[:cut], skip_special_tokens=True).strip())
+    return texts
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_rerank_by_slots_keeps_the_beam_with_fewest_slot_errors(seed):
+    tok = word_tokenizer()
+    model = tiny_model("llama", seed=seed, vocab_size=len(tok))
+    examples = [E2EExample(mr, ["ref"]) for mr in E2E_MRS]
+    plain = evaluate_generation(model, tok, examples, batch_size=3, num_beams=4, max_new_tokens=8)
+    reranked = evaluate_generation(model, tok, examples, batch_size=3, num_beams=4, max_new_tokens=8, rerank="slots")
+    matcher = matcher_for(E2E_MRS)
+    changed = 0
+    for mr, p, r in zip(E2E_MRS, plain["samples"], reranked["samples"]):
+        beams = _hf_beams(model, tok, mr, 4, 8)
+        errors = [matcher.errors(mr, b).errors for b in beams]
+        best = errors.index(min(errors))                 # fewest errors, ties to the better beam
+        assert p["output"] == beams[0]
+        assert r["output"] == beams[best]
+        changed += best != 0
+    assert changed >= 1                                  # the model's candidates really differ (test has power)
+    assert reranked["metrics"]["slot_error_rate"] < plain["metrics"]["slot_error_rate"]
+    assert reranked["metrics"]["rerank"] == "slots"
+
+
+def test_evaluate_generation_reports_slot_errors_for_e2e_inputs():
+    tok = word_tokenizer()
+    model = tiny_model("llama", seed=0, vocab_size=len(tok))
+    examples = [E2EExample(mr, ["Cotto is a pub near Aromi ."]) for mr in E2E_MRS]
+    res = evaluate_generation(model, tok, examples, batch_size=2, num_beams=2, max_new_tokens=8)
+    outs = [s["output"] for s in res["samples"]]
+    want = slot_error_scores(E2E_MRS, outs)
+    m = res["metrics"]
+    assert m["slot_error_rate"] == pytest.approx(want["slot_error_rate"]) and m["slot_error_rate"] > 0
+    assert (m["slots_missing"], m["slots_wrong"], m["slots_added"], m["slots_total"]) == \
+        (want["missing"], want["wrong"], want["added"], 9)
+    assert m["outputs_correct"] == pytest.approx(want["outputs_correct"])
+    assert [s["slot_errors"] for s in res["samples"]] == [e.describe() for e in want["per_output"]]
+    # Not E2E MRs: no slot errors, and reranking by them is refused with one clear line.
+    other = [E2EExample("colour[red]", ["red"])]
+    assert "slot_error_rate" not in evaluate_generation(model, tok, other, max_new_tokens=2)["metrics"]
+    with pytest.raises(ConfigError, match="E2E MRs"):
+        evaluate_generation(model, tok, other, num_beams=2, max_new_tokens=2, rerank="slots")
+    with pytest.raises(ConfigError, match="num_beams >= 2"):
+        evaluate_generation(model, tok, examples, num_beams=1, max_new_tokens=2, rerank="slots")
+    with pytest.raises(ConfigError, match="rerank="):
+        evaluate_generation(model, tok, examples, num_beams=2, max_new_tokens=2, rerank="bleu")
+
+
+def test_report_shows_slot_errors(tmp_path):
+    mrs = ["name[Cotto], eatType[pub]", "name[Aromi], area[riverside]", "name[Cotto], near[Aromi]"]
+    outs = ["Cotto is a pub.", "Aromi is in the city centre.", "Cotto."]
+    slots = slot_error_scores(mrs, outs)
+    metrics = {"bleu": 10.0, "slot_error_rate": slots["slot_error_rate"], "outputs_correct": slots["outputs_correct"],
+               "slots_missing": slots["missing"], "slots_wrong": slots["wrong"], "slots_added": slots["added"],
+               "slots_total": slots["slots"]}
+    samples = [{"mr": m, "output": o, "refs": ["r"], "slot_errors": e.describe()}
+               for m, o, e in zip(mrs, outs, slots["per_output"])]
+    text = write_report(tmp_path / "rep", metrics, samples, n_samples=1).read_text()
+    assert "Slot errors: 33.33% of 6 MR values (missing 1, wrong value 1, added 0); 33.3% of outputs" in text
+    assert "*slot errors*: ok" in text                                   # the first sample, shown as a sample
+    assert "## Outputs with slot errors (2 of 3" in text
+    assert "*slot errors*: wrong area[city centre] for [riverside]" in text

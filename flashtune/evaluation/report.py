@@ -60,12 +60,39 @@ def _md_escape(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _sample_lines(s: dict) -> list[str]:
+    lines = [f"- **input**: `{_md_escape(s.get('mr', ''))}`"]
+    for key in [k for k in s if k.startswith("output")]:
+        lines.append(f"  - *{key.replace('_', ' ')}*: {_md_escape(s[key])}")
+    if s.get("slot_errors") is not None:
+        lines.append(f"  - *slot errors*: {_md_escape(s['slot_errors'])}")
+    refs = s.get("refs") or []
+    if refs:
+        lines.append(f"  - *reference*: {_md_escape(refs[0])}")
+    return lines
+
+
+def _slot_lines(metrics: dict) -> list[str]:
+    """One sentence per stage on slot errors (flat or nested metrics), or nothing when they were not scored."""
+    stages = metrics.items() if metrics and all(isinstance(v, dict) for v in metrics.values()) else [(None, metrics)]
+    lines = []
+    for stage, m in stages:
+        if not isinstance(m, dict) or "slot_error_rate" not in m:
+            continue
+        lines.append(f"Slot errors{f' ({stage})' if stage else ''}: {m['slot_error_rate']:.2f}% of "
+                     f"{m.get('slots_total', '?')} MR values (missing {m.get('slots_missing', '?')}, wrong value "
+                     f"{m.get('slots_wrong', '?')}, added {m.get('slots_added', '?')}); "
+                     f"{m.get('outputs_correct', 0.0):.1f}% of outputs say every value right.")
+    return lines + [""] if lines else []
+
+
 def write_report(out_dir, metrics: dict, samples: list[dict] | None = None, history: list[dict] | None = None,
                  title: str = "flashtune run", config: dict | None = None, n_samples: int = 5) -> Path:
     """Write the report folder and return the path of summary.md.
 
     metrics: flat {name: value} or nested {split_or_stage: {name: value}} (e.g. "before"/"after");
-    samples: [{"mr", "output", "refs", ...}] (all of them go to samples.jsonl, `n_samples` to the summary);
+    samples: [{"mr", "output", "refs", "slot_errors"?, ...}] (all of them go to samples.jsonl, `n_samples` to
+    the summary, then up to `n_samples` more of those with slot errors);
     history: training log rows with "step", "loss", "lr" (and eval metrics) for the curves.
     """
     out = Path(out_dir)
@@ -104,16 +131,19 @@ def write_report(out_dir, metrics: dict, samples: list[dict] | None = None, hist
         md += [line, ""]
     for p in plots:
         md += [f"![{p[:-4]}]({p})", ""]
+    md += _slot_lines(metrics)
     if samples:
         md += ["## Samples", ""]
         for s in samples[:n_samples]:
-            md.append(f"- **input**: `{_md_escape(s.get('mr', ''))}`")
-            for key in [k for k in s if k.startswith("output")]:
-                md.append(f"  - *{key.replace('_', ' ')}*: {_md_escape(s[key])}")
-            refs = s.get("refs") or []
-            if refs:
-                md.append(f"  - *reference*: {_md_escape(refs[0])}")
+            md += _sample_lines(s)
         md.append("")
+        wrong = [s for s in samples[n_samples:] if s.get("slot_errors") not in (None, "ok")]
+        if wrong:
+            md += [f"## Outputs with slot errors ({sum(s.get('slot_errors') not in (None, 'ok') for s in samples)} "
+                   f"of {len(samples)}; the first {min(n_samples, len(wrong))} not shown above)", ""]
+            for s in wrong[:n_samples]:
+                md += _sample_lines(s)
+            md.append("")
     if config:
         md += ["## Configuration", "", "```json", json.dumps(config, indent=2, ensure_ascii=False), "```", ""]
     md += ["Files: metrics.json, samples.jsonl" + "".join(f", {p}" for p in plots) + "."]
