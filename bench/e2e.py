@@ -38,10 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-try:
-    from flashtune.recipes.finetune import build_tuner_config, make_loss_eval, trainable_parameters  # noqa: E402
-except ImportError:  # before the recipes/ move is merged: the same functions from their old home
-    from flashtune.cli.finetune import build_tuner_config, make_loss_eval, trainable_parameters  # noqa: E402
+from flashtune.recipes.finetune import build_tuner_config, make_loss_eval, trainable_parameters  # noqa: E402
 from flashtune.data import Collator, example_length, load_e2e_csv, make_lm_dataset, split_by_mr  # noqa: E402
 from flashtune.evaluation import evaluate_generation, slot_error_scores, write_json  # noqa: E402
 

@@ -45,7 +45,7 @@ def main(args) -> int:
     res = run_eval(args.path, split=args.split, overrides=[*over, *args.overrides], base_only=args.base_only,
                    out=args.out, device=args.device, log=log, progress=not args.quiet)
     metrics = res["metrics"]
-    scores = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bleu", "rouge_l", "nist", "loss", "perplexity")
+    scores = ", ".join(f"{k} {metrics[k]:.2f}" for k in ("bleu", "rouge_l", "nist", "slot_error_rate", "loss", "perplexity")
                        if k in metrics)
     print(f"{args.split}: {scores}")
     print(f"report: {res['summary']}")

@@ -92,7 +92,7 @@ def main(args) -> int:
     res = run_finetune(cfg, log=log, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
                        device=device, fast=args.fast)
     m = res["metrics"]
-    scores = ", ".join(f"{k} {m[k]:.2f}" for k in ("bleu", "rouge_l", "nist", "eval_loss") if k in m)
+    scores = ", ".join(f"{k} {m[k]:.2f}" for k in ("bleu", "rouge_l", "nist", "slot_error_rate", "eval_loss") if k in m)
     print(f"done: {m['steps']} steps in {m['train_time_s']:.0f} s; {scores}")
     print(f"adapter: {res['adapter_dir']}  report: {res['report']}")
     return 0
