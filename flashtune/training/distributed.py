@@ -282,12 +282,7 @@ class Runtime:
     # the step ------------------------------------------------------------------------------------------------
     def take(self, batches, position):
         """This rank's micro-batch at `position` and the position after the whole world's micro-batches."""
-        mine = None
-        for r in range(self.world):
-            idx, position = batches.take(position)
-            if r == self.rank:
-                mine = idx
-        return mine, position
+        return batches.take_shard(position, self.rank, self.world)
 
     def total_steps(self, config, n_batches: int) -> int:
         import math

@@ -1,0 +1,234 @@
+"""Distributed fit on the CPU: 2 torchrun workers with gloo, a tiny Llama with LoRA, 6 steps.
+
+Oracles: the same training in one process without torchrun (same global batch: 2 micro-batches of 3 per step,
+accumulated in one process, one per rank on two), PEFT's own loader for the saved adapter, and an
+uninterrupted 2-rank run for the kill-and-resume checks. The workers are this file run by torchrun
+(`python -m torch.distributed.run ... tests/test_distributed.py JOB ROOT`), launched with the command that
+`flashtune.training.launch` builds for `--nproc-per-node`.
+
+Measured tolerances (fp32): DDP and FSDP2 on 2 ranks vs one process: the logged losses agree to 2e-7 and the
+weights to 1e-7 absolute (the global loss is summed in a different order); 2 -> 2 resume: bitwise; 2 -> 1
+and 1 -> 2 resumes: weights and AdamW moments within 1e-6 of the uninterrupted run (reduction order only).
+"""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+HERE = Path(__file__).resolve().parent
+STEPS, SAVE_EVERY, BATCH = 6, 2, 3
+KILL_AT = 4          # rank 1 dies in its 4th micro-batch: inside step 4, the last checkpoint is step 2
+
+
+def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save_adapter=False):
+    """One training run of the tiny model (the same in every process); returns fit's result."""
+    sys.path.insert(0, str(HERE))
+    from flashtune.training import TrainConfig, TrainingInterrupted, distributed, fit
+    from flashtune.tuners import LoraConfig, attach
+    from test_training import _collate, _dataset
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    torch.manual_seed(1)
+    attach(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"],
+                             init_lora_weights=False))
+    calls = {"n": 0}
+
+    def collate(examples):
+        calls["n"] += 1
+        if calls["n"] == kill_at and os.environ.get("RANK", "1") == "1":
+            (Path(out) / "killed_at").write_text(str(time.time()))
+            os.kill(os.getpid(), signum)
+        return _collate(examples)
+
+    cfg = TrainConfig(out_dir=str(out), lr=5e-3, max_steps=STEPS, batch_size=BATCH, grad_accum=accum,
+                      warmup_steps=2, save_every=SAVE_EVERY, log_every=1, seed=11, resume=True,
+                      strategy=strategy, weight_decay=0.01)
+    try:
+        result = fit(model, _dataset(40, seed=2), cfg, collate, progress=False)
+    except TrainingInterrupted:
+        return None
+    if save_adapter:
+        distributed.save_adapter(model, Path(out) / "adapter")
+    return result
+
+
+def _worker(job: str, root: Path) -> int:
+    torch.set_num_threads(1)
+    if job == "fresh":       # uninterrupted DDP and FSDP2 runs (adapters saved from rank 0), then a killed one
+        _train(root / "ddp", "ddp", save_adapter=True)
+        _train(root / "fsdp", "fsdp", save_adapter=True)
+        _train(root / "killed", "ddp", kill_at=KILL_AT)
+    elif job == "resume":    # 2 -> 2 and 1 -> 2
+        _train(root / "killed", "ddp")
+        _train(root / "from1", "ddp")
+    return 0
+
+
+def _torchrun(job, root, timeout=240):
+    from flashtune.training.launch import torchrun_command
+
+    cmd = torchrun_command(2, [str(Path(__file__).resolve()), job, str(root)], module=None)
+    env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "FLASHTUNE_DIST_TIMEOUT": "60"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc.returncode, proc.stdout + proc.stderr, time.perf_counter() - t0
+
+
+def _rows(out):
+    rows = [json.loads(x) for x in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "step_time_s")} for r in rows]
+
+
+def _state(out, step=STEPS):
+    """{"param/<name>": .., "optim/<name>/<key>": ..} of a checkpoint, whatever its format, as full tensors."""
+    path = Path(out) / "checkpoints" / f"step-{step:06d}"
+    if (path / "trainable.safetensors").is_file():
+        out = {f"param/{k}": v for k, v in load_file(str(path / "trainable.safetensors")).items()}
+        out.update({f"optim/{k}": v for k, v in load_file(str(path / "optimizer.safetensors")).items()})
+        return out
+    from safetensors import safe_open
+
+    pieces = {}                                                    # rank-sharded: stitch the shards
+    for f in sorted((path / "shards").glob("*.safetensors")):
+        with safe_open(str(f), "pt") as fh:
+            info = json.loads(fh.metadata()["DCP_SHARDING_INFO"])
+            for k in fh.keys():
+                pieces.setdefault(k, []).append((info[k]["saved_offsets"], fh.get_tensor(k)))
+    out = {}
+    for k, parts in pieces.items():
+        shape = [max(offs[d] + t.shape[d] for offs, t in parts) for d in range(parts[0][1].ndim)]
+        out[k] = torch.zeros(shape, dtype=parts[0][1].dtype)
+        for offs, t in parts:
+            out[k][tuple(slice(o, o + n) for o, n in zip(offs, t.shape))] = t
+    return out
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Two torchrun launches (2 workers each) and three short runs in this process: about a minute on 2 cores."""
+    root = tmp_path_factory.mktemp("dist")
+    rc, log, _ = _torchrun("fresh", root)
+    assert (root / "fsdp" / "adapter").is_dir(), log[-3000:]
+    ended = time.time()
+    latest = json.loads((root / "killed" / "latest.json").read_text())["step"]
+    stale = list((root / "killed" / "checkpoints").glob(".step-*"))
+    _train(root / "single", "ddp", accum=2)                      # the oracle: one process, same global batch
+    shutil.copytree(root / "killed", root / "killed1")             # for the resume on one process
+    _train(root / "killed1", "ddp", accum=1)                     # 2 -> 1: grad_accum becomes 2 from the checkpoint
+    # The 1 -> 2 case: one process stopped (SIGTERM: the step finishes and is saved) at step 3.
+    assert _train(root / "from1", "ddp", accum=2, kill_at=6, signum=signal.SIGTERM) is None
+    rc2, log2, _ = _torchrun("resume", root)
+    assert rc2 == 0, log2[-3000:]
+    return root, (rc, log, ended - float((root / "killed" / "killed_at").read_text()), latest, stale)
+
+
+def _close(a: dict, b: dict, atol):
+    assert a.keys() == b.keys() and len(a) > 0
+    worst = max(float((a[k].double() - b[k].double()).abs().max()) for k in a)
+    assert worst <= atol, worst
+    return worst
+
+
+def test_ddp_and_fsdp_match_one_process(runs):
+    root, _ = runs
+    single = _rows(root / "single")
+    for strategy in ("ddp", "fsdp"):
+        rows = _rows(root / strategy)
+        assert [r["step"] for r in rows] == [r["step"] for r in single] == list(range(1, STEPS + 1))
+        for r, s in zip(rows, single):
+            assert r["loss"] == pytest.approx(s["loss"], rel=1e-6), (strategy, r["step"])
+            assert r["lr"] == s["lr"]
+        _close(_state(root / strategy), _state(root / "single"), 1e-7)
+    # The weights actually moved (the comparison is not between two copies of the initial weights).
+    moved = _state(root / "single", STEPS - SAVE_EVERY)
+    assert max(float((moved[k] - v).abs().max()) for k, v in _state(root / "single").items()) > 1e-3
+
+
+def test_adapter_saved_once_from_rank_0_loads_in_peft(runs):
+    from peft import PeftModel
+
+    sys.path.insert(0, str(HERE))
+    from tiny import tiny_model
+
+    root, _ = runs
+    final = _state(root / "fsdp")
+    for strategy in ("ddp", "fsdp"):
+        adapter = root / strategy / "adapter"
+        assert sorted(p.name for p in adapter.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+        peft_model = PeftModel.from_pretrained(tiny_model("llama"), str(adapter))
+        lora = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+        assert len(lora) == 2 * 3 * 2                        # 2 blocks x 3 targets x (A, B)
+        ours = {k.removeprefix("param/"): v for k, v in final.items() if k.startswith("param/")}
+        for n, p in lora.items():
+            key = n.removeprefix("base_model.model.").replace(".default.", ".default.")
+            match = [v for k, v in ours.items() if k.replace(".default", "") == key.replace(".default", "")]
+            assert len(match) == 1, n
+            torch.testing.assert_close(p.detach(), match[0], rtol=0, atol=1e-7)
+
+
+def test_dead_rank_ends_the_job_and_keeps_the_last_checkpoint(runs):
+    root, (rc, log, secs, latest, stale) = runs
+    assert rc != 0
+    assert secs < 30                                       # from the kill to torchrun's exit: no hang
+    assert "rank 1" in log.replace("local_rank: 1", "rank 1")
+    assert latest == SAVE_EVERY and not stale
+
+
+def test_resume_on_two_ranks_is_bitwise_and_across_world_sizes_is_close(runs):
+    root, _ = runs
+    ref = _state(root / "ddp")
+    resumed = _state(root / "killed")                      # killed on 2, resumed on 2
+    assert ref.keys() == resumed.keys()
+    for k in ref:
+        assert torch.equal(ref[k], resumed[k]), k
+    assert _rows(root / "killed") == _rows(root / "ddp")
+    _close(_state(root / "killed1"), ref, 1e-6)           # 2 -> 1
+    _close(_state(root / "from1"), ref, 1e-6)             # 1 -> 2
+    for out in ("killed1", "from1"):
+        assert [r["step"] for r in _rows(root / out)] == list(range(1, STEPS + 1))
+
+
+def test_take_shard_keeps_the_global_order():
+    from flashtune.training.sampler import EpochBatches
+
+    one = EpochBatches(23, 3, seed=5)
+    pos, seq = (0, 0), []
+    for _ in range(12):
+        idx, pos = one.take(pos)
+        seq.append(idx)
+    for world in (2, 3, 4):
+        got, p = [], (0, 0)
+        while len(got) < 12:
+            shards = [one.take_shard(p, r, world) for r in range(world)]
+            assert len({s[1] for s in shards}) == 1              # every rank agrees on the next position
+            got += [s[0] for s in shards]
+            p = shards[0][1]
+        assert got[:12] == seq
+
+
+def test_launch_command_and_bad_input():
+    from flashtune.errors import ConfigError
+    from flashtune.training.launch import check_launch, strip_nproc, torchrun_command
+
+    cmd = torchrun_command(2, ["finetune", "--nproc-per-node", "2", "--config", "x.toml", "--nproc-per-node=2"])
+    assert cmd[1:] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "flashtune",
+                       "finetune", "--config", "x.toml"]
+    assert strip_nproc(["a", "--nproc-per-node", "4", "b"]) == ["a", "b"]
+    with pytest.raises(ConfigError, match="nproc-per-node"):
+        check_launch(0)
+    with pytest.raises(ConfigError, match="strategy"):
+        check_launch(2, "zero3")
+
+
+if __name__ == "__main__":
+    sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
