@@ -230,5 +230,39 @@ def test_launch_command_and_bad_input():
         check_launch(2, "zero3")
 
 
+def test_auto_strategy_and_rank_named_errors(monkeypatch):
+    sys.path.insert(0, str(HERE))
+    from flashtune.errors import ConfigError, FlashtuneError
+    from flashtune.training import distributed
+    from flashtune.tuners import LoraConfig, attach
+    from tiny import tiny_model
+
+    model = tiny_model("llama")
+    attach(model, LoraConfig(r=4, target_modules=["q_proj"]))
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert distributed.training_bytes(model, "fp32") == 4 * n_all + 12 * n_train
+    cpu = torch.device("cpu")
+    assert distributed.resolve_strategy("auto", model, cpu, "fp32", 2) == "ddp"
+    assert distributed.resolve_strategy("auto", model, cpu, "fp32", 2, headroom=1e-9) == "fsdp"
+    assert distributed.resolve_strategy("auto", model, cpu, "fp32", 1) == "single"
+    assert distributed.resolve_strategy("fsdp", model, cpu, "fp32", 2, under_torchrun=False) == "single"
+    with pytest.raises(ConfigError, match="strategy"):
+        distributed.resolve_strategy("zero3", model, cpu, "fp32", 2)
+
+    @distributed.name_rank_errors
+    def fails(exc):
+        raise exc
+
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(FlashtuneError, match=r"^rank 1/2: batch_size=0 is bad$"):
+        fails(ConfigError("batch_size=0 is bad"))
+    with pytest.raises(FlashtuneError, match=r"^rank 1/2: lost contact with another rank \(Connection closed by peer"):
+        fails(RuntimeError("Connection closed by peer [127.0.0.1]:1234\nmore"))
+    with pytest.raises(KeyError):                          # a bug keeps its traceback
+        fails(KeyError("x"))
+
+
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))

@@ -153,12 +153,13 @@ def device_bytes(device: torch.device) -> int:
 
 
 def resolve_strategy(strategy: str, model: torch.nn.Module, device: torch.device, precision: str,
-                     world: int, headroom: float = 0.7) -> str:
-    """'single' for one process; 'ddp' or 'fsdp' as asked; for 'auto', ddp when one replica's training
-    state takes at most `headroom` of the device's memory (the rest is for activations), else fsdp."""
+                     world: int, headroom: float = 0.7, under_torchrun: bool = True) -> str:
+    """'single' outside torchrun and for 'auto' on one rank; 'ddp' or 'fsdp' as asked (also on one rank,
+    which checks the code path on one GPU); for 'auto', ddp when one replica's training state takes at most
+    `headroom` of the device's memory (the rest is for activations), else fsdp."""
     if strategy not in STRATEGIES:
         raise ConfigError(f"strategy={strategy!r} is not allowed; choose one of {', '.join(map(repr, STRATEGIES))}")
-    if world == 1:
+    if not under_torchrun or (world == 1 and strategy == "auto"):
         return "single"
     if strategy != "auto":
         return strategy
@@ -258,7 +259,8 @@ class Runtime:
         """Wrap `model` for the strategy; return the (re-fetched) trainable (name, param) list."""
         self.model = model
         strategy = getattr(config, "strategy", "auto")
-        self.strategy = resolve_strategy(strategy, model, device, config.precision, self.world)
+        self.strategy = resolve_strategy(strategy, model, device, config.precision, self.world,
+                                         under_torchrun=self.launched)
         if self.strategy == "single":
             return trainable
         import torch.distributed as dist
@@ -273,9 +275,12 @@ class Runtime:
         if config.precision == "fp16":
             raise ConfigError("precision='fp16' with strategy='fsdp' is not supported (its loss scaler would need "
                               "sharded inf checks); use precision='bf16', or strategy='ddp'")
+        comm = self._comm_device()
         with torch.no_grad():                    # every rank shards the same values: take rank 0's trainables
             for _, p in trainable:
-                dist.broadcast(p.data, 0)
+                t = p.data.to(comm)
+                dist.broadcast(t, 0)
+                p.data.copy_(t)
         self.wrapped = shard_fsdp(model, device, config.precision, getattr(config, "cpu_offload", False))
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
