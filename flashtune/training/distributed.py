@@ -281,7 +281,8 @@ class Runtime:
                 t = p.data.to(comm)
                 dist.broadcast(t, 0)
                 p.data.copy_(t)
-        self.wrapped = shard_fsdp(model, device, config.precision, getattr(config, "cpu_offload", False))
+        # The mesh lives where the backend computes (a model built on the CPU moves to cuda:LOCAL_RANK).
+        self.wrapped = shard_fsdp(model, comm, config.precision, getattr(config, "cpu_offload", False))
         return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     # the step ------------------------------------------------------------------------------------------------
@@ -302,6 +303,10 @@ class Runtime:
         t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
         dist.all_reduce(t)
         return t.tolist()
+
+    def compute_device(self) -> torch.device:
+        """Where the backend computes: cuda:LOCAL_RANK under NCCL, else the CPU."""
+        return self._comm_device()
 
     def _comm_device(self) -> torch.device:
         import torch.distributed as dist

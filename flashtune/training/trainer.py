@@ -260,6 +260,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     if config.compile:
         compile_blocks(model)
     trainable = rt.wrap(model, trainable, config, device)   # [distributed] DDP / FSDP2 under torchrun
+    if rt.strategy == "fsdp" and rt.compute_device() != device:   # [distributed] FSDP2 computes on its mesh
+        device = rt.compute_device()
+        policy = PrecisionPolicy(config.precision, device)
     params = [p for _, p in trainable]
     optimizer = _make_optimizer(trainable, config, device)
     batches = make_batches(train_dataset, config.batch_size, config.seed, length_fn, config.drop_last)
