@@ -4,7 +4,7 @@ PyTorch Distributed: Experiences on Accelerating Data Parallel Training (DDP; Li
 PyTorch FSDP: Experiences on Scaling Fully Sharded Data Parallel (Zhao et al., arXiv:2304.11277), here in its
 per-parameter-sharding form, FSDP2's `fully_shard` (each decoder block a unit, then the root).
 
-`fit` asks `runtime(config)` for the process layout. Without torchrun's environment (RANK, WORLD_SIZE,
+`fit` asks `runtime(model)` for the process layout. Without torchrun's environment (RANK, WORLD_SIZE,
 LOCAL_RANK) it is one process and nothing here runs. Under torchrun the process group is created (NCCL on CUDA,
 gloo on CPU, with a timeout so a dead peer ends the job instead of hanging it), and:
 
@@ -371,11 +371,12 @@ class Runtime:
         return ckpt.load_checkpoint(path, trainable, optimizer, scheduler, scaler)
 
 
-def runtime(config) -> Runtime:
+def runtime(model: torch.nn.Module) -> Runtime:
+    """The layout `fit` trains `model` in: a process group (NCCL for a model on a GPU, gloo for one on the
+    CPU) under torchrun, else one process."""
     if not launched():
         return Runtime()
-    device_type = "cuda" if torch.cuda.is_available() and os.environ.get("CUDA_VISIBLE_DEVICES") != "" else "cpu"
-    r, w, local = init(device_type)
+    r, w, local = init(next(model.parameters()).device.type)
     return Runtime(rank=r, world=w, local_rank=local, launched=True)
 
 

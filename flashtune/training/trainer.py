@@ -234,7 +234,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         raise ConfigError(f"drop_last=True with {len(train_dataset)} examples < batch_size={config.batch_size} "
                           f"leaves no batch; lower batch_size or set drop_last=False")
     collate_fn = collate_fn or _stack
-    rt = distributed.runtime(config)     # [distributed] torchrun's ranks; one process: a pass-through
+    rt = distributed.runtime(model)      # [distributed] torchrun's ranks; one process: a pass-through
     device = next(model.parameters()).device
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
