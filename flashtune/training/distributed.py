@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -472,7 +473,8 @@ def load_sharded(path, trainable: list, optimizer, scheduler, scaler, rt: Runtim
                              f"adapter config, or use a new out_dir")
     _init_optimizer_state(optimizer)
     tensors = _tensors(trainable, optimizer)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
         dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "shards")))
     by_name = {n: i for i, (n, _) in enumerate(trainable)}
     for g, saved in zip(optimizer.param_groups, state["param_groups"]):
