@@ -34,7 +34,8 @@ KILL_AT = 4          # rank 1 dies in its 4th micro-batch: inside step 4, the la
 def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save_adapter=False):
     """One training run of the tiny model (the same in every process); returns fit's result."""
     sys.path.insert(0, str(HERE))
-    from flashtune.training import TrainConfig, TrainingInterrupted, distributed, fit
+    from flashtune.training import TrainConfig, TrainingInterrupted, causal_lm_loss_sum, distributed, fit
+    from flashtune.training.loss import count_targets
     from flashtune.tuners import LoraConfig, attach
     from test_training import _collate, _dataset
     from tiny import tiny_model
@@ -54,11 +55,16 @@ def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save
 
     cfg = TrainConfig(out_dir=str(out), lr=5e-3, max_steps=STEPS, batch_size=BATCH, grad_accum=accum,
                       warmup_steps=2, save_every=SAVE_EVERY, log_every=1, seed=11, resume=True,
-                      strategy=strategy, weight_decay=0.01)
+                      strategy=strategy, weight_decay=0.01, eval_every=3)
+    held_out = _collate(_dataset(4, seed=9))
+
+    def eval_fn(m):           # through the model's own forward: under FSDP2 the root's weights must be whole
+        return {"loss": float(causal_lm_loss_sum(m, held_out, None)) / count_targets(held_out)}
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                  # as the torchrun workers: same kernels, same rounding
     try:
-        result = fit(model, _dataset(40, seed=2), cfg, collate, progress=False)
+        result = fit(model, _dataset(40, seed=2), cfg, collate, eval_fn=eval_fn, progress=False)
     except TrainingInterrupted:
         return None
     finally:
@@ -153,8 +159,12 @@ def test_ddp_and_fsdp_match_one_process(runs):
         assert [r["step"] for r in rows] == [r["step"] for r in single] == list(range(1, STEPS + 1))
         for r, s in zip(rows, single):
             assert r["loss"] == pytest.approx(s["loss"], rel=1e-6), (strategy, r["step"])
+            assert ("eval_loss" in r) == ("eval_loss" in s)
+            if "eval_loss" in s:                # evaluated through the model's own forward (FSDP2: gathered)
+                assert r["eval_loss"] == pytest.approx(s["eval_loss"], rel=1e-6), (strategy, r["step"])
             assert r["lr"] == s["lr"]
         _close(_state(root / strategy), _state(root / "single"), 1e-7)
+    assert sum("eval_loss" in r for r in single) == 2
     # The weights actually moved (the comparison is not between two copies of the initial weights).
     moved = _state(root / "single", STEPS - SAVE_EVERY)
     assert max(float((moved[k] - v).abs().max()) for k, v in _state(root / "single").items()) > 1e-3
