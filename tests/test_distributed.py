@@ -31,7 +31,15 @@ STEPS, SAVE_EVERY, BATCH = 6, 2, 3
 KILL_AT = 4          # rank 1 dies in its 4th micro-batch: inside step 4, the last checkpoint is step 2
 
 
-def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save_adapter=False):
+def _mean_ce(model, batch):
+    """A custom loss_fn (as the head-training recipes pass): each micro-batch's own mean cross-entropy."""
+    from flashtune.training import causal_lm_loss_sum
+    from flashtune.training.loss import count_targets
+
+    return causal_lm_loss_sum(model, batch, None) / count_targets(batch)
+
+
+def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save_adapter=False, loss_fn=None):
     """One training run of the tiny model (the same in every process); returns fit's result."""
     sys.path.insert(0, str(HERE))
     from flashtune.training import TrainConfig, TrainingInterrupted, causal_lm_loss_sum, distributed, fit
@@ -64,7 +72,7 @@ def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                  # as the torchrun workers: same kernels, same rounding
     try:
-        result = fit(model, _dataset(40, seed=2), cfg, collate, eval_fn=eval_fn, progress=False)
+        result = fit(model, _dataset(40, seed=2), cfg, collate, eval_fn=eval_fn, loss_fn=loss_fn, progress=False)
     except TrainingInterrupted:
         return None
     finally:
@@ -79,6 +87,7 @@ def _worker(job: str, root: Path) -> int:
     if job == "fresh":       # uninterrupted DDP and FSDP2 runs (adapters saved from rank 0), then a killed FSDP2
         _train(root / "ddp", "ddp", save_adapter=True)
         _train(root / "fsdp", "fsdp", save_adapter=True)
+        _train(root / "ddp_lossfn", "ddp", loss_fn=_mean_ce)
         _train(root / "killed", "fsdp", kill_at=KILL_AT)
     elif job == "resume":    # 2 -> 2 and 1 -> 2
         _train(root / "killed", "fsdp")
@@ -135,6 +144,7 @@ def runs(tmp_path_factory):
     latest = json.loads((root / "killed" / "latest.json").read_text())["step"]
     stale = list((root / "killed" / "checkpoints").glob(".step-*"))
     _train(root / "single", "ddp", accum=2)                      # the oracle: one process, same global batch
+    _train(root / "single_lossfn", "ddp", accum=2, loss_fn=_mean_ce)
     shutil.copytree(root / "killed", root / "killed1")             # for the resume on one process
     _train(root / "killed1", "ddp", accum=1)                     # 2 -> 1: grad_accum becomes 2 from the checkpoint
     # The 1 -> 2 case: one process stopped (SIGTERM: the step finishes and is saved) at step 3.
@@ -168,6 +178,16 @@ def test_ddp_and_fsdp_match_one_process(runs):
     # The weights actually moved (the comparison is not between two copies of the initial weights).
     moved = _state(root / "single", STEPS - SAVE_EVERY)
     assert max(float((moved[k] - v).abs().max()) for k, v in _state(root / "single").items()) > 1e-3
+
+
+def test_custom_loss_fn_is_averaged_over_ranks_as_over_micro_batches(runs):
+    root, _ = runs
+    rows, single = _rows(root / "ddp_lossfn"), _rows(root / "single_lossfn")
+    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single], rel=1e-6)
+    _close(_state(root / "ddp_lossfn"), _state(root / "single_lossfn"), 1e-7)
+    # A per-micro-batch mean is another loss than the global-batch token mean: the runs must differ.
+    other, ours = _state(root / "ddp_lossfn"), _state(root / "ddp")
+    assert max(float((other[k] - ours[k]).abs().max()) for k in ours) > 1e-6
 
 
 def test_adapter_saved_once_from_rank_0_loads_in_peft(runs):
