@@ -18,6 +18,7 @@ NCCL's NVLink multicast (NVLS) stays off: NCCL_NVLS_ENABLE=0 is set for every la
     python3 bench/distributed.py                   # on nvidia-h200-x2: bench/results/distributed-h200x2.json
     python3 bench/distributed.py --tiny            # CPU dry run (gloo, tiny shapes, every case), temp output
     python3 bench/distributed.py --cases lora-1gpu # a subset (the one-GPU check)
+    python3 bench/distributed.py --merge a.json b.json --out bench/results/distributed-h200x2.json
 """
 
 from __future__ import annotations
@@ -282,11 +283,21 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {', '.join(CASES)}")
     ap.add_argument("--out", help="result JSON (default bench/results/distributed-h200x2.json)")
     ap.add_argument("--timeout", type=int, default=420, help="seconds per case")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", help="combine the rows of earlier result files "
+                    "(runs split over several calls) into --out, with the summary; runs nothing")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--row", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker, Path(args.row), args.tiny)
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        result = {**parts[0], "rows": {k: v for part in parts for k, v in part["rows"].items()}}
+        result["summary"] = summarize(result["rows"])
+        out = Path(args.out or ROOT / "bench/results/distributed-h200x2.json")
+        out.write_text(json.dumps(result, indent=1))
+        print(json.dumps(result["summary"], indent=1))
+        return 0
     cases = [c for c in args.cases.split(",") if c]
     unknown = [c for c in cases if c not in CASES]
     if unknown:
