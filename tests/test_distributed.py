@@ -89,9 +89,9 @@ def _worker(job: str, root: Path) -> int:
         _train(root / "fsdp", "fsdp", save_adapter=True)
         _train(root / "ddp_lossfn", "ddp", loss_fn=_mean_ce)
         _train(root / "killed", "fsdp", kill_at=KILL_AT)
-    elif job == "resume":    # 2 -> 2 and 1 -> 2
+    elif job == "resume":    # 2 -> 2 (FSDP2) and 1 -> 2 (a one-process checkpoint into FSDP2 shards)
         _train(root / "killed", "fsdp")
-        _train(root / "from1", "ddp")
+        _train(root / "from1", "fsdp")
     return 0
 
 
@@ -229,7 +229,7 @@ def test_resume_on_two_ranks_is_bitwise_and_across_world_sizes_is_close(runs):
         assert torch.equal(ref[k], resumed[k]), k
     assert _rows(root / "killed") == _rows(root / "fsdp")
     _close(_state(root / "killed1"), ref, 1e-6)           # FSDP2 shards of 2 ranks -> one process
-    _close(_state(root / "from1"), _state(root / "ddp"), 1e-6)   # one process -> DDP on 2 ranks
+    _close(_state(root / "from1"), _state(root / "ddp"), 1e-6)   # one process -> FSDP2 shards on 2 ranks
     for out in ("killed1", "from1"):
         assert [r["step"] for r in _rows(root / out)] == list(range(1, STEPS + 1))
 

@@ -364,11 +364,8 @@ class Runtime:
 
     def load(self, path: Path, trainable: list, optimizer, scheduler, scaler) -> dict:
         state = json.loads((Path(path) / "state.json").read_text())
-        if state.get("storage") == DCP_FORMAT:
+        if state.get("storage") == DCP_FORMAT or self.strategy == "fsdp":
             return load_sharded(path, trainable, optimizer, scheduler, scaler, self)
-        if self.strategy == "fsdp":
-            raise FlashtuneError(f"{path} is a single-process checkpoint; resume it with strategy='ddp' (or on one "
-                                 f"process), FSDP resumes sharded checkpoints")
         return ckpt.load_checkpoint(path, trainable, optimizer, scheduler, scaler)
 
 
@@ -458,7 +455,8 @@ def save_sharded(out_dir, step: int, trainable: list, optimizer, scheduler, scal
 
 
 def load_sharded(path, trainable: list, optimizer, scheduler, scaler, rt: Runtime) -> dict:
-    """Restore a DCP checkpoint on any world size (resharded by DCP), or in one process without torchrun."""
+    """Restore a DCP checkpoint on any world size (resharded by DCP), or in one process without torchrun; or a
+    one-process checkpoint (full tensors) into FSDP2's shards."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
@@ -473,9 +471,13 @@ def load_sharded(path, trainable: list, optimizer, scheduler, scaler, rt: Runtim
                              f"adapter config, or use a new out_dir")
     _init_optimizer_state(optimizer)
     tensors = _tensors(trainable, optimizer)
+    one_process = state.get("storage") != DCP_FORMAT
     with torch.no_grad(), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process")
-        dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "shards")))
+        if one_process:
+            _load_full(tensors, path)
+        else:
+            dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "shards")))
     by_name = {n: i for i, (n, _) in enumerate(trainable)}
     for g, saved in zip(optimizer.param_groups, state["param_groups"]):
         if [by_name[n] for n in saved["params"]] != [by_name[_name(trainable, p)] for p in g["params"]]:
@@ -484,11 +486,33 @@ def load_sharded(path, trainable: list, optimizer, scheduler, scaler, rt: Runtim
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
+    if one_process:
+        ckpt.set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+        return state
     mine = path / f"rng-rank{rt.rank}.safetensors"
     if not mine.is_file():                   # another world size: rank 0's generators
         mine = path / "rng-rank0.safetensors"
     ckpt.set_rng_state(load_file(str(mine)), json.loads(mine.with_suffix(".json").read_text()))
     return state
+
+
+def _load_full(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Copy a one-process checkpoint's full tensors into `tensors`; a DTensor keeps only this rank's shard."""
+    full = {f"param/{k}": v for k, v in load_file(str(path / "trainable.safetensors")).items()}
+    full.update({f"optim/{k}": v for k, v in load_file(str(path / "optimizer.safetensors")).items()})
+    if set(full) != set(tensors):
+        raise FlashtuneError(f"checkpoint {path} holds other tensors than the model's trainables and AdamW state "
+                             f"(e.g. {sorted(set(full) ^ set(tensors))[:2]}); resume with the same adapter config")
+    for key, dst in tensors.items():
+        src = full[key]
+        if tuple(src.shape) != tuple(dst.shape):
+            raise FlashtuneError(f"checkpoint {path}: {key} has shape {tuple(src.shape)}, the model "
+                                 f"{tuple(dst.shape)}; resume with the same adapter config")
+        if hasattr(dst, "device_mesh"):      # FSDP2: cut this rank's shard out locally, no communication
+            from torch.distributed.tensor import distribute_tensor
+
+            src = distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
+        dst.copy_(src)
 
 
 def _name(trainable: list, p) -> str:
