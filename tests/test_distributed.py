@@ -285,6 +285,8 @@ def test_auto_strategy_and_rank_named_errors(monkeypatch):
     assert distributed.resolve_strategy("fsdp", model, cpu, "fp32", 2, under_torchrun=False) == "single"
     with pytest.raises(ConfigError, match="strategy"):
         distributed.resolve_strategy("zero3", model, cpu, "fp32", 2)
+    with pytest.raises(ConfigError, match="cpu_offload=True needs GPUs"):    # FSDP2 would fail to pin memory
+        distributed.shard_fsdp(model, cpu, "fp32", cpu_offload=True)
 
     @distributed.name_rank_errors
     def fails(exc):

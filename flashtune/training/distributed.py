@@ -200,6 +200,9 @@ def shard_fsdp(model: torch.nn.Module, device: torch.device, precision: str, cpu
 
     import torch.distributed as dist
 
+    if cpu_offload and device.type != "cuda":
+        raise ConfigError("cpu_offload=True needs GPUs (FSDP2 keeps the shards in pinned CPU memory and computes "
+                          "on the GPU); without one everything is in CPU memory already: set cpu_offload=false")
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
     half = _AUTOCAST_DTYPE[precision]
     kwargs = {"mesh": mesh, "mp_policy": MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32)}
