@@ -87,7 +87,8 @@ def _worker(job: str, root: Path) -> int:
     if job == "fresh":       # uninterrupted DDP and FSDP2 runs (adapters saved from rank 0), then a killed FSDP2
         _train(root / "ddp", "ddp", save_adapter=True)
         _train(root / "fsdp", "fsdp", save_adapter=True)
-        _train(root / "ddp_lossfn", "ddp", loss_fn=_mean_ce)
+        _train(root / "ddp_lossfn", "ddp", accum=2, loss_fn=_mean_ce)     # accumulation on 2 ranks: global 12
+        _train(root / "fsdp_accum", "fsdp", accum=2)
         _train(root / "killed", "fsdp", kill_at=KILL_AT)
     elif job == "resume":    # 2 -> 2 (FSDP2) and 1 -> 2 (a one-process checkpoint into FSDP2 shards)
         _train(root / "killed", "fsdp")
@@ -144,7 +145,8 @@ def runs(tmp_path_factory):
     latest = json.loads((root / "killed" / "latest.json").read_text())["step"]
     stale = list((root / "killed" / "checkpoints").glob(".step-*"))
     _train(root / "single", "ddp", accum=2)                      # the oracle: one process, same global batch
-    _train(root / "single_lossfn", "ddp", accum=2, loss_fn=_mean_ce)
+    _train(root / "single_lossfn", "ddp", accum=4, loss_fn=_mean_ce)
+    _train(root / "single_accum", "ddp", accum=4)
     shutil.copytree(root / "killed", root / "killed1")             # for the resume on one process
     _train(root / "killed1", "ddp", accum=1)                     # 2 -> 1: grad_accum becomes 2 from the checkpoint
     # The 1 -> 2 case: one process stopped (SIGTERM: the step finishes and is saved) at step 3.
@@ -180,13 +182,16 @@ def test_ddp_and_fsdp_match_one_process(runs):
     assert max(float((moved[k] - v).abs().max()) for k, v in _state(root / "single").items()) > 1e-3
 
 
-def test_custom_loss_fn_is_averaged_over_ranks_as_over_micro_batches(runs):
+def test_accumulation_on_ranks_and_a_custom_loss_fn(runs):
+    """grad_accum 2 on 2 ranks (gradients reduced after the last micro-batch only) = grad_accum 4 in one
+    process, with the default loss (FSDP2) and with a custom loss_fn averaged over micro-batches (DDP)."""
     root, _ = runs
-    rows, single = _rows(root / "ddp_lossfn"), _rows(root / "single_lossfn")
-    assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in single], rel=1e-6)
-    _close(_state(root / "ddp_lossfn"), _state(root / "single_lossfn"), 1e-7)
+    for ours, single in (("fsdp_accum", "single_accum"), ("ddp_lossfn", "single_lossfn")):
+        rows, ref = _rows(root / ours), _rows(root / single)
+        assert [r["loss"] for r in rows] == pytest.approx([r["loss"] for r in ref], rel=1e-6)
+        _close(_state(root / ours), _state(root / single), 1e-7)
     # A per-micro-batch mean is another loss than the global-batch token mean: the runs must differ.
-    other, ours = _state(root / "ddp_lossfn"), _state(root / "ddp")
+    other, ours = _state(root / "ddp_lossfn"), _state(root / "single_accum")
     assert max(float((other[k] - ours[k]).abs().max()) for k in ours) > 1e-6
 
 

@@ -322,13 +322,16 @@ class Runtime:
             return self.wrapped(batch, chunk, loss_fn)
         return training_loss(model, batch, chunk, loss_fn)
 
-    def grad_sync(self, last: bool):
-        """Context for one micro-batch's backward: gradients are reduced only after the last one."""
-        if self.strategy == "ddp" and not last:
-            return self.wrapped.no_sync()
-        if self.strategy == "fsdp":
+    def grad_sync(self, last: bool) -> None:
+        """Before a micro-batch's forward: its backward reduces gradients over ranks only if it is the last.
+
+        DDP's `no_sync()` context does exactly this with the flag set here; a call instead of a context keeps
+        backward outside autocast in the loop.
+        """
+        if self.strategy == "ddp":
+            self.wrapped.require_backward_grad_sync = last
+        elif self.strategy == "fsdp":
             self.wrapped.set_requires_gradient_sync(last)
-        return contextlib.nullcontext()
 
     def backward_scale(self, loss: torch.Tensor, summed: bool) -> torch.Tensor:
         """DDP and FSDP2 average gradients over ranks; a loss already normalized globally wants their sum."""

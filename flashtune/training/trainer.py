@@ -323,12 +323,13 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                 for k, batch in enumerate(micro):
                     tokens += _n_tokens(batch)
                     batch = _to_device(batch, device)
-                    with policy.autocast(), rt.grad_sync(k == len(micro) - 1):   # [distributed]
+                    rt.grad_sync(k == len(micro) - 1)       # [distributed] reduce after the last micro-batch
+                    with policy.autocast():
                         if loss_fn is None:
                             loss = rt.forward(model, batch, chunk) / n_targets
                         else:
                             loss = rt.forward(model, batch, chunk, loss_fn) / config.grad_accum
-                        policy.scaler.scale(rt.backward_scale(loss, loss_fn is None)).backward()
+                    policy.scaler.scale(rt.backward_scale(loss, loss_fn is None)).backward()   # [distributed]
                     loss_acc += loss.detach().float()
                 grad_norm = None
                 if config.max_grad_norm > 0:
