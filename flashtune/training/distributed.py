@@ -77,8 +77,8 @@ def init(device_type: str | None = None) -> tuple[int, int, int]:
             torch.cuda.set_device(local)
             kwargs["device_id"] = torch.device("cuda", local)
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", timeout=timeout, **kwargs)
-        if dist.get_rank() != 0:                 # rank 0 alone prints: others keep only errors
-            logging.getLogger("flashtune").addFilter(lambda r: r.levelno >= logging.ERROR)
+        if dist.get_rank() != 0:                 # rank 0 alone logs: the others' flashtune.* loggers keep errors
+            logging.getLogger("flashtune").setLevel(logging.ERROR)
     return dist.get_rank(), dist.get_world_size(), local
 
 
