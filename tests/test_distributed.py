@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 HERE = Path(__file__).resolve().parent
 STEPS, SAVE_EVERY, BATCH = 6, 2, 3

@@ -279,7 +279,7 @@ class Runtime:
         if config.precision == "fp16":
             raise ConfigError("precision='fp16' with strategy='fsdp' is not supported (its loss scaler would need "
                               "sharded inf checks); use precision='bf16', or strategy='ddp'")
-        comm = self._comm_device()
+        comm = self.compute_device()
         with torch.no_grad():                    # every rank shards the same values: take rank 0's trainables
             for _, p in trainable:
                 t = p.data.to(comm)
@@ -304,18 +304,17 @@ class Runtime:
             return values
         import torch.distributed as dist
 
-        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device())
+        t = torch.tensor(values, dtype=torch.float64, device=self.compute_device())
         dist.all_reduce(t)
         return t.tolist()
 
     def compute_device(self) -> torch.device:
         """Where the backend computes: cuda:LOCAL_RANK under NCCL, else the CPU."""
-        return self._comm_device()
-
-    def _comm_device(self) -> torch.device:
         import torch.distributed as dist
 
-        return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+        if dist.get_backend() == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
 
     def forward(self, model, batch: dict, chunk, loss_fn=None) -> torch.Tensor:
         if self.wrapped is not None:
