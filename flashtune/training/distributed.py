@@ -273,8 +273,8 @@ class Runtime:
         if self.strategy == "ddp":
             from torch.nn.parallel import DistributedDataParallel
 
-            self.wrapped = DistributedDataParallel(LossModule(model), device_ids=[device.index]
-                                                   if device.type == "cuda" else None)
+            cuda = [torch.cuda.current_device()] if device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(LossModule(model), device_ids=cuda)
             return trainable
         if config.precision == "fp16":
             raise ConfigError("precision='fp16' with strategy='fsdp' is not supported (its loss scaler would need "
