@@ -243,16 +243,17 @@ class Runtime:
         if not saved:
             return config
         global_batch = saved["global_batch"]
-        per_step = config.batch_size * self.world
-        if global_batch % per_step:
-            raise ConfigError(f"the checkpoint's global batch is {global_batch} examples; batch_size="
-                              f"{config.batch_size} x {self.world} ranks does not divide it; pick a batch_size "
-                              f"and world size whose product divides {global_batch}")
-        accum = global_batch // per_step
         if saved["batch_size"] != config.batch_size:
             raise ConfigError(f"batch_size={config.batch_size} but the checkpoint was trained with batch_size="
                               f"{saved['batch_size']}; resume with the same batch_size (the data position "
                               f"counts micro-batches)")
+        per_step = config.batch_size * self.world
+        if global_batch % per_step:
+            raise ConfigError(f"the checkpoint's global batch is {global_batch} examples = {config.batch_size} x "
+                              f"{global_batch // config.batch_size} micro-batches, which {self.world} ranks cannot "
+                              f"share evenly; resume on a world size that divides "
+                              f"{global_batch // config.batch_size}")
+        accum = global_batch // per_step
         if accum != config.grad_accum:
             log.info("resuming %d-rank checkpoint on %d rank(s): grad_accum %d -> %d keeps the global batch of %d",
                      saved["world"], self.world, config.grad_accum, accum, global_batch)
