@@ -308,5 +308,22 @@ def test_auto_strategy_and_rank_named_errors(monkeypatch):
         fails(KeyError("x"))
 
 
+def test_resume_keeps_the_global_batch_or_says_why_not(tmp_path):
+    from flashtune.errors import ConfigError
+    from flashtune.training import TrainConfig
+    from flashtune.training.distributed import Runtime
+
+    saved = {"world": 2, "strategy": "ddp", "batch_size": 3, "global_batch": 12}
+    (tmp_path / "state.json").write_text(json.dumps({"distributed": saved}))
+    cfg = TrainConfig(out_dir=str(tmp_path), batch_size=3, grad_accum=2, resume=True)
+    assert Runtime(world=1).adapt_config(cfg, tmp_path).grad_accum == 4
+    assert Runtime(world=4).adapt_config(cfg, tmp_path).grad_accum == 1
+    assert Runtime(world=1).adapt_config(TrainConfig(**{**cfg.to_dict(), "resume": False}), tmp_path).grad_accum == 2
+    with pytest.raises(ConfigError, match="3 ranks cannot share evenly; resume on a world size that divides 4"):
+        Runtime(world=3).adapt_config(cfg, tmp_path)
+    with pytest.raises(ConfigError, match="batch_size=4 but the checkpoint was trained with batch_size=3"):
+        Runtime(world=2).adapt_config(TrainConfig(**{**cfg.to_dict(), "batch_size": 4}), tmp_path)
+
+
 if __name__ == "__main__":
     sys.exit(_worker(sys.argv[1], Path(sys.argv[2])))
