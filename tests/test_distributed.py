@@ -138,13 +138,25 @@ def _state(out, step=STEPS):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Two torchrun launches (2 workers each) and three short runs in this process: about a minute on 2 cores."""
-    root = tmp_path_factory.mktemp("dist")
+    """Two torchrun launches (2 workers each) and five short runs in this process, once per session even under
+    pytest-xdist (the first worker runs them under a file lock, the others read its results)."""
+    import fcntl
+
+    root = tmp_path_factory.getbasetemp().parent / "distributed-runs"    # shared by the xdist workers
+    root.mkdir(exist_ok=True)
+    with open(root / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (root / "done.json").is_file():
+            (root / "done.json").write_text(json.dumps(_run_all(root)))
+    return root, tuple(json.loads((root / "done.json").read_text()))
+
+
+def _run_all(root: Path) -> list:
     rc, log, _ = _torchrun("fresh", root)
     assert (root / "fsdp" / "adapter").is_dir(), log[-3000:]
     ended = time.time()
     latest = json.loads((root / "killed" / "latest.json").read_text())["step"]
-    stale = list((root / "killed" / "checkpoints").glob(".step-*"))
+    stale = [p.name for p in (root / "killed" / "checkpoints").glob(".step-*")]
     _train(root / "single", "ddp", accum=2)                      # the oracle: one process, same global batch
     _train(root / "single_lossfn", "ddp", accum=4, loss_fn=_mean_ce)
     _train(root / "single_accum", "ddp", accum=4)
@@ -154,7 +166,7 @@ def runs(tmp_path_factory):
     assert _train(root / "from1", "ddp", accum=2, kill_at=6, signum=signal.SIGTERM) is None
     rc2, log2, _ = _torchrun("resume", root)
     assert rc2 == 0, log2[-3000:]
-    return root, (rc, log, ended - float((root / "killed" / "killed_at").read_text()), latest, stale)
+    return [rc, log[-20000:], ended - float((root / "killed" / "killed_at").read_text()), latest, stale]
 
 
 def _close(a: dict, b: dict, atol):
