@@ -74,13 +74,15 @@ def build_model(shape: dict, dtype, device, seed: int = 0):
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model.to_empty(device=device)
-    g = torch.Generator(device=device).manual_seed(seed)
+    # Draw on the GPU when there is one (8B normal samples on one CPU thread take minutes), copy to `device`.
+    draw = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else device
+    g = torch.Generator(device=draw).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.fill_(1.0)                                           # RMSNorm gains
             else:
-                p.normal_(0.0, 0.02, generator=g)
+                p.copy_(torch.empty(p.shape, device=draw).normal_(0.0, 0.02, generator=g))
         rotary = model.model.rotary_emb                                # non-persistent buffers: recompute
         model.model.rotary_emb = type(rotary)(config=cfg, device=device)
     model.set_attn_implementation("sdpa")
