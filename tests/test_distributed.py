@@ -79,6 +79,7 @@ def _train(out, strategy="auto", accum=1, kill_at=0, signum=signal.SIGKILL, save
     finally:
         torch.set_num_threads(threads)
     if save_adapter:
+        assert distributed.is_sharded(model) == (strategy == "fsdp" and "RANK" in os.environ)
         distributed.save_adapter(model, Path(out) / "adapter")
     return result
 

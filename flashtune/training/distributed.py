@@ -531,6 +531,11 @@ def _name(trainable: list, p) -> str:
 # --- after fit ---------------------------------------------------------------------------------------------------
 
 
+def is_sharded(model: torch.nn.Module) -> bool:
+    """True when FSDP2 holds the model's weights in shards (a forward then needs every rank)."""
+    return any(hasattr(p, "device_mesh") for p in model.parameters())
+
+
 def save_adapter(model: torch.nn.Module, directory, adapter_name: str | None = None):
     """`flashtune.save_adapter` from rank 0 alone (PEFT format); under FSDP2 the full weights are gathered first.
 
