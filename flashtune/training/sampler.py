@@ -1,7 +1,8 @@
 """A seeded, resumable order over an indexable dataset: epoch-wise permutations, optional length bucketing.
 
 The order of epoch e depends only on (seed, e), so a position (epoch, batch index) is all a checkpoint
-needs to continue exactly where a run stopped.
+needs to continue exactly where a run stopped. Under torchrun, `take_shard` deals consecutive batches out
+to the ranks in turn.
 """
 
 from __future__ import annotations
@@ -57,6 +58,20 @@ class EpochBatches:
             e, i = e + 1, 0
             batches = self.epoch(e)
         return batches[i], (e, i + 1)
+
+    # [distributed] -------------------------------------------------------------------------------------------
+    def take_shard(self, position: tuple[int, int], rank: int, world: int) -> tuple[list[int], tuple[int, int]]:
+        """Rank `rank`'s batch of the next `world` batches, and the position after all of them.
+
+        Every rank walks the same sequence; together the ranks consume exactly the batches one process would,
+        so the order of examples, and the meaning of a position, do not depend on the world size.
+        """
+        mine = None
+        for r in range(world):
+            idx, position = self.take(position)
+            if r == rank:
+                mine = idx
+        return mine, position
 
 
 def make_batches(dataset: Sequence, batch_size: int, seed: int, length_fn=None, drop_last=False) -> EpochBatches:

@@ -33,8 +33,9 @@ import torch
 
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 from flashtune.training import checkpoint as ckpt
+from flashtune.training import distributed
 from flashtune.training.fused_lora import fuse_lora, unfuse_lora
-from flashtune.training.loss import causal_lm_loss_sum, count_targets
+from flashtune.training.loss import count_targets
 from flashtune.training.precision import PRECISIONS, PrecisionPolicy
 from flashtune.training.sampler import make_batches
 from flashtune.training.speed import compile_blocks, enable_checkpointing
@@ -71,10 +72,14 @@ class TrainConfig:
     gradient_checkpointing: float = 0.0      # fraction of blocks recomputed in backward (False 0 .. True 1)
     compile: bool = False                    # torch.compile each transformer block
     fused_lora: bool = True                  # LoRA layers as one fused autograd node while training
+    # [distributed] used only under torchrun (flashtune.training.distributed)
+    strategy: str = "auto"                   # "ddp" | "fsdp" | "auto" (ddp when one replica fits a device)
+    cpu_offload: bool = False                # fsdp: sharded weights, gradients and AdamW state live on the CPU
 
     def __post_init__(self):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("schedule", self.schedule, SCHEDULES)
+        check_choice("strategy", self.strategy, distributed.STRATEGIES)      # [distributed]
         check_range("lr", self.lr, 0, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("max_steps", self.max_steps, 0, integer=True)
@@ -88,7 +93,7 @@ class TrainConfig:
         if isinstance(self.gradient_checkpointing, bool):
             self.gradient_checkpointing = float(self.gradient_checkpointing)
         check_range("gradient_checkpointing", self.gradient_checkpointing, 0, 1)
-        for name in ("compile", "fused_lora", "resume", "overwrite", "drop_last"):
+        for name in ("compile", "fused_lora", "resume", "overwrite", "drop_last", "cpu_offload"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         check_range("max_grad_norm", self.max_grad_norm, 0)
@@ -208,6 +213,7 @@ def _write_history(path: Path, rows: list[dict]) -> None:
     os.replace(tmp, path)
 
 
+@distributed.name_rank_errors
 def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         collate_fn: Callable[[list], dict] | None = None, eval_fn: Callable | None = None,
         loss_fn: Callable | None = None, progress: bool = True,
@@ -228,6 +234,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         raise ConfigError(f"drop_last=True with {len(train_dataset)} examples < batch_size={config.batch_size} "
                           f"leaves no batch; lower batch_size or set drop_last=False")
     collate_fn = collate_fn or _stack
+    rt = distributed.runtime(model)      # [distributed] torchrun's ranks; one process: a pass-through
     device = next(model.parameters()).device
     out_dir = Path(config.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -236,33 +243,44 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     if existing is not None and not config.resume and not config.overwrite:
         raise ConfigError(f"out_dir={str(out_dir)!r} already holds a checkpoint ({existing.name}); pass "
                           f"resume=True to continue it, overwrite=True to start over, or another out_dir")
+    distributed.barrier()                               # [distributed] every rank saw the old checkpoint
     if existing is not None and not config.resume:     # overwrite: drop our own files of the old run
-        (out_dir / "latest.json").unlink()
-        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        if rt.main:
+            (out_dir / "latest.json").unlink()
+            shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+        distributed.barrier()
         existing = None
+    config = rt.adapt_config(config, existing)        # [distributed] keep the global batch across world sizes
 
     seed_everything(config.seed)
     policy = PrecisionPolicy(config.precision, device)
     trainable = policy.prepare(model)
-    params = [p for _, p in trainable]
     if config.gradient_checkpointing:
         enable_checkpointing(model, config.gradient_checkpointing)
     if config.compile:
         compile_blocks(model)
+    trainable = rt.wrap(model, trainable, config, device)   # [distributed] DDP / FSDP2 under torchrun
+    if rt.strategy == "fsdp" and rt.compute_device() != device:   # [distributed] FSDP2 computes on its mesh
+        device = rt.compute_device()
+        policy = PrecisionPolicy(config.precision, device)
+    params = [p for _, p in trainable]
     optimizer = _make_optimizer(trainable, config, device)
     batches = make_batches(train_dataset, config.batch_size, config.seed, length_fn, config.drop_last)
-    total = config.max_steps or max(1, math.ceil(config.epochs * len(batches) / config.grad_accum))
+    total = rt.total_steps(config, len(batches))       # [distributed] a step takes grad_accum x world batches
     schedule = (config.warmup_steps, total, config.schedule, config.min_lr_ratio)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(s, *schedule))
 
     step, position, history = 0, (0, 0), []
     acc = {"loss": 0.0, "steps": 0, "skipped": 0, "skipped_total": 0}
     if config.resume and existing is not None:
-        state = ckpt.load_checkpoint(existing, trainable, optimizer, scheduler, policy.scaler)
+        state = rt.load(existing, trainable, optimizer, scheduler, policy.scaler)   # [distributed] any format
         step, position, acc = state["step"], tuple(state["position"]), state["log_acc"]
+        if not rt.main:                                 # [distributed] the logged partial loss is rank 0's
+            acc = {**acc, "loss": 0.0}
         history = _read_history(metrics_path, step)
         log.info("resumed from %s at step %d", existing, step)
-    _write_history(metrics_path, history)
+    if rt.main:                                         # [distributed] rank 0 writes files
+        _write_history(metrics_path, history)
 
     loss_acc = torch.tensor(acc["loss"], dtype=torch.float32, device=device)
     chunk = config.ce_chunk_size or None
@@ -274,45 +292,49 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     def checkpoint_now():
         extra = {"position": list(position), "config": config.to_dict(),
                  "log_acc": {**acc, "loss": float(loss_acc)}}
-        return ckpt.save_checkpoint(out_dir, step, trainable, optimizer, scheduler, policy.scaler, extra,
-                                    keep=config.keep_checkpoints)
+        return rt.save(out_dir, step, trainable, optimizer, scheduler, policy.scaler, extra,   # [distributed]
+                       keep=config.keep_checkpoints, config=config)
 
     def run_eval():
         was_training = model.training
         model.eval()
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
+                rt.gathered():                          # [distributed] FSDP2: the root's weights whole
             metrics = eval_fn(model)
         model.train(was_training)
         return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()}
 
-    bar = _progress_bar(total, step, progress)
+    bar = _progress_bar(total, step, progress and rt.main)
     if config.fused_lora:
         fuse_lora(model)
     was_training = model.training
     model.train()
     try:
-        with _SignalGuard() as guard, metrics_path.open("a") as metrics_file:
+        with _SignalGuard() as guard, (metrics_path if rt.main else Path(os.devnull)).open("a") as metrics_file:
             while step < total:
                 micro = []
                 for _ in range(config.grad_accum):
-                    idx, position = batches.take(position)
+                    idx, position = rt.take(batches, position)   # [distributed] this rank's share
                     micro.append(collate_fn([train_dataset[i] for i in idx]))
-                n_targets = max(1, sum(count_targets(b) for b in micro)) if loss_fn is None else None
+                n_targets = None
+                if loss_fn is None:     # [distributed] targets of the global batch: one all-reduce
+                    n_targets = max(1, int(rt.all_sum([sum(count_targets(b) for b in micro)])[0]))
                 lr = optimizer.param_groups[0]["lr"]
-                for batch in micro:
+                for k, batch in enumerate(micro):
                     tokens += _n_tokens(batch)
                     batch = _to_device(batch, device)
+                    rt.grad_sync(k == len(micro) - 1)       # [distributed] reduce after the last micro-batch
                     with policy.autocast():
                         if loss_fn is None:
-                            loss = causal_lm_loss_sum(model, batch, chunk) / n_targets
+                            loss = rt.forward(model, batch, chunk) / n_targets
                         else:
-                            loss = loss_fn(model, batch) / config.grad_accum
-                    policy.scaler.scale(loss).backward()
+                            loss = rt.forward(model, batch, chunk, loss_fn) / config.grad_accum
+                    policy.scaler.scale(rt.backward_scale(loss, loss_fn is None)).backward()   # [distributed]
                     loss_acc += loss.detach().float()
                 grad_norm = None
                 if config.max_grad_norm > 0:
                     policy.scaler.unscale_(optimizer)
-                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                    grad_norm = rt.clip(params, config.max_grad_norm)     # [distributed] FSDP2: sharded norm
                 scale = policy.scaler.get_scale() if policy.scaler.is_enabled() else None
                 policy.scaler.step(optimizer)
                 policy.scaler.update()
@@ -331,8 +353,11 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                 row = None
                 if step % config.log_every == 0 or step == total:
                     now = time.perf_counter()
+                    # [distributed] the global loss and token count: sums over ranks (a custom loss: mean)
+                    loss_sum, tokens = rt.all_sum([float(loss_acc), tokens])
+                    loss_sum /= 1 if loss_fn is None else rt.world
                     row = {"step": step, "epoch": round(position[0] + position[1] / len(batches), 4),
-                           "loss": float(loss_acc) / acc["steps"], "lr": lr,
+                           "loss": loss_sum / acc["steps"], "lr": lr,
                            "grad_norm": None if grad_norm is None else float(grad_norm),
                            "tokens_per_s": tokens / max(now - t_log, 1e-9),
                            "step_time_s": (now - t_log) / acc["steps"]}
