@@ -4,9 +4,10 @@
 #   stage2: join the second half (carry .model/gguf.part01 .whl .data), convert once, run decode + mtp benches
 #   stage2inv: the same join, then the GPU tests and the Medusa / MTP benches with Engine(invariant=True)
 #   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
+#   stage4: the fine-tuning path: finetune on a chat JSONL (no device flag), bench/finetune.py (TRL peer), bench/e2e.py
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|stage2inv|stage3}
+stage=${1:?stage1|stage2|stage2inv|stage3|stage4}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -47,6 +48,27 @@ stage2inv)  # like stage2, for the batch-invariant kernels: GPU tests, then Medu
   run decode-invariant 200 python3 bench/decode.py --device cuda --parts medusa --invariant --out bench/results/decode-invariant.json
   run mtp-invariant 200 python3 bench/mtp.py --device cuda --budget 170 --depth 2 --invariant --out bench/results/mtp-invariant.json
   cp bench/results/decode-invariant.json bench/results/mtp-invariant.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+stage4)  # the fine-tuning path: `finetune --data chats.jsonl` with no device flag, the TRL peer, the E2E recipe
+  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  python3 -c "
+import csv, json, sys
+rows = list(csv.DictReader(open('$FLASHTUNE_E2E_DATA', encoding='utf-8')))
+with open('$FT/e2e_chat.jsonl', 'w') as f:
+    for r in rows:
+        msgs = [{'role': 'user', 'content': 'Describe this restaurant in plain English: ' + r['mr']},
+                {'role': 'assistant', 'content': r['ref']}]
+        f.write(json.dumps({'messages': msgs}) + '\n')
+print(len(rows), 'chat rows')"
+  # STAGE4_SECS="jsonl bench e2e" seconds for each part (0 skips it), to fit what is left of the device time
+  read -r s_jsonl s_bench s_e2e <<< "${STAGE4_SECS:-100 210 230}"
+  [ "$s_jsonl" -gt 0 ] && run finetune-jsonl "$s_jsonl" python3 -m flashtune finetune --data "$FT/e2e_chat.jsonl" \
+      --out "$FT/run-jsonl" --max-steps 60 --batch-size 32 --set eval.max_inputs=0
+  cp "$FT/run-jsonl/finetune.json" "$OUT/finetune-jsonl-config.json" 2>/dev/null
+  [ "$s_bench" -gt 0 ] && run finetune-bench "$s_bench" python3 bench/finetune.py --steps "${BENCH_STEPS:-120}" \
+      --rows "${BENCH_ROWS:-flashtune,flashtune-no-compile,trl,trl-defaults}"
+  [ "$s_e2e" -gt 0 ] && run e2e "$s_e2e" python3 bench/e2e.py --device cuda --methods lora
+  cp bench/results/finetune-h200.json bench/results/e2e.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage3)
   run train 170 python3 bench/train.py --budget-s 110
   run e2e 260 python3 bench/e2e.py --device cuda --batch-size 48 --epochs 1.5 --warmup 10

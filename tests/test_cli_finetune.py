@@ -361,3 +361,33 @@ def test_finetune_packs_on_request_and_refuses_prefix_tuning_with_packing(model_
     assert main([*argv, "--out", str(tmp_path / "prefix"), "--method", "prefix"]) == 2
     assert "prefix" in _one_error_line(capsys)
     assert not (tmp_path / "prefix" / "finetune.json").exists()
+
+
+def test_nproc_per_node_runs_finetune_under_torchrun(model_dir, tmp_path):
+    """`flashtune finetune --nproc-per-node 2` re-runs itself under torchrun (gloo on the CPU): rank 0 alone
+    prints and writes the run, and the adapter equals the one-process run's on the same global batch."""
+    import os
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    data = tmp_path / "d.jsonl"
+    _write_format(data, "prompt_completion")
+    base = ["--model", model_dir, "--data", str(data), "--max-steps", "2", "--set", "data.val_size=2",
+            "--set", "train.log_every=1", "--device", "cpu", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    two = subprocess.run([sys.executable, "-m", "flashtune", "finetune", *base, "--batch-size", "1",
+                          "--nproc-per-node", "2", "--strategy", "ddp", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stderr[-2000:]
+    assert two.stdout.count("done:") == 1, two.stdout
+    one = subprocess.run([sys.executable, "-m", "flashtune", "finetune", *base, "--batch-size", "1",
+                          "--set", "train.grad_accum=2", "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    a = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

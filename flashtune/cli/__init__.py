@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    args.argv = argv                       # what was asked, for commands that re-run themselves (torchrun)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

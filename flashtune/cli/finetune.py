@@ -36,7 +36,7 @@ def register(subparsers) -> None:
         description="Fine-tune a LoRA / prefix / Houlsby / Pfeiffer adapter on your data (chat messages, "
                     "prompt/completion, text or E2E, from JSONL / JSON / CSV / Parquet / text files), then evaluate "
                     "it and write a report. On a GPU it trains "
-                    "in bf16 with fused LoRA, chunked cross-entropy and torch.compile unless told otherwise.",
+                    "in bf16 with fused LoRA and chunked cross-entropy unless told otherwise.",
         epilog="Examples: flashtune finetune --data chats.jsonl --out runs/chat;  "
                "flashtune finetune --config flashtune/configs/e2e_lora.toml --set train.lr=1e-3")
     p.add_argument("--config", "-c", help="TOML config file (sections model, data, method, train, eval)")
@@ -60,13 +60,18 @@ def register(subparsers) -> None:
     p.add_argument("--precision", help="fp32 | bf16 | fp16 (config: train.precision; default: bf16 on a GPU, "
                                        "fp32 on the CPU)")
     p.add_argument("--fast", action=argparse.BooleanOptionalAction, default=None,
-                   help="the fast path: fused LoRA, chunked cross-entropy, and on a GPU torch.compile "
-                        "(default: on); --no-fast trains through the plain reference path")
+                   help="the fast path: fused LoRA and chunked cross-entropy (default: on); --no-fast trains "
+                        "through the plain reference path")
     p.add_argument("--seed", type=int, help="training seed (config: train.seed)")
     p.add_argument("--num-beams", type=int, help="beam size for the evaluation (config: eval.num_beams)")
     p.add_argument("--resume", action="store_true",
                    help="continue the run in the run folder (its hyper-parameters must not change)")
     p.add_argument("--overwrite", action="store_true", help="start over even if the run folder holds a run")
+    p.add_argument("--nproc-per-node", type=int,
+                   help="processes (GPUs) on this node: re-runs the command under torchrun")
+    p.add_argument("--strategy", choices=["auto", "ddp", "fsdp"],
+                   help="under torchrun: ddp, fsdp (FSDP2) or auto (ddp when the model fits on one device; "
+                        "config: train.strategy)")
     add_device_flag(p)
     add_common_flags(p)
     p.set_defaults(func=main)
@@ -78,21 +83,29 @@ def _flag_overrides(args) -> list:
              (["data", "format"], args.format), (["data", "pack"], args.pack), (["train", "lr"], args.lr),
              (["train", "epochs"], args.epochs), (["train", "max_steps"], args.max_steps),
              (["train", "batch_size"], args.batch_size), (["train", "precision"], args.precision),
-             (["train", "seed"], args.seed), (["eval", "num_beams"], args.num_beams)]
+             (["train", "seed"], args.seed), (["train", "strategy"], args.strategy), (["eval", "num_beams"], args.num_beams)]
     return [(k, v) for k, v in pairs if v is not None]
 
 
 def main(args) -> int:
     from flashtune.models import resolve_device
 
+    if args.nproc_per_node is not None:
+        from flashtune.training.launch import relaunch
+
+        relaunch(args.nproc_per_node, args.argv, args.strategy or "auto")   # torchrun; returns if nproc == 1
     cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     device = resolve_device(args.device)
     quiet_libraries(args.quiet)
     log = (lambda *a, **k: None) if args.quiet else print
     res = run_finetune(cfg, log=log, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
                        device=device, fast=args.fast)
+    from flashtune.training import distributed
+
+    if not distributed.is_main():
+        return 0
     m = res["metrics"]
     scores = ", ".join(f"{k} {m[k]:.2f}" for k in ("bleu", "rouge_l", "nist", "slot_error_rate", "eval_loss") if k in m)
     print(f"done: {m['steps']} steps in {m['train_time_s']:.0f} s; {scores}")
-    print(f"adapter: {res['adapter_dir']}  report: {res['report']}")
+    print(f"adapter: {res['adapter_dir']}" + (f"  report: {res['report']}" if res["report"] else ""))
     return 0

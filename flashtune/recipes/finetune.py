@@ -47,7 +47,10 @@ RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "eval_every", "save_eve
                      "resume", "overwrite", "compile", "fused_lora", "ce_chunk_size", "gradient_checkpointing"}
 # What a run folder holds; any of these marks the folder as an existing run.
 RUN_FILES = ("finetune.json", "latest.json", "checkpoints", "metrics.jsonl", "adapter", "report")
-FAST_CUDA = {"fused_lora": True, "ce_chunk_size": 4096, "compile": True}   # the GPU fast path (bench/train.py)
+# The GPU fast path. torch.compile stays off: with fine-tuning data of varying lengths it recompiles per shape,
+# and `flashtune finetune` on E2E ran at 0.37x TRL's tokens/s compiled against 1.27x without (120 steps,
+# bench/results/finetune-h200.json); `train.compile=true` pays on long runs of fixed-length blocks.
+FAST_CUDA = {"fused_lora": True, "ce_chunk_size": 4096, "compile": False}
 PLAIN = {"fused_lora": False, "ce_chunk_size": 0, "compile": False}        # the reference path (--no-fast)
 
 
@@ -510,16 +513,24 @@ def run_finetune(cfg: FinetuneConfig, log=print, progress: bool = True, resume: 
     from flashtune.data import Collator, example_length
     from flashtune.evaluation import evaluate_generation, write_json, write_report
     from flashtune.models import load_base_model, resolve_device
-    from flashtune.training import fit
+    from flashtune.training import distributed, fit
     from flashtune.training.trainer import seed_everything
-    from flashtune.tuners import attach, save_adapter
+    from flashtune.tuners import attach
 
     device = resolve_device(device)
+    _, world, local_rank = distributed.init(device.type)     # under torchrun: one process per GPU
+    if world > 1 and device.type == "cuda":
+        import torch
+
+        device = torch.device("cuda", local_rank)
+    if not distributed.is_main():                             # rank 0 alone prints and writes reports
+        log, progress = (lambda *a, **k: None), False
     cfg = resolve_runtime(cfg, device, fast)
     train_cfg = cfg.train_config(resume=resume or cfg.train.get("resume", False),
                                  overwrite=overwrite or cfg.train.get("overwrite", False))
     tuner_cfg = cfg.tuner_config()
     mode = check_run_folder(cfg, train_cfg.resume, train_cfg.overwrite)
+    distributed.barrier()                  # every rank has seen the folder as it was before rank 0 writes
     out = Path(cfg.out_dir)
     if model is None:
         log(f"loading model {cfg.model.name or 'SmolLM2-135M-Instruct (default)'} on {device} ...")
@@ -546,10 +557,11 @@ def run_finetune(cfg: FinetuneConfig, log=print, progress: bool = True, resume: 
     log(f"{cfg.method.get('name', 'lora')}: {n_params:,} trainable parameters; {len(train_ds)} training "
         f"examples, {len(val_examples) or len(val_ds)} validation inputs; {device}, {train_cfg.precision}")
     # The run is known to start: from here on the folder is ours to write.
-    if mode == "overwrite":
-        _clear_outputs(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "finetune.json", cfg.to_dict())
+    if distributed.is_main():
+        if mode == "overwrite":
+            _clear_outputs(out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "finetune.json", cfg.to_dict())
     collate = Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     start = time.perf_counter()
     try:
@@ -558,12 +570,18 @@ def run_finetune(cfg: FinetuneConfig, log=print, progress: bool = True, resume: 
     finally:
         _uncompile(model)
     train_time = time.perf_counter() - start
-    adapter_dir = save_adapter(model, out / "adapter")
+    adapter_dir = distributed.save_adapter(model, out / "adapter")     # PEFT format, written once by rank 0
     metrics: dict[str, Any] = {"trainable_params": n_params, "train_time_s": round(train_time, 1),
                                "steps": result.step}
     if result.eval:
         metrics.update(result.eval)
     samples = None
+    if not distributed.is_main() or distributed.is_sharded(model):
+        if distributed.is_sharded(model):
+            log("generation is skipped under FSDP (the weights are sharded): run `flashtune eval` on the run")
+        return {"metrics": metrics, "history": result.history, "adapter_dir": str(adapter_dir), "report": None,
+                "trainable_params": n_params, "train_time_s": train_time, "config": cfg, "model": model,
+                "tokenizer": tokenizer}
     if val_examples:
         subset = val_examples[:cfg.eval.max_inputs] if cfg.eval.max_inputs else val_examples
         beams = "greedy" if cfg.eval.num_beams == 1 else f"beam {cfg.eval.num_beams}"

@@ -58,7 +58,7 @@ def torchrun_command(nproc: int, args: Sequence[str], module: str | None = "flas
 def relaunch(nproc: int, argv: Sequence[str], strategy: str = "auto") -> None:
     """Replace this process by torchrun running `flashtune <argv>` on `nproc` workers (never returns).
 
-    argv: the command's arguments after `flashtune` (sys.argv[1:]); `--nproc-per-node` is removed from them.
+    argv: the command's arguments after `flashtune` (sys.argv[1:]: `finetune ...`); `--nproc-per-node` is removed from them.
     Already inside torchrun (or nproc == 1 without torchrun asked for): returns without doing anything.
     """
     check_launch(nproc, strategy)
