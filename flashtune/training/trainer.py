@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+from flashtune.errors import ConfigError, FlashtuneError, check_bool, check_choice, check_path, check_range
 from flashtune.training import checkpoint as ckpt
 from flashtune.training.fused_lora import fuse_lora, unfuse_lora
 from flashtune.training.loss import causal_lm_loss_sum, count_targets
@@ -89,19 +89,18 @@ class TrainConfig:
             self.gradient_checkpointing = float(self.gradient_checkpointing)
         check_range("gradient_checkpointing", self.gradient_checkpointing, 0, 1)
         for name in ("compile", "fused_lora", "resume", "overwrite", "drop_last"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+            check_bool(name, getattr(self, name))
         check_range("max_grad_norm", self.max_grad_norm, 0)
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
-            raise ConfigError(f"out_dir={self.out_dir!r} must be a directory path")
-        self.out_dir = str(self.out_dir)
+        self.out_dir = check_path("out_dir", self.out_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a table of fields, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:

@@ -55,9 +55,7 @@ class LoraConfig(TunerConfig):
     def __post_init__(self) -> None:
         check_range("r", self.r, 1, integer=True)
         check_range("lora_alpha", self.lora_alpha, 0, low_open=True)
-        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
-        if self.lora_dropout >= 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} is out of range; it must be >= 0 and < 1")
+        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         check_targets("target_modules", self.target_modules)
         check_targets("modules_to_save", self.modules_to_save)
         if isinstance(self.modules_to_save, str):
