@@ -118,6 +118,26 @@ class TrainResult:
     train_time_s: float = 0.0                # wall time of this call's training loop
 
 
+class NonFiniteTraining(FlashtuneError):
+    """The loss or the gradients stopped being finite numbers; training stopped before applying them."""
+
+    def __init__(self, step: int, what: str, checkpoint, config: TrainConfig):
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+        super().__init__(f"training stopped at step {step}: {what}; {kept}; lower train.lr (now {config.lr:g}), "
+                         f"check the data, or use precision='fp32'")
+        self.step, self.checkpoint = step, None if checkpoint is None else str(checkpoint)
+
+
+# fp16's GradScaler skips a step whose gradients overflowed and halves its scale; a few skips in a row are its
+# normal search for a scale. More than this many in a row means the loss itself is not finite any more.
+MAX_FP16_SKIPS_IN_A_ROW = 24
+
+
+def _finite_row(row: dict) -> dict:
+    """metrics.jsonl is strict JSON: a non-finite float is written as null, never NaN / Infinity."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
 class TrainingInterrupted(FlashtuneError):
     """SIGINT/SIGTERM arrived; the current step finished and a checkpoint was saved."""
 
@@ -127,6 +147,27 @@ class TrainingInterrupted(FlashtuneError):
                          f"run again with resume=True (--resume) to continue")
         self.exit_code = 128 + signum
         self.step, self.checkpoint = step, str(path)
+
+
+# issue 13: what a resumed run must share with its checkpoint. These shape the steps already taken and the
+# data order (a changed batch size would be applied to the old data position); a resume that changes one is
+# refused, naming each difference, rather than applied silently: the run would be neither the old one nor the
+# new one. Extending a run (max_steps, epochs) and bookkeeping (logging, saving, evaluation, speed switches)
+# may change.
+RESUME_MUST_MATCH = ("lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
+                     "schedule", "min_lr_ratio", "seed", "drop_last", "precision")
+
+
+def check_resume_config(saved: dict | None, config: TrainConfig, checkpoint) -> None:
+    """ConfigError naming every field of RESUME_MUST_MATCH whose value differs from the checkpoint's."""
+    if not isinstance(saved, dict):
+        return                                        # a checkpoint written without its config: nothing to compare
+    diffs = [f"{k}={getattr(config, k)!r} (the checkpoint has {saved[k]!r})" for k in RESUME_MUST_MATCH
+             if k in saved and saved[k] != getattr(config, k)]
+    if diffs:
+        raise ConfigError(f"resume=True with hyper-parameters that differ from {checkpoint}: {'; '.join(diffs)}; "
+                          f"resume with the checkpoint's values, or start a new run (overwrite=True or another "
+                          f"out_dir)")
 
 
 def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -203,7 +244,7 @@ def _read_history(path: Path, upto: int) -> list[dict]:
 
 def _write_history(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json.dumps(_finite_row(r), allow_nan=False) + "\n" for r in rows))
     os.replace(tmp, path)
 
 
@@ -218,6 +259,11 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     tensors of one length. eval_fn(model) -> dict[str, float], run every `eval_every` steps and at the end
     (no grad, eval mode, RNG untouched). loss_fn(model, batch) -> scalar; default causal-LM cross-entropy.
     length_fn(example) -> int turns on length bucketing. Raises TrainingInterrupted after SIGINT/SIGTERM.
+
+    resume=True refuses (ConfigError naming each) hyper-parameters in RESUME_MUST_MATCH that differ from the
+    checkpoint's. A non-finite loss or gradient raises NonFiniteTraining naming the step before the update is
+    applied (fp16: after more than MAX_FP16_SKIPS_IN_A_ROW scaler skips in a row); the last good checkpoint
+    stays the one latest.json names, and metrics.jsonl holds strict JSON (null for a non-finite value).
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, not {type(config).__name__}")
@@ -239,6 +285,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         (out_dir / "latest.json").unlink()
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         existing = None
+    if config.resume and existing is not None:          # issue 13: refuse changed hyper-parameters
+        check_resume_config(ckpt.read_state(existing).get("config"), config, existing)
+    ckpt.remove_stale(out_dir)                           # issue 13: temp folders of a crashed writer
 
     seed_everything(config.seed)
     policy = PrecisionPolicy(config.precision, device)
@@ -271,6 +320,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     path = existing
 
     def checkpoint_now():
+        # issue 13: never save non-finite weights over a good checkpoint (e.g. the last step of lr=inf).
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFiniteTraining(step, "the trainable weights are not finite (NaN or inf)", path, config)
         extra = {"position": list(position), "config": config.to_dict(),
                  "log_acc": {**acc, "loss": float(loss_acc)}}
         return ckpt.save_checkpoint(out_dir, step, trainable, optimizer, scheduler, policy.scaler, extra,
@@ -284,6 +336,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         model.train(was_training)
         return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()}
 
+    skips_in_a_row = 0
     bar = _progress_bar(total, step, progress)
     if config.fused_lora:
         fuse_lora(model)
@@ -298,6 +351,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     micro.append(collate_fn([train_dataset[i] for i in idx]))
                 n_targets = max(1, sum(count_targets(b) for b in micro)) if loss_fn is None else None
                 lr = optimizer.param_groups[0]["lr"]
+                step_loss = torch.zeros((), dtype=torch.float32, device=device)   # issue 13: finiteness check
                 for batch in micro:
                     tokens += _n_tokens(batch)
                     batch = _to_device(batch, device)
@@ -308,10 +362,20 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                             loss = loss_fn(model, batch) / config.grad_accum
                     policy.scaler.scale(loss).backward()
                     loss_acc += loss.detach().float()
+                    step_loss += loss.detach().float()
                 grad_norm = None
                 if config.max_grad_norm > 0:
                     policy.scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+                # issue 13: without a loss scaler, a non-finite loss or gradient stops training before the
+                # optimizer applies it (one host sync per step); fp16 counts the scaler's skips below.
+                if not policy.scaler.is_enabled():
+                    norm = grad_norm if grad_norm is not None else torch.nn.utils.get_total_norm(
+                        [p.grad for p in params if p.grad is not None])
+                    if not bool(torch.isfinite(step_loss + norm)):
+                        what = (f"the loss is {float(step_loss)}" if not math.isfinite(float(step_loss))
+                                else f"the gradient norm is {float(norm)}")
+                        raise NonFiniteTraining(step + 1, what, path, config)
                 scale = policy.scaler.get_scale() if policy.scaler.is_enabled() else None
                 policy.scaler.step(optimizer)
                 policy.scaler.update()
@@ -320,6 +384,12 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     acc["skipped_total"] += 1
                     log.warning("step %d skipped: inf/NaN gradients in fp16; loss scale %g -> %g",
                                 step + 1, scale, policy.scaler.get_scale())
+                    skips_in_a_row += 1
+                    if skips_in_a_row > MAX_FP16_SKIPS_IN_A_ROW:      # issue 13
+                        raise NonFiniteTraining(step + 1, f"{skips_in_a_row} fp16 steps in a row had inf/NaN "
+                                                f"gradients (loss {float(step_loss)})", path, config)
+                else:
+                    skips_in_a_row = 0
                 optimizer.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():   # a skipped fp16 step makes torch warn about the order
                     warnings.simplefilter("ignore", UserWarning)
@@ -348,8 +418,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     row = {**(row or {"step": step}), **last_eval}
                     t_log = time.perf_counter()
                 if row is not None:
-                    history.append(row)
-                    metrics_file.write(json.dumps(row) + "\n")
+                    history.append(_finite_row(row))
+                    metrics_file.write(json.dumps(_finite_row(row), allow_nan=False) + "\n")
                     metrics_file.flush()
                 bar.update(1)
                 if config.save_every and step % config.save_every == 0:
@@ -362,8 +432,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
             if eval_fn is not None and last_eval_step != step:
                 last_eval = run_eval()
                 row = {"step": step, **last_eval}
-                history.append(row)
-                metrics_file.write(json.dumps(row) + "\n")
+                history.append(_finite_row(row))
+                metrics_file.write(json.dumps(_finite_row(row), allow_nan=False) + "\n")
             if path is None or not str(path).endswith(f"step-{step:06d}"):
                 path = checkpoint_now()
     finally:

@@ -25,18 +25,36 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write adapter `adapter_name` (default: the active one) to `directory` in PEFT's format; returns the path."""
+    """Write adapter `adapter_name` (default: the active one) to `directory` in PEFT's format; returns the path.
+
+    Refuses (FlashtuneError, nothing written) an adapter whose weights are not finite, and a directory that
+    cannot be created or written (read-only, or a regular file on the way).
+    """
     from safetensors.torch import save_file
 
     name = resolve_name(model, adapter_name)
     config = get_state(model).configs[name]
     tuner = tuner_for_config(config)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tuner.adapter_state_dict(model, name).items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FlashtuneError(f"adapter {name!r} has non-finite weights (NaN or inf) in {key}; it was not "
+                                 f"saved; train again with a lower learning rate")
     text = json.dumps(config.to_peft_dict(model), indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise FlashtuneError(f"cannot save the adapter to {str(directory)!r}: {exc.filename or directory} is a "
+                             f"file, not a folder; choose another folder") from None
+    except PermissionError as exc:
+        raise FlashtuneError(f"cannot save the adapter to {str(directory)!r}: no permission to write "
+                             f"{exc.filename or directory}; choose a writable folder") from None
+    except OSError as exc:
+        raise FlashtuneError(f"cannot save the adapter to {str(directory)!r}: {exc.strerror or exc}; "
+                             f"choose another folder") from None
     return directory
 
 
