@@ -19,7 +19,7 @@ from flashtune.tuners import AdapterConfig, LoraConfig, PrefixConfig
 
 # (config class, base kwargs that make the rest valid, field, integer?, low, high, low_open, high_open)
 FIELDS = [
-    (TrainConfig, {"max_steps": 1}, "lr", False, 0, None, True, False),
+    (TrainConfig, {"max_steps": 1}, "lr", False, 0, 1e3, True, False),
     (TrainConfig, {"max_steps": 1}, "weight_decay", False, 0, None, False, False),
     (TrainConfig, {}, "max_steps", True, 0, None, False, False),
     (TrainConfig, {"max_steps": 1}, "epochs", False, 0, None, False, False),

@@ -41,6 +41,7 @@ from flashtune.training.speed import compile_blocks, enable_checkpointing
 
 log = logging.getLogger("flashtune.training")
 SCHEDULES = ("cosine", "linear", "constant")
+MAX_LR = 1e3
 
 
 @dataclasses.dataclass
@@ -75,7 +76,9 @@ class TrainConfig:
     def __post_init__(self):
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("schedule", self.schedule, SCHEDULES)
-        check_range("lr", self.lr, 0, low_open=True)
+        # AdamW divides lr by (1 - beta1^t) in float32: past ~1e37 that overflows inside torch; 1e3 is far
+        # above any useful learning rate and far below the overflow.
+        check_range("lr", self.lr, 0, MAX_LR, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("max_steps", self.max_steps, 0, integer=True)
         check_range("epochs", self.epochs, 0)
