@@ -145,6 +145,8 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
         state = {"format": FORMAT_VERSION, "step": step, "param_groups": groups, "scheduler": sched,
                  "scaler": scaler.state_dict(), "rng": rng_meta, **extra}
         _write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():        # safetensors writes 0600 files; give them the umask's usual mode
+            f.chmod(file_mode())
         if final.exists():            # a re-save of the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -76,7 +76,7 @@ def read_adapter_config(directory: str | os.PathLike) -> TunerConfig:
         raise AdapterLoadError(f"{path} has peft_type={kind!r}; flashtune reads {', '.join(registered_types())}")
     try:
         return tuner.config_cls.from_peft_dict(data)
-    except ConfigError as exc:
+    except (ConfigError, AdapterLoadError) as exc:
         raise AdapterLoadError(f"{path}: {exc}") from None
 
 
@@ -107,6 +107,28 @@ def _check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
         raise AdapterLoadError(f"{source} does not fit this model{made_for}: this model has no place for {extra[0]}")
 
 
+def _check_contents(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse, naming the feature or the tensor, files flashtune cannot apply: PEFT features it lacks (found
+    by their tensor names), non-float tensors and non-finite values."""
+    for key in tensors:
+        if "lora_embedding_" in key:
+            raise AdapterLoadError(f"{source} holds a LoRA on an embedding layer ({key}), which flashtune does "
+                                   f"not support; load it with peft, or train the LoRA on linear layers only")
+    for key in tensors:
+        if ".base_layer." in key:
+            tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+            what = "a LoRA on a tied lm_head" if tied and "lm_head" in key else "a LoRA on an embedding layer"
+            raise AdapterLoadError(f"{source} holds full base weights ({key}), which PEFT saves for {what}; "
+                                   f"flashtune does not support that; load it with peft")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}"
+                                   f"; adapter weights are floating point; save the adapter again")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} holds NaN or inf values; the adapter is "
+                                   f"broken (train it again with a lower learning rate)")
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
     """Attach the adapter saved in `directory` (by flashtune or by PEFT) as `adapter_name` and make it active.
@@ -117,6 +139,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors = _read_tensors(directory)
+    _check_contents(model, tensors, directory)       # before anything on the model changes
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         raise ConfigError(f"adapter_name={adapter_name!r} is already attached; pick another name")
@@ -148,4 +171,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()        # as PEFT's from_pretrained: the new dropout modules must not stay in train mode
     return model
