@@ -306,5 +306,24 @@ def test_resume_with_changed_hyper_parameters_names_each_difference(tmp_path):
     assert res.step == 4
 
 
+
+def test_out_dir_under_a_file_is_one_line(tmp_path):
+    from flashtune.errors import FlashtuneError
+
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(FlashtuneError) as exc:
+        _small_fit(tmp_path / "f" / "run")
+    assert "\n" not in str(exc.value) and "out_dir=" in str(exc.value)
+    assert (tmp_path / "f").read_text() == "a file"
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    _small_fit(tmp_path, max_steps=2)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 1.2')                 # the kill came mid-write
+    res, _ = _small_fit(tmp_path, resume=True, max_steps=3)
+    assert [r["step"] for r in _strict_rows(tmp_path)] == [1, 2, 3] and res.step == 3
+
+
 if __name__ == "__main__":
     sys.exit(_child(sys.argv[1], int(sys.argv[2]), signal.Signals(int(sys.argv[3]))))

@@ -131,9 +131,13 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
     """Write the checkpoint for `step` atomically and point latest.json at it; keep the newest `keep`."""
     out_dir = Path(out_dir)
     root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
+    except OSError as exc:
+        raise FlashtuneError(f"cannot write the checkpoint of step {step} to {root}: {exc.strerror or exc}; "
+                             f"free disk space or fix the folder's permissions, then resume") from None
     tmp.chmod(dir_mode())          # mkdtemp makes 0700; the checkpoint folder gets the umask's usual mode
     try:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / "trainable.safetensors"))
@@ -150,6 +154,10 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
         if final.exists():            # a re-save of the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:             # disk full, folder made read-only: one line; the last checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FlashtuneError(f"cannot write the checkpoint of step {step} to {root}: {exc.strerror or exc}; "
+                             f"free disk space or fix the folder's permissions, then resume") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -241,7 +241,14 @@ class _SignalGuard:
 def _read_history(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:                             # issue 13: a line cut short by a kill, or garbage, is dropped
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append(row)
     return [r for r in rows if r.get("step", 0) <= upto]
 
 
@@ -278,7 +285,11 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     collate_fn = collate_fn or _stack
     device = next(model.parameters()).device
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:                                                 # issue 13: one line, not an OSError traceback
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlashtuneError(f"cannot use out_dir={str(out_dir)!r}: {exc.strerror or exc} ({exc.filename}); "
+                             f"choose a folder you can write to") from None
     metrics_path = out_dir / "metrics.jsonl"
     existing = ckpt.latest_checkpoint(out_dir)
     if existing is not None and not config.resume and not config.overwrite:
