@@ -271,9 +271,11 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     length_fn(example) -> int turns on length bucketing. Raises TrainingInterrupted after SIGINT/SIGTERM.
 
     resume=True refuses (ConfigError naming each) hyper-parameters in RESUME_MUST_MATCH that differ from the
-    checkpoint's. A non-finite loss or gradient raises NonFiniteTraining naming the step before the update is
-    applied (fp16: after more than MAX_FP16_SKIPS_IN_A_ROW scaler skips in a row); the last good checkpoint
-    stays the one latest.json names, and metrics.jsonl holds strict JSON (null for a non-finite value).
+    checkpoint's. A non-finite loss or gradient raises NonFiniteTraining naming the step, at the latest one
+    step later (the check never stalls the GPU, so the model in memory may hold that step's update; fp16:
+    after more than MAX_FP16_SKIPS_IN_A_ROW scaler skips in a row); no checkpoint, metrics row or evaluation
+    is made past it, the last good checkpoint stays the one latest.json names, and metrics.jsonl holds strict
+    JSON (null for a non-finite value).
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, not {type(config).__name__}")
@@ -333,7 +335,19 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     t_start = t_log
     path = existing
 
+    pending = []      # issue 13: (step, finite flag, loss, grad norm) of steps whose flag is not read yet
+
+    def settle():
+        """Raise NonFiniteTraining for the first pending step whose loss or gradient norm was not finite."""
+        while pending:
+            bad_step, finite, loss_t, norm_t = pending.pop(0)
+            if not bool(finite):
+                what = (f"the loss is {float(loss_t)}" if not math.isfinite(float(loss_t))
+                        else f"the gradient norm is {float(norm_t)}")
+                raise NonFiniteTraining(bad_step, what, path, config)
+
     def checkpoint_now():
+        settle()
         # issue 13: never save non-finite weights over a good checkpoint (e.g. the last step of lr=inf).
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise NonFiniteTraining(step, "the trainable weights are not finite (NaN or inf)", path, config)
@@ -343,6 +357,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                                     keep=config.keep_checkpoints)
 
     def run_eval():
+        settle()
         was_training = model.training
         model.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
@@ -381,15 +396,14 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                 if config.max_grad_norm > 0:
                     policy.scaler.unscale_(optimizer)
                     grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
-                # issue 13: without a loss scaler, a non-finite loss or gradient stops training before the
-                # optimizer applies it (one host sync per step); fp16 counts the scaler's skips below.
+                # issue 13: without a loss scaler, a non-finite loss or gradient stops training. The flag
+                # is read one step later (settle), when the GPU is long past it, so it never stalls the
+                # pipeline; fp16 counts the scaler's skips below.
                 if not policy.scaler.is_enabled():
                     norm = grad_norm if grad_norm is not None else torch.nn.utils.get_total_norm(
                         [p.grad for p in params if p.grad is not None])
-                    if not bool(torch.isfinite(step_loss + norm)):
-                        what = (f"the loss is {float(step_loss)}" if not math.isfinite(float(step_loss))
-                                else f"the gradient norm is {float(norm)}")
-                        raise NonFiniteTraining(step + 1, what, path, config)
+                    settle()
+                    pending.append((step + 1, torch.isfinite(step_loss + norm), step_loss, norm))
                 scale = policy.scaler.get_scale() if policy.scaler.is_enabled() else None
                 policy.scaler.step(optimizer)
                 policy.scaler.update()
@@ -413,6 +427,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
 
                 row = None
                 if step % config.log_every == 0 or step == total:
+                    settle()                         # issue 13: no row for a step that was not finite
                     now = time.perf_counter()
                     row = {"step": step, "epoch": round(position[0] + position[1] / len(batches), 4),
                            "loss": float(loss_acc) / acc["steps"], "lr": lr,
