@@ -122,8 +122,9 @@ def _check_contents(model: nn.Module, tensors: dict[str, torch.Tensor], source: 
                                    f"flashtune does not support that; load it with peft")
     for key, tensor in tensors.items():
         if not tensor.is_floating_point():
-            raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} has dtype {str(tensor.dtype).removeprefix('torch.')}"
-                                   f"; adapter weights are floating point; save the adapter again")
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} has dtype {dtype}; adapter weights are "
+                                   f"floating point; save the adapter again")
         if not bool(torch.isfinite(tensor).all()):
             raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} holds NaN or inf values; the adapter is "
                                    f"broken (train it again with a lower learning rate)")
