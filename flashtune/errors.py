@@ -29,6 +29,15 @@ class AdapterLoadError(FlashtuneError):
     """An adapter file is missing, corrupt, or was made for another base model."""
 
 
+def shown(value, limit: int = 60) -> str:
+    """repr(value) cut to `limit` characters, for error lines (a 5000-digit int has no repr at all)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        text = f"<an integer of about {value.bit_length() * 30103 // 100000} digits>"
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def check_choice(field: str, value, allowed) -> None:
     """Raise ConfigError naming `field` unless `value` is one of `allowed`."""
     if value not in allowed:
@@ -45,17 +54,22 @@ def check_range(field: str, value, low=None, high=None, *, low_open=False, high_
     recipes' sections), so NaN, inf, booleans and strings are refused where a value enters.
     """
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{field}={value!r} must be an integer")
+        raise ConfigError(f"{field}={shown(value)} must be an integer")
     if not integer and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise ConfigError(f"{field}={value!r} must be a number")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{field}={value!r} must be a finite number")
+        raise ConfigError(f"{field}={shown(value)} must be a number")
+    try:
+        finite = integer or math.isfinite(value)
+    except OverflowError:                     # an int too large for a float
+        finite = False
+    if not finite:
+        raise ConfigError(f"{field}={shown(value)} must be a finite number")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
         lo = "" if low is None else (f"> {low}" if low_open else f">= {low}")
         hi = "" if high is None else (f"< {high}" if high_open else f"<= {high}")
-        raise ConfigError(f"{field}={value!r} is out of range; it must be {' and '.join(x for x in (lo, hi) if x)}")
+        bounds = " and ".join(x for x in (lo, hi) if x)
+        raise ConfigError(f"{field}={shown(value)} is out of range; it must be {bounds}")
 
 
 def check_bool(field: str, value) -> None:

@@ -61,6 +61,8 @@ def _valid(integer, low, high, low_open, high_open):
 
 def _invalid(integer, low, high, low_open, high_open):
     bad = [st.sampled_from([math.nan, math.inf, -math.inf, True, False, "1", None, [1]])]
+    if not integer:
+        bad.append(st.just(10**400))                       # an int no float can hold
     below = st.floats(max_value=low, exclude_max=not low_open, allow_nan=False, allow_infinity=False)
     bad.append(below.map(int).filter(lambda v: v < low or (low_open and v == low)) if integer else below)
     if high is not None:
