@@ -9,14 +9,47 @@ from pathlib import Path
 from typing import Callable
 
 
+def umask() -> int:
+    """The process's file-creation mask (read without changing it where Linux allows)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)   # elsewhere: set and restore (the only portable way to read it)
+    os.umask(old)
+    return old
+
+
+def file_mode() -> int:
+    """The mode a plain `open(path, "w")` would give a new file: 0o666 less the umask."""
+    return 0o666 & ~umask()
+
+
+def dir_mode() -> int:
+    """The mode `mkdir` would give a new folder: 0o777 less the umask."""
+    return 0o777 & ~umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> None:
-    """Call `write(tmp_path)` to produce the file, then move it to `path` in one step."""
+    """Call `write(tmp_path)` to produce the file, then move it to `path` in one step.
+
+    The file gets the mode a plain write would give it (an existing file's mode, else 0o666 less the umask),
+    not the 0600 of the temporary file.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = path.stat().st_mode & 0o7777
+    except OSError:
+        mode = file_mode()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

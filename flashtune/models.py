@@ -126,6 +126,76 @@ def default_model_dir() -> Path:
     return target
 
 
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_PICKLE_FILES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "tf_model.h5", "flax_model.msgpack")
+
+
+def _looks_local(name: str) -> bool:
+    """A name meant as a local path: absolute, ~ or ./ relative, or not a valid Hugging Face repo id."""
+    if name.startswith(("/", "~", ".")):
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_model_folder(path: Path) -> None:
+    """Check that local folder `path` is what a model folder claims to be before transformers reads it: a
+    config.json that parses as a model config, safetensors weights whose headers read (pickles are never
+    loaded). One-line FlashtuneError naming the file and the fix otherwise."""
+    if not path.exists():
+        raise FlashtuneError(f"model folder {str(path)!r} does not exist; pass a folder that holds config.json "
+                             f"and model.safetensors, or leave the model unset for the default model")
+    if not path.is_dir():
+        raise FlashtuneError(f"model {str(path)!r} is a file, not a model folder; pass the folder that holds "
+                             f"config.json and model.safetensors")
+    config = path / "config.json"
+    if not config.is_file():
+        raise FlashtuneError(f"{path} is not a model folder: it has no config.json; pass the folder that "
+                             f"save_pretrained wrote")
+    import json
+
+    try:
+        data = json.loads(config.read_text(encoding="utf-8"))
+        if not isinstance(data, dict):
+            raise ValueError("not a JSON object")
+        if not isinstance(data.get("model_type"), str):
+            raise ValueError("no 'model_type'")
+    except (OSError, ValueError) as exc:            # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise FlashtuneError(f"{config} is corrupt ({type(exc).__name__}: {exc}); restore it, or save the "
+                             f"model again with save_pretrained") from None
+    weights = [path / n for n in _WEIGHT_FILES if (path / n).is_file()]
+    if not weights:
+        pickles = [n for n in _PICKLE_FILES if (path / n).is_file()]
+        if pickles:
+            raise FlashtuneError(f"{path} holds only {pickles[0]}, which flashtune never loads (unpickling runs "
+                                 f"code); convert it with save_pretrained(..., safe_serialization=True)")
+        raise FlashtuneError(f"{path} has no weights (no model.safetensors); save the model with "
+                             f"save_pretrained, or pass another folder")
+    files = weights
+    if weights[0].name.endswith(".index.json"):
+        try:
+            index = json.loads(weights[0].read_text(encoding="utf-8"))
+            shards = sorted(set(index["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise FlashtuneError(f"{weights[0]} is corrupt ({type(exc).__name__}: {exc}); save the model "
+                                 f"again with save_pretrained") from None
+        files = [path / n for n in shards]
+    from safetensors import safe_open
+
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as exc:  # safetensors raises its own error types for missing, truncated, garbled files
+            raise FlashtuneError(f"{file} is corrupt or missing ({type(exc).__name__}: {exc}); save the model "
+                                 f"again with save_pretrained") from None
+
+
 def load_base_model(name_or_path: str | os.PathLike | None = None, dtype="float32", device=None, **kwargs):
     """Load a causal (or seq2seq) language model and its tokenizer.
 
@@ -145,10 +215,20 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype="float3
     register_attention()
     if device is not None and torch.device(device).type == "cuda" and "attn_implementation" not in kwargs:
         kwargs["attn_implementation"] = "flashtune"
+    # issue 13: the name is checked before anything reaches transformers or the network: a non-string fails at
+    # once, and a local folder is checked for being a model (config, weights) rather than looked up on the Hub.
+    if name_or_path is not None and (isinstance(name_or_path, bool) or
+                                     not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path)):
+        raise ConfigError(f"model name {name_or_path!r} must be a local model folder or a Hugging Face id "
+                          f"(a non-empty string)")
     if name_or_path is None or str(name_or_path) == DEFAULT_MODEL:
         path = str(default_model_dir())
     else:
         path = str(name_or_path)
+    local = Path(path).expanduser()
+    if local.exists() or _looks_local(path):
+        check_model_folder(local)
+        path = str(local)
     try:
         config = AutoConfig.from_pretrained(path)
     except OSError as exc:
@@ -156,9 +236,20 @@ def load_base_model(name_or_path: str | os.PathLike | None = None, dtype="float3
             f"cannot load model {path!r}: not a local model directory and not reachable on the Hub "
             f"(this machine is offline; pass a local path, or leave it unset for the default model)"
         ) from exc
+    except ValueError as exc:                    # e.g. a model_type this transformers does not know
+        raise FlashtuneError(f"cannot load model {path!r}: {str(exc).splitlines()[0]}") from None
     auto = AutoModelForSeq2SeqLM if getattr(config, "is_encoder_decoder", False) else AutoModelForCausalLM
-    model = auto.from_pretrained(path, dtype=torch_dtype, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        model = auto.from_pretrained(path, dtype=torch_dtype, use_safetensors=True, **kwargs)
+    except (OSError, ValueError, RuntimeError) as exc:   # weights that do not fit the config, and the like
+        raise FlashtuneError(f"cannot load the weights of model {path!r} ({type(exc).__name__}: "
+                             f"{str(exc).splitlines()[0] if str(exc) else ''}); save the model again with "
+                             f"save_pretrained") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as exc:
+        raise FlashtuneError(f"cannot load the tokenizer of model {path!r} ({type(exc).__name__}); the folder "
+                             f"needs the tokenizer files that tokenizer.save_pretrained writes") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if device is not None:

@@ -42,7 +42,7 @@ def test_local_path_loads_like_transformers(tmp_path):
 
 
 def test_missing_model_is_one_line_error(tmp_path):
-    with pytest.raises(FlashtuneError, match="cannot load model"):
+    with pytest.raises(FlashtuneError, match="does not exist"):
         load_base_model(tmp_path / "nope")
 
 
@@ -70,3 +70,62 @@ def test_flashtune_attention_is_registered_by_the_loader(tmp_path):
     model, _ = load_base_model(tmp_path, attn_implementation="flashtune")
     assert "flashtune" in AttentionInterface._global_mapping
     assert model.config._attn_implementation == "flashtune"
+
+
+# ------------------------------------------------------------------ issue 13: folders that are not models
+def _bad_folder(kind, root):
+    """A folder (or name) that claims to be a model but is not; returns (name, words the error must hold)."""
+    path = root / "m"
+    if kind == "not_a_number":
+        return 5, "must be a local model folder"
+    if kind == "missing":
+        return str(root / "nope"), "does not exist"
+    if kind == "a_file":
+        path.write_text("hello")
+        return path, "is a file"
+    _save_tiny_llama(path)
+    if kind == "not_a_model":
+        (path / "config.json").unlink()
+        return path, "no config.json"
+    if kind == "no_weights":
+        (path / "model.safetensors").unlink()
+        return path, "no weights"
+    if kind == "pickle_only":
+        import torch as t
+        t.save({"w": t.ones(1)}, path / "pytorch_model.bin")
+        (path / "model.safetensors").unlink()
+        return path, "pytorch_model.bin"
+    if kind == "corrupt_weights":
+        (path / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{garbage")
+        return path / "", "model.safetensors"
+    if kind == "truncated_weights":
+        blob = (path / "model.safetensors").read_bytes()
+        (path / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+        return path, "model.safetensors"
+    if kind == "corrupt_config":
+        (path / "config.json").write_text('{"model_type": "llama", ')
+        return path, "config.json is corrupt"
+    if kind == "latin1_config":
+        (path / "config.json").write_bytes('{"model_type": "llamé"}'.encode("latin-1"))
+        return path, "config.json is corrupt"
+    if kind == "config_not_object":
+        (path / "config.json").write_text("[1, 2]")
+        return path, "config.json is corrupt"
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["not_a_number", "missing", "a_file", "not_a_model", "no_weights", "pickle_only",
+                                  "corrupt_weights", "truncated_weights", "corrupt_config", "latin1_config",
+                                  "config_not_object"])
+def test_bad_model_folder_is_one_line_naming_the_file(tmp_path, kind, monkeypatch):
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)        # the refusal must not rely on being offline
+    name, words = _bad_folder(kind, tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(FlashtuneError) as exc:
+        load_base_model(name)
+    msg = str(exc.value)
+    assert "\n" not in msg and words in msg, msg
+    assert "Hub" not in msg
+    assert time.perf_counter() - start < 5                        # no network retries

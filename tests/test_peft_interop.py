@@ -171,3 +171,51 @@ def test_default_parameter_counts_on_smollm2(smollm2):
         assert sum(p.numel() for p in smollm2.parameters() if p.requires_grad) == expected[name], name
     unload(smollm2, merge=False)
     assert not any(p.requires_grad for p in smollm2.parameters())
+
+
+# ------------------------------------------------------------------- issue 13: PEFT's behaviour and features
+def test_loaded_lora_with_dropout_is_in_eval_mode_like_peft(tmp_path):
+    """PEFT's from_pretrained returns the model in eval mode, so its dropout is off: same logits, every call."""
+    pmodel = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(
+        task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.5, target_modules=["q_proj", "v_proj"]))
+    _randomize_lora(pmodel, seed=4)
+    pmodel.save_pretrained(str(tmp_path))
+    ids = random_ids(2, 9, seed=5)
+    loaded = peft.PeftModel.from_pretrained(tiny_model("llama").train(), str(tmp_path))
+    theirs = _logits(loaded, ids, "llama")
+    model = tiny_model("llama").train()          # even a base left in train mode, as PEFT does
+    load_adapter(model, tmp_path)
+    assert not any(m.training for m in model.modules())
+    first, second = _logits(model, ids, "llama"), _logits(model, ids, "llama")
+    torch.testing.assert_close(first, theirs, atol=ATOL, rtol=0)
+    assert torch.equal(first, second)
+
+
+def _bdlora():
+    from peft.tuners.lora.config import BdLoraConfig
+
+    return BdLoraConfig(target_modules_bd_a=["o_proj"], target_modules_bd_b=["q_proj"], nblocks=2)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")    # PEFT warns that it saves the embedding layers
+@pytest.mark.parametrize("arch,kwargs,feature", [
+    ("llama", dict(target_modules=["embed_tokens", "q_proj"]), "LoRA on an embedding layer"),
+    ("qwen2", dict(target_modules=["lm_head", "q_proj"]), "LoRA on a tied lm_head"),
+    ("qwen2", dict(target_modules=["lm_head", "q_proj"], ensure_weight_tying=True), "ensure_weight_tying"),
+    ("llama", dict(target_modules=["q_proj", "o_proj"], use_bdlora="bd"), "BD-LoRA"),
+])
+def test_peft_features_flashtune_lacks_are_named(tmp_path, arch, kwargs, feature):
+    from flashtune.errors import AdapterLoadError
+
+    kwargs = {**kwargs, **({"use_bdlora": _bdlora()} if kwargs.get("use_bdlora") == "bd" else {})}
+    pmodel = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(task_type="CAUSAL_LM", r=2, **kwargs))
+    pmodel.save_pretrained(str(tmp_path))
+    model = tiny_model(arch)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AdapterLoadError) as exc:
+        load_adapter(model, tmp_path)
+    msg = str(exc.value)
+    assert "\n" not in msg and feature in msg, msg
+    assert "another base model" not in msg and "does not fit this model" not in msg
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -128,5 +128,211 @@ def test_sigterm_saves_a_checkpoint_and_resume_continues(runs, capsys):
     _assert_same_run(ref, termed)
 
 
+
+# ------------------------------------------------------------------------- issue 13: hostile input, old work
+def _strict_rows(out_dir):
+    """metrics.jsonl parsed as strict JSON: NaN / Infinity tokens are an error."""
+    def refuse(token):
+        raise AssertionError(f"non-strict JSON token {token} in metrics.jsonl")
+    text = (Path(out_dir) / "metrics.jsonl").read_text()
+    return [json.loads(line, parse_constant=refuse) for line in text.splitlines()]
+
+
+def _small_fit(out_dir, *, loss_fn=None, model=None, **overrides):
+    from flashtune.training import TrainConfig, fit
+    from test_training import _collate, _dataset, _subset_trainable
+    from tiny import tiny_model
+
+    model = model or _subset_trainable(tiny_model("llama"))
+    cfg = dict(out_dir=str(out_dir), max_steps=4, batch_size=4, lr=1e-2, log_every=1, save_every=1,
+               schedule="constant")
+    return fit(model, _dataset(8, seed=3), TrainConfig(**{**cfg, **overrides}), _collate, loss_fn=loss_fn,
+               progress=False), model
+
+
+def _inf_from(call):
+    from flashtune.training.loss import causal_lm_loss_sum, count_targets
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = causal_lm_loss_sum(model, batch) / count_targets(batch)
+        return loss * float("inf") if calls["n"] >= call else loss
+    return loss_fn
+
+
+def _weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_non_finite_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path):
+    from flashtune.training.trainer import NonFiniteTraining
+    from test_training import _subset_trainable
+    from tiny import tiny_model
+
+    model = _subset_trainable(tiny_model("llama"))
+    with pytest.raises(NonFiniteTraining) as exc:
+        _small_fit(tmp_path, loss_fn=_inf_from(3), model=model)
+    msg = str(exc.value)
+    assert "\n" not in msg and "step 3" in msg and "step-000002" in msg
+    assert json.loads((tmp_path / "latest.json").read_text())["step"] == 2
+    saved = load_file(str(tmp_path / "checkpoints" / "step-000002" / "trainable.safetensors"))
+    assert all(torch.isfinite(t).all() for t in saved.values())
+    assert [r["step"] for r in _strict_rows(tmp_path)] == [1, 2]
+
+
+def test_non_finite_step_is_caught_one_step_later_at_most(tmp_path):
+    """Without per-step logging or saving the flag is read during the next step: still named exactly."""
+    from flashtune.training.trainer import NonFiniteTraining
+
+    with pytest.raises(NonFiniteTraining) as exc:
+        _small_fit(tmp_path, loss_fn=_inf_from(3), max_steps=8, log_every=100, save_every=0)
+    assert "step 3:" in str(exc.value) and "no checkpoint was saved" in str(exc.value)
+    assert not (tmp_path / "checkpoints").exists() and _strict_rows(tmp_path) == []
+
+
+def test_huge_learning_rate_never_reaches_a_checkpoint_or_the_log(tmp_path):
+    from flashtune.training.trainer import NonFiniteTraining
+
+    from flashtune.tuners import LoraConfig, attach
+    from tiny import tiny_model
+
+    model = attach(tiny_model("llama"), LoraConfig(r=2, lora_alpha=1e30, target_modules=["q_proj", "v_proj"]))
+    with pytest.raises(NonFiniteTraining, match="lower train.lr"):
+        _small_fit(tmp_path, model=model, max_steps=6)
+    for d in (tmp_path / "checkpoints").glob("step-*"):
+        for t in load_file(str(d / "trainable.safetensors")).values():
+            assert torch.isfinite(t).all(), d
+    _strict_rows(tmp_path)
+
+
+def test_fp16_tolerates_scaler_skips_but_not_a_loss_that_stays_infinite(tmp_path):
+    from flashtune.training.trainer import MAX_FP16_SKIPS_IN_A_ROW, NonFiniteTraining
+
+    with pytest.raises(NonFiniteTraining) as exc:
+        _small_fit(tmp_path, loss_fn=_inf_from(2), precision="fp16", max_steps=60, save_every=0)
+    bad_step = 2 + MAX_FP16_SKIPS_IN_A_ROW
+    assert f"step {bad_step}:" in str(exc.value) and "no checkpoint was saved" in str(exc.value)
+    rows = _strict_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, bad_step))
+    assert sum(r["skipped"] for r in rows) == bad_step - 2      # every step after the first was skipped
+
+
+def _bare_training_state():
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p], lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return [("w", p)], opt, sched, torch.amp.GradScaler("cpu", enabled=False)
+
+
+def test_pruning_orders_by_step_number_past_999999(tmp_path):
+    from flashtune.training import checkpoint as ckpt
+
+    trainable, opt, sched, scaler = _bare_training_state()
+    extra = {"position": [0, 0], "log_acc": {}}
+    for step in (999_998, 999_999, 1_000_000):
+        ckpt.save_checkpoint(tmp_path, step, trainable, opt, sched, scaler, extra, keep=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1000000", "step-999999"]
+    assert ckpt.latest_checkpoint(tmp_path).name == "step-1000000"
+
+
+def test_stale_temp_folders_are_removed_when_a_run_starts(tmp_path):
+    stale = tmp_path / "checkpoints" / ".step-000003-x1y2"
+    stale.mkdir(parents=True)
+    (stale / "trainable.safetensors").write_bytes(b"half")
+
+    def crash(model, batch):
+        raise RuntimeError("crash before the first save")
+    with pytest.raises(RuntimeError, match="crash before"):
+        _small_fit(tmp_path, loss_fn=crash)
+    assert not stale.exists()
+
+
+def _snapshot(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def two_runs(tmp_path):
+    _small_fit(tmp_path / "a", max_steps=2)
+    _small_fit(tmp_path / "b", max_steps=3)
+    return tmp_path / "a", tmp_path / "b"
+
+
+def _latest(run, text):
+    (run / "latest.json").write_text(text)
+
+
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "garbage", "not_object", "state", "weights", "optimizer"])
+def test_bad_checkpoint_on_resume_is_one_line_and_changes_nothing(two_runs, case):
+    from flashtune.errors import FlashtuneError
+    from test_training import _subset_trainable
+    from tiny import tiny_model
+
+    a, b = two_runs
+    ckdir = a / "checkpoints" / "step-000002"
+    named = {"absolute": ("latest.json", "outside the run folder"), "dotdot": ("latest.json", "outside"),
+             "garbage": ("latest.json", "corrupt"), "not_object": ("latest.json", "corrupt"),
+             "state": ("state.json", "corrupt"), "weights": ("trainable.safetensors", "corrupt"),
+             "optimizer": ("optimizer.safetensors", "corrupt")}[case]
+    if case == "absolute":        # another run's checkpoint, by absolute path
+        _latest(a, json.dumps({"checkpoint": str(b / "checkpoints" / "step-000003"), "step": 3}))
+    elif case == "dotdot":
+        _latest(a, json.dumps({"checkpoint": "../b/checkpoints/step-000003", "step": 3}))
+    elif case == "garbage":
+        _latest(a, '{"checkpoint": ')
+    elif case == "not_object":
+        _latest(a, "[1, 2]")
+    elif case == "state":
+        (ckdir / "state.json").write_text("{ not json")
+    else:
+        f = ckdir / named[0]
+        f.write_bytes(f.read_bytes()[:40])
+    before = _snapshot(a)
+    model = _subset_trainable(tiny_model("llama"))
+    weights = _weights(model)
+    with pytest.raises(FlashtuneError) as exc:
+        _small_fit(a, model=model, resume=True)
+    msg = str(exc.value)
+    assert "\n" not in msg and named[0] in msg and named[1] in msg, msg
+    assert _snapshot(a) == before
+    for n, p in _weights(model).items():
+        assert torch.equal(p, weights[n]), n
+
+
+def test_resume_with_changed_hyper_parameters_names_each_difference(tmp_path):
+    from flashtune.errors import ConfigError
+
+    _small_fit(tmp_path, max_steps=2)
+    before = _snapshot(tmp_path)
+    with pytest.raises(ConfigError) as exc:
+        _small_fit(tmp_path, resume=True, lr=0.5, batch_size=2, max_steps=4)
+    msg = str(exc.value)
+    assert "\n" not in msg and "lr=0.5 (the checkpoint has 0.01)" in msg and "batch_size=2" in msg
+    assert "max_steps" not in msg                      # extending a run is what resume is for
+    assert _snapshot(tmp_path) == before
+    res, _ = _small_fit(tmp_path, resume=True, max_steps=4)
+    assert res.step == 4
+
+
+
+def test_out_dir_under_a_file_is_one_line(tmp_path):
+    from flashtune.errors import FlashtuneError
+
+    (tmp_path / "f").write_text("a file")
+    with pytest.raises(FlashtuneError) as exc:
+        _small_fit(tmp_path / "f" / "run")
+    assert "\n" not in str(exc.value) and "out_dir=" in str(exc.value)
+    assert (tmp_path / "f").read_text() == "a file"
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tmp_path):
+    _small_fit(tmp_path, max_steps=2)
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "loss": 1.2')                 # the kill came mid-write
+    res, _ = _small_fit(tmp_path, resume=True, max_steps=3)
+    assert [r["step"] for r in _strict_rows(tmp_path)] == [1, 2, 3] and res.step == 3
+
+
 if __name__ == "__main__":
     sys.exit(_child(sys.argv[1], int(sys.argv[2]), signal.Signals(int(sys.argv[3]))))

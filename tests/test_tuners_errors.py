@@ -222,3 +222,100 @@ def test_prefix_refuses_gradient_checkpointing(arch):
     with pytest.raises(FlashtuneError, match="gradient checkpointing") as exc:
         model(input_ids=ids, labels=ids, **kwargs)
     one_line(exc)
+
+
+# ------------------------------------------------------------------------------ issue 13: hostile adapters
+def _rewrite_weights(path, fn):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    save_file({k: fn(v) for k, v in tensors.items()}, str(path / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("kind,words", [("nan", "NaN or inf"), ("inf_one", "NaN or inf"), ("int32", "dtype int32"),
+                                        ("float64_ok", None)])
+def test_non_finite_or_integer_adapter_is_refused_before_the_model_changes(tmp_path, kind, words):
+    path = _lora_dir(tmp_path)
+    if kind == "nan":
+        _rewrite_weights(path, lambda t: torch.full_like(t, float("nan")))
+    elif kind == "inf_one":
+        _rewrite_weights(path, lambda t: t.flatten().index_fill(0, torch.tensor([0]), float("inf")).view_as(t))
+    elif kind == "int32":
+        _rewrite_weights(path, lambda t: t.to(torch.int32))
+    else:                                     # another float dtype is fine: PEFT casts too
+        _rewrite_weights(path, lambda t: t.double())
+    model = tiny_model("llama")
+    before = snapshot(model)
+    if words is None:
+        load_adapter(model, path)
+        return
+    with pytest.raises(AdapterLoadError) as exc:
+        load_adapter(model, path)
+    assert words in one_line(exc) and "adapter_model.safetensors" in str(exc.value)
+    assert_same(before, snapshot(model))
+
+
+def test_save_adapter_refuses_non_finite_weights_and_writes_nothing(tmp_path):
+    model = tiny_model("llama")
+    attach(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "lora_B" in n).fill_(float("inf"))
+    with pytest.raises(FlashtuneError) as exc:
+        save_adapter(model, tmp_path / "out")
+    assert "non-finite" in one_line(exc) and "lora_B" in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def _readonly(monkeypatch, folder):
+    """A folder nobody may write to; root ignores mode bits, so there the OS refusal is simulated."""
+    import os
+
+    import flashtune.fileio as fileio
+
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = fileio.tempfile.mkstemp
+
+        def refuse(*a, dir=None, **k):
+            if str(dir).startswith(str(folder)):
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real(*a, dir=dir, **k)
+        monkeypatch.setattr(fileio.tempfile, "mkstemp", refuse)
+
+
+@pytest.mark.parametrize("where", ["read_only", "under_a_file", "is_a_file"])
+def test_save_adapter_into_an_unwritable_place_is_one_line(tmp_path, monkeypatch, where):
+    model = tiny_model("llama")
+    attach(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    (tmp_path / "f").write_text("a file")
+    if where == "read_only":
+        target = tmp_path / "ro"
+        target.mkdir()
+        _readonly(monkeypatch, target)
+        word = "permission"
+    else:
+        target = tmp_path / "f" / "adapter" if where == "under_a_file" else tmp_path / "f"
+        word = "not a folder"
+    try:
+        with pytest.raises(FlashtuneError) as exc:
+            save_adapter(model, target)
+        assert word in one_line(exc) and str(target) in str(exc.value)
+    finally:
+        (tmp_path / "ro").chmod(0o755) if (tmp_path / "ro").exists() else None
+    assert (tmp_path / "f").read_text() == "a file"
+
+
+def test_saved_adapter_files_follow_the_umask(tmp_path):
+    import os
+    import stat
+
+    model = tiny_model("llama")
+    attach(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    old = os.umask(0o022)
+    try:
+        save_adapter(model, tmp_path / "a")
+    finally:
+        os.umask(old)
+    for f in (tmp_path / "a").iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o755

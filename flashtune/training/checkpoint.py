@@ -11,6 +11,12 @@ Layout of `out_dir`:
 
 A checkpoint is written into a temporary sibling directory and renamed into place, then `latest.json` is
 replaced atomically, so a crash at any moment leaves the previous checkpoint intact and named by latest.json.
+Old checkpoints are pruned by step number (not by name: names grow a digit past step 999,999), and the
+temporary `.step-*` folders of a crashed writer are removed at the next start (`remove_stale`).
+
+Reading is checked at the edge: latest.json must name a checkpoint inside the run folder, and a corrupt
+pointer, state.json or tensor file is a one-line FlashtuneError naming the file; everything is read and
+checked before any parameter or optimizer state is changed.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -27,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flashtune.errors import FlashtuneError
+from flashtune.fileio import dir_mode, file_mode
 
 FORMAT_VERSION = 1
 
@@ -37,7 +45,24 @@ def _write_json(path: Path, obj) -> None:
         json.dump(obj, f, indent=1)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, file_mode())      # mkstemp makes 0600; a checkpoint file gets the umask's usual mode
     os.replace(tmp, path)
+
+
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def checkpoint_dirs(out_dir) -> list[Path]:
+    """out_dir's checkpoint folders, oldest first by step number."""
+    root = Path(out_dir) / "checkpoints"
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def remove_stale(out_dir) -> None:
+    """Remove the temporary `.step-*` folders a crashed checkpoint writer left behind."""
+    for stale in (Path(out_dir) / "checkpoints").glob(".step-*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict]:
@@ -106,9 +131,14 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
     """Write the checkpoint for `step` atomically and point latest.json at it; keep the newest `keep`."""
     out_dir = Path(out_dir)
     root = out_dir / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}-", dir=root))
+    except OSError as exc:
+        raise FlashtuneError(f"cannot write the checkpoint of step {step} to {root}: {exc.strerror or exc}; "
+                             f"free disk space or fix the folder's permissions, then resume") from None
+    tmp.chmod(dir_mode())          # mkdtemp makes 0700; the checkpoint folder gets the umask's usual mode
     try:
         save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / "trainable.safetensors"))
         opt_tensors, groups = _optimizer_to_flat(optimizer, _optimizer_indices(optimizer, trainable))
@@ -119,55 +149,127 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
         state = {"format": FORMAT_VERSION, "step": step, "param_groups": groups, "scheduler": sched,
                  "scaler": scaler.state_dict(), "rng": rng_meta, **extra}
         _write_json(tmp / "state.json", state)
+        for f in tmp.iterdir():        # safetensors writes 0600 files; give them the umask's usual mode
+            f.chmod(file_mode())
         if final.exists():            # a re-save of the same step (e.g. a signal right after a periodic save)
             shutil.rmtree(final)
         os.replace(tmp, final)
+    except OSError as exc:             # disk full, folder made read-only: one line; the last checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise FlashtuneError(f"cannot write the checkpoint of step {step} to {root}: {exc.strerror or exc}; "
+                             f"free disk space or fix the folder's permissions, then resume") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     _write_json(out_dir / "latest.json", {"checkpoint": str(final.relative_to(out_dir)), "step": step})
-    for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
-    for stale in root.glob(".step-*"):   # temp dirs of a crashed writer
-        shutil.rmtree(stale, ignore_errors=True)
+    kept = checkpoint_dirs(out_dir)
+    for old in kept[:-keep] if keep > 0 else []:
+        if old != final:               # never the one latest.json names
+            shutil.rmtree(old, ignore_errors=True)
+    remove_stale(out_dir)              # temp dirs of a crashed writer
     return final
 
 
 def latest_checkpoint(out_dir) -> Path | None:
-    """The directory latest.json names, or None when out_dir has no checkpoint."""
+    """The directory latest.json names, or None when out_dir has no checkpoint.
+
+    FlashtuneError (one line, naming the file and the fix) when latest.json is corrupt, names a folder
+    outside the run folder (e.g. an absolute path to another run's checkpoint), or names one that is missing.
+    """
     pointer = Path(out_dir) / "latest.json"
     if not pointer.is_file():
         return None
-    path = Path(out_dir) / json.loads(pointer.read_text())["checkpoint"]
+    fix = f"delete {pointer} to start over, or restore it"
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+        name = data["checkpoint"]
+        if not isinstance(name, str) or not name:
+            raise ValueError("'checkpoint' is not a path")
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FlashtuneError(f"{pointer} is corrupt ({type(exc).__name__}: {exc}); {fix}") from None
+    root = Path(out_dir).resolve()
+    path = (Path(out_dir) / name)
+    if os.path.isabs(name) or root not in path.resolve().parents:
+        raise FlashtuneError(f"{pointer} names {name!r}, which is outside the run folder {out_dir}; a run only "
+                             f"resumes from its own checkpoints/; {fix}")
     if not (path / "state.json").is_file():
         raise FlashtuneError(f"{pointer} names {path}, which is missing or incomplete; delete {pointer} to "
                              f"start over, or restore the checkpoint directory")
     return path
 
 
+def read_state(path) -> dict:
+    """A checkpoint's state.json, checked to be a JSON object of this format; one-line FlashtuneError if not."""
+    file = Path(path) / "state.json"
+    try:
+        state = json.loads(file.read_text(encoding="utf-8"))
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+        missing = [k for k in ("step", "param_groups", "scheduler", "scaler", "rng", "position", "log_acc")
+                   if k not in state]
+        if missing:
+            raise ValueError(f"no {missing[0]!r}")
+    except (OSError, ValueError) as exc:
+        raise FlashtuneError(f"{file} is corrupt ({type(exc).__name__}: {exc}); resume from an earlier "
+                             f"checkpoint (point latest.json at it) or start over with overwrite") from None
+    if state.get("format", FORMAT_VERSION) != FORMAT_VERSION:
+        raise FlashtuneError(f"{file} has checkpoint format {state.get('format')!r}; this flashtune reads "
+                             f"format {FORMAT_VERSION}; start over with overwrite")
+    return state
+
+
+def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(file))
+    except Exception as exc:  # safetensors raises its own types for missing, truncated or garbled files
+        raise FlashtuneError(f"{file} is corrupt or missing ({type(exc).__name__}: {exc}); resume from an "
+                             f"earlier checkpoint (point latest.json at it) or start over with overwrite") from None
+
+
 def load_checkpoint(path, trainable: list, optimizer, scheduler, scaler) -> dict:
-    """Restore trainables, optimizer, scheduler, scaler and RNG states from `path`; return state.json."""
+    """Restore trainables, optimizer, scheduler, scaler and RNG states from `path`; return state.json.
+
+    Every file is read and checked before anything is changed, so a refused checkpoint leaves the model and
+    the optimizer as they were.
+    """
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "trainable.safetensors"))
+    state = read_state(path)
+    weights = _load_tensors(path / "trainable.safetensors")
+    opt_flat = _load_tensors(path / "optimizer.safetensors")
+    rng = _load_tensors(path / "rng.safetensors")
     names = [n for n, _ in trainable]
     if set(weights) != set(names):
         missing, unexpected = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
         raise FlashtuneError(f"checkpoint {path} does not match the model's trainable parameters "
                              f"(missing {missing[:3]}, unexpected {unexpected[:3]}); resume with the same "
                              f"model and adapter config, or use a new out_dir")
-    with torch.no_grad():
-        for n, p in trainable:
-            if weights[n].shape != p.shape:
-                raise FlashtuneError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, the model "
-                                     f"{tuple(p.shape)}; resume with the same adapter config")
-            p.copy_(weights[n])
+    for n, p in trainable:
+        if weights[n].shape != p.shape:
+            raise FlashtuneError(f"checkpoint {path}: {n} has shape {tuple(weights[n].shape)}, the model "
+                                 f"{tuple(p.shape)}; resume with the same adapter config")
+        if not weights[n].is_floating_point() or not bool(torch.isfinite(weights[n]).all()):
+            raise FlashtuneError(f"checkpoint {path}: {n} is not finite floating point ({weights[n].dtype}); "
+                                 f"resume from an earlier checkpoint or start over with overwrite")
     order = {n: i for i, n in _optimizer_indices(optimizer, trainable).items()}
     device = trainable[0][1].device
-    opt_tensors = {k: v.to(device) if not k.endswith("/step") else v
-                   for k, v in load_file(str(path / "optimizer.safetensors")).items()}
-    optimizer.load_state_dict(_optimizer_from_flat(opt_tensors, state["param_groups"], order))
-    scheduler.load_state_dict(state["scheduler"])
-    scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
-    set_rng_state(load_file(str(path / "rng.safetensors")), state["rng"])
+    try:
+        opt_tensors = {k: v.to(device) if not k.endswith("/step") else v for k, v in opt_flat.items()}
+        opt_state = _optimizer_from_flat(opt_tensors, state["param_groups"], order)
+        old_opt = optimizer.state_dict()
+        optimizer.load_state_dict(opt_state)
+    except (KeyError, ValueError, TypeError, IndexError) as exc:
+        raise FlashtuneError(f"checkpoint {path}: the optimizer state does not fit this model's trainable "
+                             f"parameters ({type(exc).__name__}: {exc}); resume with the same adapter config, "
+                             f"or start over with overwrite") from None
+    try:
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"]) if state["scaler"] else None
+        set_rng_state(rng, state["rng"])
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError) as exc:
+        optimizer.load_state_dict(old_opt)
+        raise FlashtuneError(f"{path / 'state.json'} is corrupt ({type(exc).__name__}: {exc}); resume from an "
+                             f"earlier checkpoint or start over with overwrite") from None
+    with torch.no_grad():
+        for n, p in trainable:
+            p.copy_(weights[n])
     return state

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+from flashtune.errors import ConfigError, FlashtuneError, check_bool, check_choice, check_path, check_range
 from flashtune.training import checkpoint as ckpt
 from flashtune.training import distributed
 from flashtune.training.fused_lora import fuse_lora, unfuse_lora
@@ -42,6 +42,7 @@ from flashtune.training.speed import compile_blocks, enable_checkpointing
 
 log = logging.getLogger("flashtune.training")
 SCHEDULES = ("cosine", "linear", "constant")
+MAX_LR = 1e3
 
 
 @dataclasses.dataclass
@@ -80,7 +81,9 @@ class TrainConfig:
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("schedule", self.schedule, SCHEDULES)
         check_choice("strategy", self.strategy, distributed.STRATEGIES)      # [distributed]
-        check_range("lr", self.lr, 0, low_open=True)
+        # AdamW divides lr by (1 - beta1^t) in float32: past ~1e37 that overflows inside torch; 1e3 is far
+        # above any useful learning rate and far below the overflow.
+        check_range("lr", self.lr, 0, MAX_LR, low_open=True)
         check_range("weight_decay", self.weight_decay, 0)
         check_range("max_steps", self.max_steps, 0, integer=True)
         check_range("epochs", self.epochs, 0)
@@ -94,19 +97,18 @@ class TrainConfig:
             self.gradient_checkpointing = float(self.gradient_checkpointing)
         check_range("gradient_checkpointing", self.gradient_checkpointing, 0, 1)
         for name in ("compile", "fused_lora", "resume", "overwrite", "drop_last", "cpu_offload"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+            check_bool(name, getattr(self, name))
         check_range("max_grad_norm", self.max_grad_norm, 0)
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
-        if not isinstance(self.out_dir, (str, os.PathLike)) or not str(self.out_dir):
-            raise ConfigError(f"out_dir={self.out_dir!r} must be a directory path")
-        self.out_dir = str(self.out_dir)
+        self.out_dir = check_path("out_dir", self.out_dir)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        if not isinstance(data, dict):
+            raise ConfigError(f"a training config must be a table of fields, not {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -124,6 +126,26 @@ class TrainResult:
     train_time_s: float = 0.0                # wall time of this call's training loop
 
 
+class NonFiniteTraining(FlashtuneError):
+    """The loss or the gradients stopped being finite numbers; training stopped before applying them."""
+
+    def __init__(self, step: int, what: str, checkpoint, config: TrainConfig):
+        kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was saved"
+        super().__init__(f"training stopped at step {step}: {what}; {kept}; lower train.lr (now {config.lr:g}), "
+                         f"check the data, or use precision='fp32'")
+        self.step, self.checkpoint = step, None if checkpoint is None else str(checkpoint)
+
+
+# fp16's GradScaler skips a step whose gradients overflowed and halves its scale; a few skips in a row are its
+# normal search for a scale. More than this many in a row means the loss itself is not finite any more.
+MAX_FP16_SKIPS_IN_A_ROW = 24
+
+
+def _finite_row(row: dict) -> dict:
+    """metrics.jsonl is strict JSON: a non-finite float is written as null, never NaN / Infinity."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
 class TrainingInterrupted(FlashtuneError):
     """SIGINT/SIGTERM arrived; the current step finished and a checkpoint was saved."""
 
@@ -133,6 +155,27 @@ class TrainingInterrupted(FlashtuneError):
                          f"run again with resume=True (--resume) to continue")
         self.exit_code = 128 + signum
         self.step, self.checkpoint = step, str(path)
+
+
+# issue 13: what a resumed run must share with its checkpoint. These shape the steps already taken and the
+# data order (a changed batch size would be applied to the old data position); a resume that changes one is
+# refused, naming each difference, rather than applied silently: the run would be neither the old one nor the
+# new one. Extending a run (max_steps, epochs) and bookkeeping (logging, saving, evaluation, speed switches)
+# may change.
+RESUME_MUST_MATCH = ("lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
+                     "schedule", "min_lr_ratio", "seed", "drop_last", "precision")
+
+
+def check_resume_config(saved: dict | None, config: TrainConfig, checkpoint) -> None:
+    """ConfigError naming every field of RESUME_MUST_MATCH whose value differs from the checkpoint's."""
+    if not isinstance(saved, dict):
+        return                                        # a checkpoint written without its config: nothing to compare
+    diffs = [f"{k}={getattr(config, k)!r} (the checkpoint has {saved[k]!r})" for k in RESUME_MUST_MATCH
+             if k in saved and saved[k] != getattr(config, k)]
+    if diffs:
+        raise ConfigError(f"resume=True with hyper-parameters that differ from {checkpoint}: {'; '.join(diffs)}; "
+                          f"resume with the checkpoint's values, or start a new run (overwrite=True or another "
+                          f"out_dir)")
 
 
 def lr_multiplier(step: int, warmup: int, total: int, schedule: str, min_ratio: float = 0.0) -> float:
@@ -203,13 +246,20 @@ class _SignalGuard:
 def _read_history(path: Path, upto: int) -> list[dict]:
     if not path.is_file():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:                             # issue 13: a line cut short by a kill, or garbage, is dropped
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step", 0), int):
+            rows.append(row)
     return [r for r in rows if r.get("step", 0) <= upto]
 
 
 def _write_history(path: Path, rows: list[dict]) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json.dumps(_finite_row(r), allow_nan=False) + "\n" for r in rows))
     os.replace(tmp, path)
 
 
@@ -225,6 +275,13 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     tensors of one length. eval_fn(model) -> dict[str, float], run every `eval_every` steps and at the end
     (no grad, eval mode, RNG untouched). loss_fn(model, batch) -> scalar; default causal-LM cross-entropy.
     length_fn(example) -> int turns on length bucketing. Raises TrainingInterrupted after SIGINT/SIGTERM.
+
+    resume=True refuses (ConfigError naming each) hyper-parameters in RESUME_MUST_MATCH that differ from the
+    checkpoint's. A non-finite loss or gradient raises NonFiniteTraining naming the step, at the latest one
+    step later (the check never stalls the GPU, so the model in memory may hold that step's update; fp16:
+    after more than MAX_FP16_SKIPS_IN_A_ROW scaler skips in a row); no checkpoint, metrics row or evaluation
+    is made past it, the last good checkpoint stays the one latest.json names, and metrics.jsonl holds strict
+    JSON (null for a non-finite value).
     """
     if not isinstance(config, TrainConfig):
         raise ConfigError(f"config must be a TrainConfig, not {type(config).__name__}")
@@ -237,7 +294,11 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     rt = distributed.runtime(model)      # [distributed] torchrun's ranks; one process: a pass-through
     device = next(model.parameters()).device
     out_dir = Path(config.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:                                                 # issue 13: one line, not an OSError traceback
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FlashtuneError(f"cannot use out_dir={str(out_dir)!r}: {exc.strerror or exc} ({exc.filename}); "
+                             f"choose a folder you can write to") from None
     metrics_path = out_dir / "metrics.jsonl"
     existing = ckpt.latest_checkpoint(out_dir)
     if existing is not None and not config.resume and not config.overwrite:
@@ -250,6 +311,10 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         distributed.barrier()
         existing = None
+    if config.resume and existing is not None:          # issue 13: refuse changed hyper-parameters
+        check_resume_config(ckpt.read_state(existing).get("config"), config, existing)
+    if rt.main:
+        ckpt.remove_stale(out_dir)                       # issue 13: temp folders of a crashed writer
     config = rt.adapt_config(config, existing)        # [distributed] keep the global batch across world sizes
 
     seed_everything(config.seed)
@@ -289,13 +354,29 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     t_start = t_log
     path = existing
 
+    pending = []      # issue 13: (step, finite flag, loss, grad norm) of steps whose flag is not read yet
+
+    def settle():
+        """Raise NonFiniteTraining for the first pending step whose loss or gradient norm was not finite."""
+        while pending:
+            bad_step, finite, loss_t, norm_t = pending.pop(0)
+            if not bool(finite):
+                what = (f"the loss is {float(loss_t)}" if not math.isfinite(float(loss_t))
+                        else f"the gradient norm is {float(norm_t)}")
+                raise NonFiniteTraining(bad_step, what, path, config)
+
     def checkpoint_now():
+        settle()
+        # issue 13: never save non-finite weights over a good checkpoint (e.g. the last step of lr=inf).
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            raise NonFiniteTraining(step, "the trainable weights are not finite (NaN or inf)", path, config)
         extra = {"position": list(position), "config": config.to_dict(),
                  "log_acc": {**acc, "loss": float(loss_acc)}}
         return rt.save(out_dir, step, trainable, optimizer, scheduler, policy.scaler, extra,   # [distributed]
                        keep=config.keep_checkpoints, config=config)
 
     def run_eval():
+        settle()
         was_training = model.training
         model.eval()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad(), \
@@ -304,6 +385,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         model.train(was_training)
         return {(k if k.startswith("eval_") else f"eval_{k}"): float(v) for k, v in metrics.items()}
 
+    skips_in_a_row = 0
     bar = _progress_bar(total, step, progress and rt.main)
     if config.fused_lora:
         fuse_lora(model)
@@ -320,6 +402,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                 if loss_fn is None:     # [distributed] targets of the global batch: one all-reduce
                     n_targets = max(1, int(rt.all_sum([sum(count_targets(b) for b in micro)])[0]))
                 lr = optimizer.param_groups[0]["lr"]
+                step_loss = torch.zeros((), dtype=torch.float32, device=device)   # issue 13: finiteness check
                 for k, batch in enumerate(micro):
                     tokens += _n_tokens(batch)
                     batch = _to_device(batch, device)
@@ -331,10 +414,19 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                             loss = rt.forward(model, batch, chunk, loss_fn) / config.grad_accum
                     policy.scaler.scale(rt.backward_scale(loss, loss_fn is None)).backward()   # [distributed]
                     loss_acc += loss.detach().float()
+                    step_loss += loss.detach().float()
                 grad_norm = None
                 if config.max_grad_norm > 0:
                     policy.scaler.unscale_(optimizer)
                     grad_norm = rt.clip(params, config.max_grad_norm)     # [distributed] FSDP2: sharded norm
+                # issue 13: without a loss scaler, a non-finite loss or gradient stops training. The flag
+                # is read one step later (settle), when the GPU is long past it, so it never stalls the
+                # pipeline; fp16 counts the scaler's skips below.
+                if not policy.scaler.is_enabled():
+                    norm = grad_norm if grad_norm is not None else torch.nn.utils.get_total_norm(
+                        [p.grad for p in params if p.grad is not None])
+                    settle()
+                    pending.append((step + 1, torch.isfinite(step_loss + norm), step_loss, norm))
                 scale = policy.scaler.get_scale() if policy.scaler.is_enabled() else None
                 policy.scaler.step(optimizer)
                 policy.scaler.update()
@@ -343,6 +435,12 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     acc["skipped_total"] += 1
                     log.warning("step %d skipped: inf/NaN gradients in fp16; loss scale %g -> %g",
                                 step + 1, scale, policy.scaler.get_scale())
+                    skips_in_a_row += 1
+                    if skips_in_a_row > MAX_FP16_SKIPS_IN_A_ROW:      # issue 13
+                        raise NonFiniteTraining(step + 1, f"{skips_in_a_row} fp16 steps in a row had inf/NaN "
+                                                f"gradients (loss {float(step_loss)})", path, config)
+                else:
+                    skips_in_a_row = 0
                 optimizer.zero_grad(set_to_none=True)
                 with warnings.catch_warnings():   # a skipped fp16 step makes torch warn about the order
                     warnings.simplefilter("ignore", UserWarning)
@@ -352,6 +450,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
 
                 row = None
                 if step % config.log_every == 0 or step == total:
+                    settle()                         # issue 13: no row for a step that was not finite
                     now = time.perf_counter()
                     # [distributed] the global loss and token count: sums over ranks (a custom loss: mean)
                     loss_sum, tokens = rt.all_sum([float(loss_acc), tokens])
@@ -374,8 +473,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     row = {**(row or {"step": step}), **last_eval}
                     t_log = time.perf_counter()
                 if row is not None:
-                    history.append(row)
-                    metrics_file.write(json.dumps(row) + "\n")
+                    history.append(_finite_row(row))
+                    metrics_file.write(json.dumps(_finite_row(row), allow_nan=False) + "\n")
                     metrics_file.flush()
                 bar.update(1)
                 if config.save_every and step % config.save_every == 0:
@@ -388,8 +487,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
             if eval_fn is not None and last_eval_step != step:
                 last_eval = run_eval()
                 row = {"step": step, **last_eval}
-                history.append(row)
-                metrics_file.write(json.dumps(row) + "\n")
+                history.append(_finite_row(row))
+                metrics_file.write(json.dumps(_finite_row(row), allow_nan=False) + "\n")
             if path is None or not str(path).endswith(f"step-{step:06d}"):
                 path = checkpoint_now()
     finally:

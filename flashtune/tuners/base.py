@@ -46,6 +46,8 @@ class TunerConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]):
         """Build a config from `to_dict()` output; unknown keys are an error naming them."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a {cls.__name__} must be a table of fields, not {type(data).__name__}")
         data = dict(data)
         kind = data.pop("peft_type", cls.peft_type)
         if kind != cls.peft_type:

@@ -25,18 +25,36 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str | None = None) -> Path:
-    """Write adapter `adapter_name` (default: the active one) to `directory` in PEFT's format; returns the path."""
+    """Write adapter `adapter_name` (default: the active one) to `directory` in PEFT's format; returns the path.
+
+    Refuses (FlashtuneError, nothing written) an adapter whose weights are not finite, and a directory that
+    cannot be created or written (read-only, or a regular file on the way).
+    """
     from safetensors.torch import save_file
 
     name = resolve_name(model, adapter_name)
     config = get_state(model).configs[name]
     tuner = tuner_for_config(config)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in tuner.adapter_state_dict(model, name).items()}
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise FlashtuneError(f"adapter {name!r} has non-finite weights (NaN or inf) in {key}; it was not "
+                                 f"saved; train again with a lower learning rate")
     text = json.dumps(config.to_peft_dict(model), indent=2, sort_keys=True) + "\n"
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+        atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(text))
+    except (FileExistsError, NotADirectoryError) as exc:
+        raise FlashtuneError(f"cannot save the adapter to {str(directory)!r}: {exc.filename or directory} is a "
+                             f"file, not a folder; choose another folder") from None
+    except PermissionError as exc:
+        raise FlashtuneError(f"cannot save the adapter to {str(directory)!r}: no permission to write "
+                             f"{exc.filename or directory}; choose a writable folder") from None
+    except OSError as exc:
+        raise FlashtuneError(f"cannot save the adapter to {str(directory)!r}: {exc.strerror or exc}; "
+                             f"choose another folder") from None
     return directory
 
 
@@ -58,7 +76,7 @@ def read_adapter_config(directory: str | os.PathLike) -> TunerConfig:
         raise AdapterLoadError(f"{path} has peft_type={kind!r}; flashtune reads {', '.join(registered_types())}")
     try:
         return tuner.config_cls.from_peft_dict(data)
-    except ConfigError as exc:
+    except (ConfigError, AdapterLoadError) as exc:
         raise AdapterLoadError(f"{path}: {exc}") from None
 
 
@@ -89,6 +107,29 @@ def _check_fits(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor
         raise AdapterLoadError(f"{source} does not fit this model{made_for}: this model has no place for {extra[0]}")
 
 
+def _check_contents(model: nn.Module, tensors: dict[str, torch.Tensor], source: Path) -> None:
+    """Refuse, naming the feature or the tensor, files flashtune cannot apply: PEFT features it lacks (found
+    by their tensor names), non-float tensors and non-finite values."""
+    for key in tensors:
+        if "lora_embedding_" in key:
+            raise AdapterLoadError(f"{source} holds a LoRA on an embedding layer ({key}), which flashtune does "
+                                   f"not support; load it with peft, or train the LoRA on linear layers only")
+    for key in tensors:
+        if ".base_layer." in key:
+            tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+            what = "a LoRA on a tied lm_head" if tied and "lm_head" in key else "a LoRA on an embedding layer"
+            raise AdapterLoadError(f"{source} holds full base weights ({key}), which PEFT saves for {what}; "
+                                   f"flashtune does not support that; load it with peft")
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} has dtype {dtype}; adapter weights are "
+                                   f"floating point; save the adapter again")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AdapterLoadError(f"{source / WEIGHTS_NAME}: {key} holds NaN or inf values; the adapter is "
+                                   f"broken (train it again with a lower learning rate)")
+
+
 def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default",
                  is_trainable: bool = False) -> nn.Module:
     """Attach the adapter saved in `directory` (by flashtune or by PEFT) as `adapter_name` and make it active.
@@ -99,6 +140,7 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     directory = Path(directory)
     config = read_adapter_config(directory)
     tensors = _read_tensors(directory)
+    _check_contents(model, tensors, directory)       # before anything on the model changes
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         raise ConfigError(f"adapter_name={adapter_name!r} is already attached; pick another name")
@@ -130,4 +172,5 @@ def load_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     if not is_trainable:
         for p in model.parameters():
             p.requires_grad_(False)
+        model.eval()        # as PEFT's from_pretrained: the new dropout modules must not stay in train mode
     return model

@@ -28,6 +28,16 @@ DEFAULT_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": [
                    "mistral": ["q_proj", "v_proj"], "bart": ["q_proj", "v_proj"]}
 
 
+# PEFT features flashtune lacks, by the adapter_config.json field that turns them on: refusals name them.
+UNSUPPORTED_FEATURES = {"use_bdlora": "BD-LoRA (block-diagonal LoRA factors)", "use_dora": "DoRA",
+                        "ensure_weight_tying": "LoRA on tied embeddings / lm_head (ensure_weight_tying)",
+                        "lora_bias": "a trained LoRA bias", "layer_replication": "layer replication",
+                        "trainable_token_indices": "trainable token embeddings",
+                        "target_parameters": "LoRA on parameters (target_parameters)", "use_qalora": "QA-LoRA",
+                        "alora_invocation_tokens": "activated LoRA (aLoRA)",
+                        "rank_pattern": "per-layer ranks (rank_pattern)", "alpha_pattern": "per-layer alphas"}
+
+
 @dataclasses.dataclass
 class LoraConfig(TunerConfig):
     """LoRA settings (defaults as in Hugging Face PEFT).
@@ -55,9 +65,7 @@ class LoraConfig(TunerConfig):
     def __post_init__(self) -> None:
         check_range("r", self.r, 1, integer=True)
         check_range("lora_alpha", self.lora_alpha, 0, low_open=True)
-        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0)
-        if self.lora_dropout >= 1.0:
-            raise ConfigError(f"lora_dropout={self.lora_dropout!r} is out of range; it must be >= 0 and < 1")
+        check_range("lora_dropout", self.lora_dropout, 0.0, 1.0, high_open=True)
         check_targets("target_modules", self.target_modules)
         check_targets("modules_to_save", self.modules_to_save)
         if isinstance(self.modules_to_save, str):
@@ -86,10 +94,13 @@ class LoraConfig(TunerConfig):
                    "layers_to_transform": None, "layers_pattern": None, "exclude_modules": None,
                    "lora_bias": False, "layer_replication": None, "trainable_token_indices": None,
                    "target_parameters": None, "use_qalora": False, "alora_invocation_tokens": None}
+        neutral.update(use_bdlora=None, ensure_weight_tying=False)
         for key, value in neutral.items():
             if key in data and data[key] not in (value, None) and data[key] != {}:
-                raise AdapterLoadError(f"this LoRA adapter uses {key}={data[key]!r}, which flashtune does not "
-                                       f"support (it supports {key}={value!r})")
+                feature = UNSUPPORTED_FEATURES.get(key, key)
+                raise AdapterLoadError(f"this LoRA adapter uses {feature}, which flashtune does not support "
+                                       f"({key}={data[key]!r}; flashtune reads {key}={value!r}); load it with "
+                                       f"peft instead")
         fields = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         if kwargs.get("init_lora_weights") not in (True, False):

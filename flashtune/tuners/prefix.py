@@ -54,9 +54,7 @@ class PrefixConfig(TunerConfig):
     def __post_init__(self) -> None:
         check_range("num_virtual_tokens", self.num_virtual_tokens, 1, integer=True)
         check_range("encoder_hidden_size", self.encoder_hidden_size, 1, integer=True)
-        check_range("prefix_dropout", self.prefix_dropout, 0.0, 1.0)
-        if self.prefix_dropout >= 1.0:
-            raise ConfigError(f"prefix_dropout={self.prefix_dropout!r} is out of range; it must be >= 0 and < 1")
+        check_range("prefix_dropout", self.prefix_dropout, 0.0, 1.0, high_open=True)
         if not isinstance(self.prefix_projection, bool):
             raise ConfigError(f"prefix_projection={self.prefix_projection!r} must be True or False")
 
