@@ -3,9 +3,11 @@ fields, a round trip that reproduces the drafts bit for bit, and one-line refusa
 
 Key lists: vLLM's Medusa draft model (vllm/model_executor/models/medusa.py: `blocks.{h}.layers.{l}` Linear with
 bias when medusa_fc_bias, `lm_heads.{h}`; config num_heads, num_hidden_layers, hidden_size, vocab_size,
-truncated_vocab_size) and DeepSeek-V3 MTP as vLLM's deepseek_mtp.py reads it (`model.layers.{N+k}.` with
+truncated_vocab_size); DeepSeek-V3 MTP as vLLM's deepseek_mtp.py reads it (`model.layers.{N+k}.` with
 embed_tokens, enorm, hnorm, eh_proj, shared_head.{norm,head} at layer level and every other name inside the
-decoder block; N = num_hidden_layers, k < num_nextn_predict_layers)."""
+decoder block; N = num_hidden_layers, k < num_nextn_predict_layers); SGLang's deepseek_nextn.py (one layer
+under `model.layers.0.`, num_hidden_layers = num_nextn_predict_layers = 1, shared_head.norm / eh_proj / enorm /
+hnorm at model level, every other name in `model.decoder`, embed_tokens and shared_head.head from the target)."""
 
 import argparse
 import json
@@ -72,16 +74,15 @@ def test_medusa_round_trip_reproduces_the_drafts_bit_for_bit(tmp_path):
     assert engine.generate(ps, speculative=back, **kw).tokens == engine.generate(ps, speculative=heads, **kw).tokens
 
 
-@pytest.mark.parametrize("fmt", ["vllm", "sglang"])
-def test_mtp_deepseek_layout_keys_and_config(tmp_path, fmt):
+def test_mtp_vllm_layout_keys_and_config(tmp_path):
     model = tiny_model("llama")
     mtp = MTPModules.build(model, depth=2)
-    export_heads(mtp, tmp_path / fmt, fmt)
-    t = load_file(str(tmp_path / fmt / "model.safetensors"))
-    cfg = json.loads((tmp_path / fmt / "config.json").read_text())
+    export_heads(mtp, tmp_path / "v", "vllm")
+    t = load_file(str(tmp_path / "v" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
     n = model.config.num_hidden_layers
     assert cfg["num_hidden_layers"] == n and cfg["num_nextn_predict_layers"] == 2
-    assert cfg["architectures"] == (["DeepSeekMTPModel"] if fmt == "vllm" else ["DeepseekV3ForCausalLMNextN"])
+    assert cfg["architectures"] == ["DeepSeekMTPModel"]
     block_keys = set(model.model.layers[-1].state_dict())
     for k in range(2):
         prefix = f"model.layers.{n + k}."
@@ -96,10 +97,26 @@ def test_mtp_deepseek_layout_keys_and_config(tmp_path, fmt):
     assert all(key.startswith(("model.layers.2.", "model.layers.3.")) for key in t)
 
 
+def test_mtp_sglang_nextn_layout_keys_and_config(tmp_path):
+    model = tiny_model("llama")
+    export_heads(MTPModules.build(model, depth=1), tmp_path / "s", "sglang")
+    t = load_file(str(tmp_path / "s" / "model.safetensors"))
+    cfg = json.loads((tmp_path / "s" / "config.json").read_text())
+    assert cfg["architectures"] == ["DeepseekV3ForCausalLMNextN"]
+    assert cfg["num_hidden_layers"] == cfg["num_nextn_predict_layers"] == 1
+    assert all(key.startswith("model.layers.0.") for key in t)
+    names = {key[len("model.layers.0."):] for key in t}
+    spec = {key for key in names if any(w in key for w in ("shared_head.norm", "eh_proj", "enorm", "hnorm"))}
+    assert spec == {"enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight"}
+    assert names - spec == set(model.model.layers[-1].state_dict())  # what SGLang loads into model.decoder
+    with pytest.raises(ConfigError, match="depth=2.*vllm"):
+        export_heads(MTPModules.build(model, depth=2), tmp_path / "s2", "sglang")
+
+
 @pytest.mark.parametrize("fmt,recycle", [("vllm", "pre_norm"), ("sglang", "post_norm")])
 def test_mtp_round_trip_reproduces_the_drafts_bit_for_bit(tmp_path, fmt, recycle):
     model = tiny_model("llama", initializer_range=0.1)
-    mtp = MTPModules.build(model, depth=2, recycle=recycle)
+    mtp = MTPModules.build(model, depth=2 if fmt == "vllm" else 1, recycle=recycle)
     with torch.no_grad():
         for p in mtp.parameters():
             p.add_(torch.randn_like(p) * 0.05)

@@ -5,10 +5,12 @@ Medusa heads (Cai et al., arXiv 2401.10774) in vLLM's Medusa draft-model layout
 (ResBlocks per head), hidden_size, vocab_size, truncated_vocab_size, medusa_fc_bias; `model.safetensors` with
 `blocks.{h}.layers.{l}.weight|bias` and `lm_heads.{h}.weight`. SGLang serves no Medusa drafter.
 
-MTP modules (DeepSeek-V3, arXiv 2412.19437) under DeepSeek-V3's names, as vLLM (deepseek_mtp.py) and SGLang
-(deepseek_nextn.py) read them: `model.layers.{N+k}.{embed_tokens,enorm,hnorm,eh_proj,shared_head.norm,
-shared_head.head}` plus the decoder block's own names under the same prefix, N = num_hidden_layers of the
-base, with `num_nextn_predict_layers` = D. The engines build DeepSeek-V3 blocks (MLA attention, MoE) there;
+MTP modules (DeepSeek-V3, arXiv 2412.19437) under DeepSeek-V3's names. vLLM (deepseek_mtp.py) reads
+`model.layers.{N+k}.{embed_tokens,enorm,hnorm,eh_proj,shared_head.norm,shared_head.head}` plus the decoder
+block's own names under the same prefix, N = num_hidden_layers of the base, k < num_nextn_predict_layers = D.
+SGLang (deepseek_nextn.py) reads a separate one-layer NextN model: the same names under `model.layers.0.`,
+num_hidden_layers = num_nextn_predict_layers = 1 (so depth 1 only), and takes embed_tokens and
+shared_head.head from the target. The engines build DeepSeek-V3 blocks (MLA attention, MoE) there;
 our block is the base's own layer class, so the names and config conform but only a DeepSeek-V3 base would
 run in those engines as is.
 
@@ -179,8 +181,8 @@ def _medusa_import(config: dict, d: Path, model, device, dtype):
 # MTP: DeepSeek-V3 names (vLLM deepseek_mtp.py, SGLang deepseek_nextn.py).
 
 def _mtp_tensors(mtp) -> dict:
-    """The modules under DeepSeek-V3 names, with the shared embedding and output head written per layer as
-    DeepSeek-V3's checkpoints do (the engines load the first layer's copy)."""
+    """vLLM: the modules under DeepSeek-V3 names, with the shared embedding and output head written per layer
+    as DeepSeek-V3's checkpoints do (vLLM loads the first layer's copy)."""
     t = mtp.deepseek_state_dict()
     first = mtp.config.num_base_layers
     for m in range(mtp.config.depth):
@@ -189,10 +191,19 @@ def _mtp_tensors(mtp) -> dict:
     return t
 
 
+def _nextn_tensors(mtp) -> dict:
+    """SGLang: the one module as layer 0 of a NextN model (embedding and head come from the target)."""
+    if mtp.config.depth != 1:
+        raise ConfigError(f"SGLang's NextN draft model holds one MTP module but these have depth="
+                          f"{mtp.config.depth}; export them with --format vllm")
+    prefix = f"model.layers.{mtp.config.num_base_layers}."
+    return {"model.layers.0." + k[len(prefix):]: v for k, v in mtp.deepseek_state_dict().items()}
+
+
 def _mtp_config(mtp, engine: str) -> dict:
     c = mtp.config
     base = mtp.base.config
-    config = {"num_hidden_layers": c.num_base_layers, "num_nextn_predict_layers": c.depth,
+    config = {"num_hidden_layers": c.num_base_layers if engine == "vllm" else 1, "num_nextn_predict_layers": c.depth,
               "hidden_size": c.hidden_size, "vocab_size": c.vocab_size,
               "rms_norm_eps": getattr(base, "rms_norm_eps", None) or getattr(base, "layer_norm_epsilon", 1e-6),
               "block_model_type": c.model_type, "flashtune": c.to_dict()}
@@ -210,7 +221,7 @@ def _mtp_vllm(mtp, out: Path, model=None) -> None:
 
 @register_exporter("mtp", "sglang")
 def _mtp_sglang(mtp, out: Path, model=None) -> None:
-    _write(out, _mtp_tensors(mtp), _mtp_config(mtp, "sglang"))
+    _write(out, _nextn_tensors(mtp), _mtp_config(mtp, "sglang"))
 
 
 @register_importer
@@ -223,11 +234,17 @@ def _mtp_import(config: dict, d: Path, model, device, dtype):
         raise ConfigError(f"{d} holds MTP modules, which share the base model's embedding and head; pass the "
                           "base model (--model)")
     own = dict(config.get("flashtune") or {})
+    nextn = "DeepseekV3ForCausalLMNextN" in (config.get("architectures") or [])  # SGLang: one layer, index 0
     try:
-        own.update(depth=config["num_nextn_predict_layers"], num_base_layers=config["num_hidden_layers"],
-                   hidden_size=config["hidden_size"], vocab_size=config["vocab_size"])
+        own.update(depth=config["num_nextn_predict_layers"], hidden_size=config["hidden_size"],
+                   vocab_size=config["vocab_size"])
+        if not nextn:
+            own["num_base_layers"] = config["num_hidden_layers"]
     except KeyError as exc:
         raise FlashtuneError(f"{d / CONFIG} misses {exc.args[0]}; it is not an MTP config") from None
+    if nextn:
+        own["num_base_layers"] = len(decoder_layers(model))
+    first = 0 if nextn else own["num_base_layers"]
     cfg = MTPConfig.from_dict(own)
     check_dims(cfg.to_dict(), base_dims(model), f"the MTP modules in {d}")
     if cfg.num_base_layers != len(decoder_layers(model)):
@@ -237,12 +254,12 @@ def _mtp_import(config: dict, d: Path, model, device, dtype):
     for m in range(cfg.depth):  # the shared tensors must be the base's own
         for name, ref in (("embed_tokens", model.get_input_embeddings().weight),
                           ("shared_head.head", model.get_output_embeddings().weight)):
-            key = f"model.layers.{cfg.num_base_layers + m}.{name}.weight"
+            key = f"model.layers.{first + m}.{name}.weight"
             if key in tensors and not torch.equal(tensors[key].to(ref.dtype), ref.detach().cpu()):
                 raise FlashtuneError(f"{d / WEIGHTS}: {key} differs from the base model's; these modules were "
                                      "exported with another base (or a tuned one): pass that model")
     mtp = MTPModules(cfg, model, fresh=True)
-    mtp.load_state_dict_deepseek(tensors, first_layer=cfg.num_base_layers)
+    mtp.load_state_dict_deepseek(tensors, first_layer=first)
     return mtp.to(device=device, dtype=dtype) if (device or dtype) else mtp
 
 
