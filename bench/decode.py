@@ -156,7 +156,7 @@ def _free(dev):
 
 
 def medusa_part(dev, smoke, cpu, out_dir, dtype):
-    from flashtune.cli.heads import HeadsRecipe, train_medusa_heads
+    from flashtune.recipes.heads import MedusaRecipe, train_medusa_heads
     from flashtune.data import encode_prompt, generate_e2e_style, stop_token_ids
     from flashtune.models import default_model_dir, load_base_model
 
@@ -181,7 +181,7 @@ def medusa_part(dev, smoke, cpu, out_dir, dtype):
             n_eval, new, sizes = 32, 128, [15, 31, 63]
     model.to(dev).eval()
     t0 = time.perf_counter()
-    report = train_medusa_heads(HeadsRecipe(out_dir=str(out_dir / "heads"), device=str(dev), **recipe),
+    report = train_medusa_heads(MedusaRecipe(out_dir=str(out_dir / "heads"), device=str(dev), **recipe),
                                 model=model, tokenizer=tok, progress=False)
     train_sec = time.perf_counter() - t0
     print(json.dumps({"medusa_training": report, "seconds": train_sec}), flush=True)

@@ -38,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flashtune.decoding import Engine  # noqa: E402
-from flashtune.decoding.mtp import MTPDrafter, MTPLoss, MTPModules, WithMTP  # noqa: E402
+from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules  # noqa: E402
+from flashtune.recipes.heads import MTPRecipe, self_distill_examples, train_mtp_heads  # noqa: E402
 from flashtune.training import TrainConfig, fit  # noqa: E402
 
 
@@ -119,8 +120,6 @@ def tune_default(args, device):
 
 
 def self_distill(model, tok, prompts, stop, device, dtype, max_new) -> list[dict]:
-    from flashtune.decoding.medusa_train import self_distill_examples
-
     engine = Engine(model, tok, max_batch_size=32, max_seq_len=max(len(p) for p in prompts) + max_new + 8,
                     device=device, dtype=dtype)
     data = self_distill_examples(engine, prompts, max_new, batch_size=32, stop_tokens=stop)
@@ -129,20 +128,15 @@ def self_distill(model, tok, prompts, stop, device, dtype, max_new) -> list[dict
 
 
 def train_mtp(model, data, args, device, pad_id) -> tuple[MTPModules, dict]:
-    from flashtune.data import Collator
-
-    mtp = MTPModules.build(model, depth=args.depth).float()
-    wrapper = WithMTP(model, mtp)
-    loss = MTPLoss(mtp.config)
-    cfg = TrainConfig(out_dir=str(Path(args.save_dir) / "mtp_train"), precision="fp32", lr=args.lr,
-                      max_steps=args.steps, batch_size=16, warmup_steps=max(1, args.steps // 10), schedule="cosine",
-                      overwrite=True, save_every=0, log_every=max(1, args.steps // 5))
+    """The MTP recipe (recipes/heads.py) on the self-distilled `data`; 10% of it held out for accuracy."""
+    out = Path(args.save_dir) / "mtp"
     t0 = time.perf_counter()
-    res = fit(wrapper, data, cfg, collate_fn=Collator(pad_id), loss_fn=loss, progress=False)
-    wrapper.eval()
-    mtp.save(Path(args.save_dir) / "mtp")
-    info = {"steps": args.steps, "seconds": round(time.perf_counter() - t0, 1), "final_loss": res.history[-1]["loss"],
-            "final_depth_ce": {k: v for k, v in loss.last.items() if k.startswith("mtp_")}}
+    report = train_mtp_heads(MTPRecipe(out_dir=str(out), device=str(device), depth=args.depth, lr=args.lr,
+                                       steps=args.steps, batch_size=16, precision="fp32"),
+                             model=model, examples=data, progress=False)
+    mtp = MTPModules.load(out, model)
+    info = {"steps": args.steps, "seconds": round(time.perf_counter() - t0, 1), "final_loss": report["final_loss"],
+            "depth_top1": report["depth_top1"]}
     log(f"MTP trained: {info}")
     return mtp, info
 
@@ -157,10 +151,10 @@ def get_medusa(model, tok, args, device):
         heads = MedusaHeads.for_model(model.get_output_embeddings().weight, 3, 1, topk=4)
         heads.save(Path(args.save_dir) / "medusa")
         return heads, {"trained": False}
-    from flashtune.cli.heads import HeadsRecipe, train_medusa_heads
+    from flashtune.recipes.heads import MedusaRecipe, train_medusa_heads
 
     t0 = time.perf_counter()
-    report = train_medusa_heads(HeadsRecipe(out_dir=str(Path(args.save_dir) / "medusa"), device=str(device),
+    report = train_medusa_heads(MedusaRecipe(out_dir=str(Path(args.save_dir) / "medusa"), device=str(device),
                                             num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                                             steps=args.steps, batch_size=16, tree_nodes=63), model=model,
                                 tokenizer=tok, progress=False)

@@ -224,7 +224,7 @@ def test_bf16_speculative_greedy_is_token_identical_with_invariant_kernels():
     near-ties, so a non-invariant path fails this (shown by the count of differing sequences without it)."""
     import transformers as tf
 
-    from flashtune.decoding.mtp import MTPDrafter, MTPModules
+    from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules
 
     cfg = tf.LlamaConfig(vocab_size=512, hidden_size=192, intermediate_size=384, num_hidden_layers=4,
                          num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512)

@@ -28,15 +28,15 @@ def test_train_heads_parser_defaults():
 def test_heads_recipe_validation():
     import pytest
 
-    from flashtune.cli.heads import HeadsRecipe
+    from flashtune.recipes.heads import MedusaRecipe
     from flashtune.errors import ConfigError
 
     with pytest.raises(ConfigError, match="stage"):
-        HeadsRecipe(stage=3)
+        MedusaRecipe(stage=3)
     with pytest.raises(ConfigError, match="num_heads"):
-        HeadsRecipe(num_heads=0)
-    r = HeadsRecipe(steps=5)
-    assert HeadsRecipe.from_dict(r.to_dict()) == r
+        MedusaRecipe(num_heads=0)
+    r = MedusaRecipe(steps=5)
+    assert MedusaRecipe.from_dict(r.to_dict()) == r
 
 
 def test_generate_rejects_a_bad_tree(capsys):
@@ -63,3 +63,10 @@ def test_tree_choice_from_saved_accuracies(tmp_path):
     assert _choose_tree(heads, engine, tmp_path, "3", 1).tree.num_nodes == 4
     chosen = _choose_tree(heads, engine, tmp_path, "auto", 1)
     assert chosen is None or chosen.tree.num_nodes - 1 in (3, 6)  # 2 heads x top-2 fill at most 6 nodes
+
+
+def test_train_heads_refuses_an_export_format_before_training(capsys, tmp_path):
+    assert main(["train-heads", "--method", "medusa", "--export", "sglang", "--out", str(tmp_path / "h")]) == 2
+    err = capsys.readouterr().err
+    assert "sglang serves no medusa" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "h").exists()

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from tiny import VOCAB, tiny_model
 
 from flashtune.decoding import Engine, MedusaHeads
-from flashtune.decoding.medusa_train import HeadsLM, MedusaLoss, head_accuracy
+from flashtune.decoding.drafters.medusa import HeadsLM, MedusaLoss, head_accuracy
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -91,11 +91,11 @@ def test_head_lr_scale_keeps_the_function_and_scales_adam_steps():
 @pytest.mark.slow
 def test_train_heads_recipe_on_the_default_model_end_to_end(tmp_path):
     """A tiny run of the CLI recipe: self-distilled data, fit, accuracies, tree, files, generation."""
-    from flashtune.cli.heads import HeadsRecipe, train_medusa_heads
+    from flashtune.recipes.heads import MedusaRecipe, train_medusa_heads
     from flashtune.models import load_base_model
 
     model, tok = load_base_model()
-    recipe = HeadsRecipe(out_dir=str(tmp_path / "heads"), device="cpu", num_prompts=8, max_new_tokens=12,
+    recipe = MedusaRecipe(out_dir=str(tmp_path / "heads"), device="cpu", num_prompts=8, max_new_tokens=12,
                          steps=3, batch_size=4, tree_nodes=6, num_heads=2)
     report = train_medusa_heads(recipe, model=model, tokenizer=tok, progress=False)
     assert report["tree_nodes"] == 6 and len(report["head_top1"]) == 2

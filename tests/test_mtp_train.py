@@ -5,14 +5,16 @@ DeepSeek-named tensors; convergence on a deterministic sequence, and no converge
 label shifted by one too few would let the module copy from its own input).
 """
 
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from flashtune.decoding.mtp import MTPConfig, MTPLoss, MTPModules, WithMTP
-from flashtune.decoding.parallel_heads import ParallelHeads, ParallelHeadsLoss, WithParallelHeads
+from flashtune.decoding.drafters.mtp import MTPConfig, MTPLoss, MTPModules, WithMTP
+from flashtune.decoding.drafters.parallel import ParallelHeads, ParallelHeadsLoss, WithParallelHeads
 from flashtune.errors import ConfigError, FlashtuneError
 from tiny import VOCAB, random_ids, tiny_model
 
@@ -241,6 +243,48 @@ def test_fit_trains_the_modules_and_lora_jointly(tmp_path):
     fit(wrapper, data, TrainConfig(out_dir=str(tmp_path), max_steps=3, batch_size=4, lr=1e-2, save_every=0,
                                    log_every=1), loss_fn=loss_fn, progress=False)
     changed = {n for n, p in wrapper.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert any("lora_" in n for n in changed) and any(n.startswith("mtp.layers.0.eh_proj") for n in changed)
+    assert any("lora_" in n for n in changed) and any(n.startswith("heads.layers.0.eh_proj") for n in changed)
     assert not any(n.startswith("model.") and "lora_" not in n for n in changed), sorted(changed)[:5]
     assert loss_fn.last["main"] is not None  # the LM loss is part of a joint run
+
+
+def test_head_recipes_share_one_loop_and_write_their_files(tmp_path):
+    """recipes/heads.py: each method's recipe trains on given examples, saves heads that load back into a
+    drafter, and writes its report; a bad value is one line naming the field."""
+    from flashtune.decoding.drafters.export import load_heads
+    from flashtune.errors import ConfigError
+    from flashtune.recipes.heads import (MedusaRecipe, MTPRecipe, ParallelRecipe, train_medusa_heads,
+                                         train_mtp_heads, train_parallel_heads)
+
+    examples = [{"input_ids": ids, "labels": [-100] * 3 + ids[3:]} for ids in random_ids(12, 10, seed=2).tolist()]
+    common = dict(device="cpu", steps=2, batch_size=4)
+    runs = [(train_medusa_heads, MedusaRecipe(out_dir=str(tmp_path / "medusa"), num_heads=2, tree_nodes=3,
+                                              topk=3, **common), "head_top1"),
+            (train_mtp_heads, MTPRecipe(out_dir=str(tmp_path / "mtp"), depth=2, **common), "depth_top1"),
+            (train_parallel_heads, ParallelRecipe(out_dir=str(tmp_path / "par"), n_heads=3, **common),
+             "depth_top1")]
+    for fn, recipe, key in runs:
+        model = frozen("llama")
+        report = fn(recipe, model=model, examples=examples, progress=False)
+        assert len(report[key]) == 2 and report["examples"] == 10 and report["held_out"] == 2
+        assert json.loads((Path(recipe.out_dir) / "heads_report.json").read_text())["recipe"] == recipe.to_dict()
+        assert load_heads(recipe.out_dir, model) is not None
+    with pytest.raises(ConfigError, match="lr"):
+        MTPRecipe(lr=float("nan"))
+    with pytest.raises(ConfigError, match="n_heads"):
+        ParallelRecipe(n_heads=1)
+
+
+def test_decoding_does_not_import_training():
+    import os
+    import subprocess
+    import sys
+
+    import flashtune
+
+    root = str(Path(flashtune.__file__).resolve().parents[1])
+    env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = ("import sys, flashtune.decoding, flashtune.decoding.drafters, flashtune.decoding.drafters.export; "
+            "bad = [m for m in sys.modules if m.startswith(('flashtune.training', 'flashtune.cli', "
+            "'flashtune.recipes'))]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)

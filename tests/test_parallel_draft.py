@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from flashtune.decoding import Engine
-from flashtune.decoding.parallel_heads import ParallelDrafter, ParallelHeads
+from flashtune.decoding.drafters.parallel import ParallelDrafter, ParallelHeads
 from flashtune.errors import ConfigError
 from tiny import ragged_prompts, tiny_model
 

@@ -84,13 +84,13 @@ def main(args: argparse.Namespace) -> int:
     prompts += [encode_prompt(tok, mr) for mr in args.mr]
     heads = None
     if args.speculative == "medusa":
-        heads = MedusaHeads.load(args.heads, device=device, dtype=model.dtype)
-    elif args.speculative == "mtp":  # flashtune/decoding/mtp.py
-        from flashtune.decoding.mtp import MTPDrafter, MTPModules
+        heads = MedusaHeads.load(args.heads, device=device, dtype=model.dtype, model=model)
+    elif args.speculative == "mtp":
+        from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules
 
         heads = MTPDrafter(MTPModules.load(args.heads, model), k=args.draft_tokens)
-    elif args.speculative == "parallel":  # flashtune/decoding/parallel_heads.py: n_heads - 1 drafts a step
-        from flashtune.decoding.parallel_heads import ParallelDrafter, ParallelHeads
+    elif args.speculative == "parallel":  # n_heads - 1 drafts a step
+        from flashtune.decoding.drafters.parallel import ParallelDrafter, ParallelHeads
 
         heads = ParallelDrafter(ParallelHeads.load(args.heads, model))
     longest = max(len(p) for p in prompts)

@@ -19,51 +19,27 @@ pinned memory behind it, and the host reads the flag of the step `stop_lag` step
 steps run after the last row stops, and the GPU never idles waiting for the host). The prefill is graphed too,
 its prompt length padded up to a multiple of `prefill_bucket` (one graph per batch size and bucket).
 
-Drafter interface (used by `MedusaHeads`, the MTP drafter in mtp.py and the parallel heads' drafter):
-
-    tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
-    stateless: bool            True if propose() depends on its arguments only (whole-step graphs allowed)
-    trunk: bool (optional)     True: every `hidden` below is the input of the target's last decoder layer
-                               instead of its final (normed) output (parallel heads draft from it)
-    start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
-                               after the prompt's prefill: its final hidden states (after the final norm),
-                               its tokens (right-padded), true lengths (prefix excluded) and the first
-                               generated token (the first step's root)
-    propose(hidden [B, d], root [B]) -> (tree_tokens [B, N], q [B, N-1, V] | None)
-                               hidden: the target's final hidden state at the last accepted node (the one
-                               whose logits gave `root`). q: the distribution each non-root node's token was
-                               drawn from (chain drafters that sample); None means the tokens are fixed
-                               candidates (argmax / top-k), which the lossless rules handle without q.
-    accept(hidden [B, N, d], tree_tokens [B, N], acc: Acceptance, path [B, D+1]) -> None
-                               after verification: the target's hidden states at all N nodes, and the
-                               chosen path's node indices (valid up to acc.accepted); catch up own caches.
+The drafter protocol (start, propose, accept; tree, stateless, trunk, graph_version) is written down in
+drafters/base.py; `self.generator` is the generator of the call in progress (None when greedy).
 """
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Iterator, Sequence
 
 import torch
 
 from flashtune.decoding import verify
 from flashtune.decoding.cache import KVCache
+from flashtune.decoding.drafters.base import Drafter
 from flashtune.decoding.model import BACKENDS, DecoderModel, SlotMask, hf_state_and_prefix
 from flashtune.decoding.sampling import SamplingParams, probs
 from flashtune.decoding.tree import TreeBuffers, tree_buffers
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 
 _MAX_STOP = 16
-
-
-class Drafter(Protocol):
-    tree: TreeBuffers
-    stateless: bool
-
-    def start(self, engine: "Engine", hidden, tokens, lengths, root) -> None: ...
-    def propose(self, hidden, root): ...
-    def accept(self, hidden, tree_tokens, acc: verify.Acceptance, path) -> None: ...
 
 
 @dataclass
@@ -202,6 +178,7 @@ class Engine:
         self._stop = torch.full((_MAX_STOP,), -1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(max_batch_size, max_seq_len + 2, dtype=torch.long, device=self.device)
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
+        self.generator: torch.Generator | None = None  # the call in progress's (drafters draw from it)
 
     def _pick_backend(self, attention: str) -> str:
         """On CUDA the fused Triton kernels of kernels.py (rotary + cache write, attention over each row's
@@ -398,6 +375,7 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else torch.seed())
         rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
+        self.generator = gen
 
         hidden, logits, tokens, lens = self._prefill_prompts(prompts, getattr(drafter, "trunk", False))
         lengths = lens + self.cache.prefix_len

@@ -1,4 +1,4 @@
-"""Turning logits into the sampling distribution p, and drawing from it with a seeded generator.
+"""Turning logits into the sampling distribution p.
 
 `probs(logits, temperature, top_k, top_p)` is *the* target distribution of every decoding mode: plain sampling
 draws from it, and the lossless speculative rules (verify.py) must compare drafts against exactly this p.
@@ -61,16 +61,3 @@ def probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         p = p / p.sum(-1, keepdim=True)
     return p
 
-
-def sample(p: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Draw one token per row of p [..., V] -> int64 [...]."""
-    flat = p.reshape(-1, p.shape[-1])
-    out = torch.multinomial(flat, 1, generator=generator)
-    return out.view(p.shape[:-1])
-
-
-def next_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None = None):
-    """logits [..., V] -> token [...]: argmax when greedy, else a draw from `probs`."""
-    if params.is_greedy:
-        return torch.argmax(logits, dim=-1)
-    return sample(probs(logits, params), generator)

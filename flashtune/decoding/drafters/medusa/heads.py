@@ -8,31 +8,31 @@ its own module (no `[ResBlock] * n` weight sharing).
 
 `MedusaHeads` is also a drafter for `Engine` (stateless): from the hidden state that produced the root token
 it takes each head's top-k and fills the candidate tree. Files: `save(dir)` / `MedusaHeads.load(dir)`
-(medusa_heads.safetensors + medusa_config.json), and `export(dir, layout)` for the Medusa reference code
-(`medusa_lm_head.safetensors` + `config.json`) or vLLM (`model.safetensors` + `config.json`, model_type medusa).
+(medusa_heads.safetensors + medusa_config.json); serving layouts in drafters/export.py.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from flashtune.decoding.drafters.base import (DraftConfig, check_engine, check_state, read_heads, trunk,
+                                              write_heads)
 from flashtune.decoding.tree import default_tree, tree_buffers
-from flashtune.errors import ConfigError, FlashtuneError, check_range
-from flashtune.fileio import atomic_write
+from flashtune.errors import ConfigError, check_range
 
 CONFIG_NAME = "medusa_config.json"
 WEIGHTS_NAME = "medusa_heads.safetensors"
 
 
 @dataclass
-class MedusaConfig:
+class MedusaConfig(DraftConfig):
+    METHOD = "medusa"
+
     hidden_size: int
     vocab_size: int
     num_heads: int = 4
@@ -47,20 +47,11 @@ class MedusaConfig:
         check_range("num_heads", self.num_heads, 1, 16, integer=True)
         check_range("num_layers", self.num_layers, 0, 8, integer=True)
         check_range("topk", self.topk, 1, integer=True)
+        if not isinstance(self.tree, list) or not all(isinstance(p, list) for p in self.tree):
+            raise ConfigError("tree must be a list of index paths like [[0], [0, 0], [1]]")
         for p in self.tree:
             if len(p) > self.num_heads:
                 raise ConfigError(f"tree path {p} is deeper than num_heads={self.num_heads}; shorten it")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "MedusaConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ConfigError(f"unknown Medusa config fields {sorted(unknown)}; allowed: {sorted(known)}")
-        return cls(**d)
 
 
 class ResBlock(nn.Module):
@@ -71,7 +62,7 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.linear.bias)  # upstream leaves the bias at PyTorch's default; zero it too
 
     def forward(self, x):
-        return x + nn.functional.silu(self.linear(x))
+        return x + F.silu(self.linear(x))
 
 
 class MedusaHead(nn.Module):
@@ -125,9 +116,9 @@ class MedusaHeads(nn.Module):
     def forward(self, hidden):
         return torch.stack([h(hidden) for h in self.heads], dim=-2)
 
-    # ------------------------------------------------------------ drafter interface (see engine.py)
+    # ------------------------------------------------------------ drafter protocol (drafters/base.py)
     def start(self, engine, hidden, tokens, lengths, root) -> None:
-        pass
+        check_engine(self.config.to_dict(), engine, "these Medusa heads")
 
     def propose(self, hidden, root):
         """hidden [B, d], root [B] -> tree tokens [B, N]: node tokens from [root, head-1 top-k, ...]."""
@@ -150,67 +141,30 @@ class MedusaHeads(nn.Module):
     def accept(self, hidden, tree_tokens, acc, path) -> None:
         pass
 
+    # ------------------------------------------------------------ training (drafters/base.py: HeadsLoss)
+    def features(self, model, input_ids, attention_mask=None):
+        """The base's final hidden states [B, T, d] (after the final norm: what lm_head and the heads read)."""
+        hidden = trunk(model)(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return hidden, hidden
+
+    def offsets(self, feats, input_ids, attention_mask=None):
+        return [feats] * len(self.heads)  # every head reads the same state
+
+    def offset_logits(self, m: int, x):
+        return self.heads[m](x.to(self.heads[m].out.weight.dtype))
+
     # ------------------------------------------------------------ files
     def save(self, directory) -> Path:
         """Write medusa_heads.safetensors + medusa_config.json atomically into `directory`."""
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        atomic_write(d / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        atomic_write(d / CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(self.config.to_dict(), indent=2)))
-        return d
+        return write_heads(directory, self.state_dict(), self.config, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
-    def load(cls, directory, device=None, dtype=None) -> "MedusaHeads":
-        d = Path(directory)
-        if not (d / CONFIG_NAME).is_file() or not (d / WEIGHTS_NAME).is_file():
-            raise FlashtuneError(f"{d} has no Medusa heads ({CONFIG_NAME} + {WEIGHTS_NAME}); "
-                                 "train them with `flashtune train-heads --method medusa`")
-        cfg = MedusaConfig.from_dict(json.loads((d / CONFIG_NAME).read_text()))
+    def load(cls, directory, device=None, dtype=None, model=None) -> "MedusaHeads":
+        """Heads saved by `save`; with `model`, checked to fit it (hidden size, vocabulary)."""
+        cfg, state = read_heads(directory, MedusaConfig, "Medusa heads", CONFIG_NAME, WEIGHTS_NAME, model)
         heads = cls(cfg)
-        state = load_file(str(d / WEIGHTS_NAME))
-        missing, unexpected = heads.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise FlashtuneError(f"{d / WEIGHTS_NAME} does not match its config (missing {missing[:3]}, "
-                                 f"unexpected {unexpected[:3]}); re-export the heads")
+        check_state(heads, state, Path(directory) / WEIGHTS_NAME)
+        heads.load_state_dict(state)
         heads = heads.to(device=device, dtype=dtype)
         heads.set_tree(cfg.tree or None)
         return heads.eval()
-
-    def export(self, directory, layout: str = "medusa") -> Path:
-        """Write the heads for other engines.
-
-        layout="medusa": FasterDecoding/Medusa's `medusa_lm_head.safetensors` (keys `{head}.{block}.linear.weight`,
-        `.bias`, and `{head}.{num_layers}.weight` for the output layer: an nn.Sequential per head) + config.json
-        with medusa_num_heads, medusa_num_layers, base_model_name_or_path.
-        layout="vllm": vLLM's Medusa draft model: `model.safetensors` with `blocks.{head}.layers.{block}.weight`,
-        `.bias` and `lm_heads.{head}.weight`, config.json with model_type "medusa", num_heads, num_hidden_layers,
-        hidden_size, vocab_size, truncated_vocab_size and medusa_fc_bias=true (our blocks have a bias).
-        """
-        d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
-        c = self.config
-        t = {}
-        for i, head in enumerate(self.heads):
-            for j, blk in enumerate(head.blocks):
-                key = f"{i}.{j}.linear" if layout == "medusa" else f"blocks.{i}.layers.{j}"
-                t[f"{key}.weight"] = blk.linear.weight
-                t[f"{key}.bias"] = blk.linear.bias
-            t[f"{i}.{c.num_layers}.weight" if layout == "medusa" else f"lm_heads.{i}.weight"] = head.out.weight
-        t = {k: v.detach().contiguous().cpu() for k, v in t.items()}
-        if layout == "medusa":
-            name = "medusa_lm_head.safetensors"
-            cfg = {"medusa_num_heads": c.num_heads, "medusa_num_layers": c.num_layers,
-                   "base_model_name_or_path": c.base_model, "hidden_size": c.hidden_size,
-                   "vocab_size": c.vocab_size}
-        elif layout == "vllm":
-            name = "model.safetensors"
-            cfg = {"model_type": "medusa", "architectures": ["MedusaModel"], "hidden_size": c.hidden_size,
-                   "vocab_size": c.vocab_size, "truncated_vocab_size": c.vocab_size, "num_heads": c.num_heads,
-                   "num_hidden_layers": c.num_layers, "medusa_fc_bias": True, "max_paths": 64, "topk": c.topk}
-        else:
-            raise ConfigError(f"layout={layout!r} is not allowed; choose one of 'medusa', 'vllm'")
-        atomic_write(d / name, lambda p: save_file(t, p, metadata={"format": "pt"}))
-        atomic_write(d / "config.json", lambda p: Path(p).write_text(json.dumps(cfg, indent=2)))
-        return d
-
