@@ -13,7 +13,7 @@ import sys
 from flashtune.errors import FlashtuneError
 
 # Modules that add sub-commands, in the order `--help` lists them. A module that is not there yet is skipped.
-COMMAND_MODULES = ["finetune", "evaluate", "generate", "heads", "demo", "agent"]
+COMMAND_MODULES = ["finetune", "evaluate", "generate", "heads", "export", "demo", "agent"]
 
 
 def build_parser() -> argparse.ArgumentParser:

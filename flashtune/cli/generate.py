@@ -12,6 +12,7 @@ import sys
 import time
 
 from flashtune.errors import ConfigError
+from flashtune.models import resolve_device
 
 
 def register(subparsers) -> None:
@@ -61,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
                           f"`flashtune train-heads --method {args.speculative}`)")
     if args.tree not in ("saved", "auto") and not (args.tree.isdigit() and int(args.tree) >= 1):
         raise ConfigError(f"--tree {args.tree!r} is not allowed; use saved, auto or a node count like 15")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if args.invariant and device.type != "cuda":
         raise ConfigError("--invariant runs the engine's Triton kernels, which need a CUDA GPU; drop --invariant "
                           "(on the CPU, fp32 plain and speculative output agree anyway)")

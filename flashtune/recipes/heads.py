@@ -173,11 +173,11 @@ def _train(recipe: HeadsTraining, build, loss_fn, model=None, tokenizer=None, ex
     frozen and before LoRA is attached; loss_fn(wrapper) -> the loss. Returns (wrapper, accuracy [K, topk],
     report dict without the method's own entries); nothing is written yet (see `_finish`)."""
     from flashtune.data import Collator
-    from flashtune.models import load_base_model
+    from flashtune.models import load_base_model, resolve_device
     from flashtune.training import TrainConfig, fit
 
     t0 = time.time()
-    device = torch.device(recipe.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(recipe.device)
     if model is None:
         model, tokenizer = load_base_model(recipe.model or None, dtype=recipe.dtype)
     model.to(device).eval()
