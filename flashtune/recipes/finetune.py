@@ -685,6 +685,11 @@ def top_layers_regex(model, k: int | None) -> str:
     return rf".*\.layers\.({layers})\..*(proj|fc\d?)"
 
 
+def _slots(metrics: dict) -> str:
+    """'  slot errors 3.1%' when the metrics hold them (E2E-style inputs), else ''."""
+    return f"  slot errors {metrics['slot_error_rate']:.1f}%" if "slot_error_rate" in metrics else ""
+
+
 def run_demo(cfg: FinetuneConfig, device=None, overwrite: bool = False, top_layers: int | None = None,
              log=print, say=print, progress: bool = True) -> dict:
     """Score the base model on the held-out inputs, fine-tune (`run_finetune`), score again, write the report.
@@ -710,16 +715,17 @@ def run_demo(cfg: FinetuneConfig, device=None, overwrite: bool = False, top_laye
                progress=progress)
     log(f"scoring the base model on {len(held_out)} held-out inputs ...")
     before = evaluate_generation(model, tok, held_out, **gen)
-    say(f"before: BLEU {before['metrics']['bleu']:.2f}  ROUGE-L {before['metrics']['rouge_l']:.2f}")
+    say(f"before: BLEU {before['metrics']['bleu']:.2f}  ROUGE-L {before['metrics']['rouge_l']:.2f}"
+        + _slots(before["metrics"]))
     res = run_finetune(cfg, log=log, progress=progress, overwrite=overwrite, model=model, tokenizer=tok,
                        device=device)
     after = res["metrics"]
-    say(f"after:  BLEU {after['bleu']:.2f}  ROUGE-L {after['rouge_l']:.2f}  "
+    say(f"after:  BLEU {after['bleu']:.2f}  ROUGE-L {after['rouge_l']:.2f}{_slots(after)}  "
         f"({res['trainable_params']:,} LoRA parameters, {after['steps']} steps in {after['train_time_s']:.0f} s)")
     path = Path(res["report"]).parent / "samples.jsonl"
     trained = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     samples = [dict(s, output_before=b["output"]) for s, b in zip(trained, before["samples"])]
-    keys = ("bleu", "rouge_l", "nist")
+    keys = ("bleu", "rouge_l", "nist", "slot_error_rate", "outputs_correct")
     metrics = {"before": {k: before["metrics"][k] for k in keys if k in before["metrics"]},
                "after": {k: after[k] for k in keys if k in after}}
     total = time.perf_counter() - t0
