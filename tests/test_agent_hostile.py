@@ -174,8 +174,12 @@ def test_browser_request_guard_stops_page_driven_navigation(chromium):
         for target in ("http://169.254.169.254/latest/meta-data/", "http://metadata.google.internal/"):
             p.goto(url)
             p.evaluate(f"location.href = '{target}'")
-            p.wait_for_timeout(200)
-            # the request never went out: Chromium shows its own error page instead
+            # the request never went out: Chromium shows its own error page instead (waited for, so that the
+            # next goto is not interrupted by it)
+            for _ in range(200):     # until the blocked navigation has landed on that page (at most 10 s)
+                if target in ex.blocked and p.url.startswith("chrome-error://"):
+                    break
+                p.wait_for_timeout(50)
             assert target in ex.blocked and not p.url.startswith(target[:20])
         p.evaluate("fetch('http://169.254.169.254/latest/api/token').catch(() => null)")
         p.wait_for_timeout(100)

@@ -205,8 +205,10 @@ def read_state(path) -> dict:
         state = json.loads(file.read_text(encoding="utf-8"))
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
+        # A sharded (torch.distributed.checkpoint) checkpoint keeps each rank's RNG state in files of its own.
+        sharded = state.get("storage") == "dcp-safetensors"
         missing = [k for k in ("step", "param_groups", "scheduler", "scaler", "rng", "position", "log_acc")
-                   if k not in state]
+                   if k not in state and not (sharded and k == "rng")]
         if missing:
             raise ValueError(f"no {missing[0]!r}")
     except (OSError, ValueError) as exc:

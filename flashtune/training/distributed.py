@@ -450,7 +450,7 @@ def save_sharded(out_dir, step: int, trainable: list, optimizer, scheduler, scal
                 shutil.rmtree(final)
             os.replace(tmp, final)
             ckpt._write_json(out_dir / "latest.json", {"checkpoint": str(final.relative_to(out_dir)), "step": step})
-            for old in sorted(root.glob("step-*"))[:-keep] if keep > 0 else []:
+            for old in ckpt.checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:   # by step number
                 shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         if rt.main:
