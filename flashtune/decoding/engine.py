@@ -24,7 +24,11 @@ Drafter interface (used by `MedusaHeads`, the MTP drafter in mtp.py and the para
     tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
     stateless: bool            True if propose() depends on its arguments only (whole-step graphs allowed)
     trunk: bool (optional)     True: every `hidden` below is the input of the target's last decoder layer
-                               instead of its final (normed) output (parallel heads draft from it)
+                               instead of its final (normed) output (parallel heads draft from it); a tuple
+                               of layer ids: the concatenated inputs of those layers, [..., len(ids) * d]
+                               (EAGLE-3 drafts from a low, a middle and a high layer)
+    engine.generator           the sampling call's torch.Generator (None when greedy), set before `start`:
+                               a drafter that samples draws from it, so a call's seed fixes its drafts too
     start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
                                after the prompt's prefill: its final hidden states (after the final norm),
                                its tokens (right-padded), true lengths (prefix excluded) and the first
@@ -202,6 +206,7 @@ class Engine:
         self._stop = torch.full((_MAX_STOP,), -1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(max_batch_size, max_seq_len + 2, dtype=torch.long, device=self.device)
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
+        self.generator = None  # the current sampling call's generator (set by _run)
 
     def _pick_backend(self, attention: str) -> str:
         """On CUDA the fused Triton kernels of kernels.py (rotary + cache write, attention over each row's
@@ -398,6 +403,7 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else torch.seed())
         rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
+        self.generator = gen  # the call's randomness, for drafters that sample (see the Drafter interface)
 
         hidden, logits, tokens, lens = self._prefill_prompts(prompts, getattr(drafter, "trunk", False))
         lengths = lens + self.cache.prefix_len
