@@ -8,7 +8,9 @@ For every drafter given (EAGLE-3 always; Medusa / MTP when their heads folders a
 greedy and temperature 1, in the target's dtype (bf16 on CUDA): wall time of the same prompts with the plain
 engine (measured in the same run, same settings), tokens per step (accepted drafts + 1), the share of steps
 whose first draft was accepted, and the speedup (plain time / drafter time), per category and overall.
-Greedy runs also check that the output equals plain greedy decoding token for token ("lossless").
+Every run reports the share of prompts whose output equals the plain engine's token for token
+(greedy: 1.0 expected in fp32, and in bf16 with --invariant; at temperature 1 the same seed gives different
+but identically distributed outputs, so the share is informative only for greedy).
 
     python bench/specbench.py --eagle runs/eagle3 [--medusa runs/medusa] [--mtp runs/mtp] \
         --out bench/results/specbench-h200.json
@@ -66,7 +68,8 @@ class FirstDraftCounter:
         self.inner.tree = value
 
     def start(self, engine, hidden, tokens, lengths, root):
-        self._active = None
+        if self.counts is None:  # allocated once: captured CUDA graphs keep adding into this very tensor
+            self.counts = torch.zeros(3, dtype=torch.long, device=root.device)
         return self.inner.start(engine, hidden, tokens, lengths, root)
 
     def propose(self, hidden, root):
@@ -74,16 +77,15 @@ class FirstDraftCounter:
 
     def accept(self, hidden, tree_tokens, acc, path):
         a = acc.accepted
-        step = torch.stack([torch.ones_like(a).sum(), (a >= 1).sum(), a.sum()])
-        self.counts = step if self.counts is None else self.counts + step
+        self.counts.add_(torch.stack([torch.ones_like(a).sum(), (a >= 1).sum(), a.sum()]))
         return self.inner.accept(hidden, tree_tokens, acc, path)
 
 
 def run(engine, prompts, batch, drafter, temperature, max_new, seed, stop):
     """(tokens per prompt, seconds, target steps per row summed, accepted first drafts, row steps)."""
     outs, steps_rows = [], 0.0
-    if drafter is not None:
-        drafter.counts = None
+    if drafter is not None and drafter.counts is not None:
+        drafter.counts.zero_()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     t0 = time.perf_counter()
     made = 0
@@ -128,6 +130,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="")
     p.add_argument("--eagle", default="", help="an EAGLE-3 draft folder (train-heads --method eagle3)")
+    p.add_argument("--train-eagle", default="", help="JSON of Eagle3TrainConfig fields: train a draft into "
+                   "--eagle first (when that folder holds none yet)")
     p.add_argument("--medusa", default="")
     p.add_argument("--mtp", default="")
     p.add_argument("--mtp-k", type=int, default=3)
@@ -142,6 +146,8 @@ def main(argv=None):
     p.add_argument("--tree-nodes", type=int, default=48)
     p.add_argument("--dtype", default="", help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--invariant", action="store_true", help="Engine(invariant=True): bf16 greedy speculative "
+                   "output identical to plain greedy (CUDA, Triton backend)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "specbench-h200.json"))
     args = p.parse_args(argv)
 
@@ -161,7 +167,15 @@ def main(argv=None):
     batches = [int(b) for b in args.batch_sizes.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
     longest = max(len(x) for x in prompts)
-    engine = Engine(model, tok, max_batch_size=max(batches), max_seq_len=longest + args.max_new_tokens + 80)
+    engine = Engine(model, tok, max_batch_size=max(batches), max_seq_len=longest + args.max_new_tokens + 80,
+                    invariant=args.invariant)
+    trained = None
+    if args.train_eagle and args.eagle and not (Path(args.eagle) / "eagle3.safetensors").is_file():
+        from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
+
+        fields = {"out_dir": args.eagle, "precision": "bf16" if cuda else "fp32", **json.loads(args.train_eagle)}
+        trained = train_eagle3(Eagle3TrainConfig(**fields), model, tok)
+        print({k: trained[k] for k in ("heldout_step_accuracy", "heldout_tokens_per_step_chain5", "seconds_total")})
     drafters = {k: FirstDraftCounter(v) for k, v in make_drafters(args, model, tok).items()}
     order = sorted(range(len(prompts)), key=lambda i: cats[i])  # category by category
     by_cat = defaultdict(list)
@@ -173,6 +187,22 @@ def main(argv=None):
             for d in [None] + list(drafters.values()):
                 run(engine, [prompts[0]] * b, b, d, t, 8, 0, stop)
     rows = []
+    import transformers
+
+    def save(rows):
+        result = {"benchmark": "spec-bench question.dev.jsonl, first turns", "command": " ".join(sys.argv),
+                  "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
+                  "dtype": dtype, "torch": torch.__version__, "transformers": transformers.__version__,
+                  "max_new_tokens": args.max_new_tokens, "invariant": args.invariant, "per_category": args.per_category or None,
+                  "drafters": {"eagle3-chain": f"depth {args.chain_depth}", "eagle3-tree": f"EAGLE-2 dynamic tree, "
+                               f"depth {args.tree_depth}, topk {args.tree_topk}, {args.tree_nodes} nodes",
+                               "eagle3-chain-sampled": f"depth {args.chain_depth}, drafts sampled at T=1"},
+                  "note": "speedup = plain engine time per token / drafter time per token, same prompts, same "
+                          "run; tokens_per_step and first_draft_acceptance count row steps of active rows",
+                  "eagle_training": trained, "rows": rows}
+        atomic_write_json(args.out, result)
+        return result
+
     for b in batches:
         for t in temps:
             plain = {}
@@ -191,13 +221,12 @@ def main(argv=None):
                            "tokens": made, "tokens_per_step": made / max(srows, 1e-9),
                            "first_draft_acceptance": first, "seconds": dt, "plain_seconds": p_dt,
                            "plain_tokens": p_made, "speedup": (p_dt / max(p_made, 1)) / (dt / max(made, 1)),
-                           "lossless": (outs == p_outs) if t == 0 else None}
+                           "identical_to_plain": sum(a == b for a, b in zip(outs, p_outs)) / len(ps)}
                     rows.append(row)
                     for k, v in (("tokens", made), ("steps", srows), ("seconds", dt), ("plain_seconds", p_dt),
                                  ("plain_tokens", p_made), ("first", (first or 0) * srows)):
                         tot[k] += v
-                    tot["lossless_all"] += 0 if (t == 0 and outs != p_outs) else 1
-                    tot["cats"] += 1
+                    tot["same"] += sum(a == b for a, b in zip(outs, p_outs))
                 overall = {"drafter": name, "batch": b, "temperature": t, "category": "overall",
                            "prompts": len(prompts), "tokens": tot["tokens"],
                            "tokens_per_step": tot["tokens"] / max(tot["steps"], 1e-9),
@@ -205,21 +234,13 @@ def main(argv=None):
                            "seconds": tot["seconds"], "plain_seconds": tot["plain_seconds"],
                            "speedup": (tot["plain_seconds"] / max(tot["plain_tokens"], 1))
                            / (tot["seconds"] / max(tot["tokens"], 1)),
-                           "lossless": (tot["lossless_all"] == tot["cats"]) if t == 0 else None}
+                           "identical_to_plain": tot["same"] / len(prompts)}
                 rows.append(overall)
+                save(rows)
                 print(f"{name:22s} b={b} T={t}: {overall['tokens_per_step']:.2f} tok/step, first-draft "
                       f"{overall['first_draft_acceptance']:.2f}, {overall['speedup']:.2f}x, "
-                      f"lossless={overall['lossless']}", flush=True)
-    import transformers
-
-    result = {"benchmark": "spec-bench question.dev.jsonl, first turns", "command": " ".join(sys.argv),
-              "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
-              "dtype": dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-              "max_new_tokens": args.max_new_tokens, "per_category": args.per_category or None,
-              "note": "speedup = plain engine time per token / drafter time per token, same prompts, same run; "
-                      "tokens_per_step and first_draft_acceptance count row steps of active rows",
-              "rows": rows}
-    atomic_write_json(args.out, result)
+                      f"identical to plain {overall['identical_to_plain']:.2f}", flush=True)
+    result = save(rows)
     print(f"wrote {args.out}")
     return result
 
