@@ -85,7 +85,8 @@ def run(engine, prompts, batch, drafter, temperature, max_new, seed, stop):
     """(tokens per prompt, seconds, target steps per row summed, accepted first drafts, row steps)."""
     outs, steps_rows = [], 0.0
     if drafter is not None and drafter.counts is not None:
-        drafter.counts.zero_()
+        with torch.inference_mode():  # made inside the engine's inference mode
+            drafter.counts.zero_()
     torch.cuda.synchronize() if torch.cuda.is_available() else None
     t0 = time.perf_counter()
     made = 0
