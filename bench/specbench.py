@@ -119,7 +119,8 @@ def make_drafters(args, model, tokenizer):
     if args.medusa:
         from flashtune.decoding import MedusaHeads
 
-        out["medusa"] = MedusaHeads.load(args.medusa, model)
+        p = next(model.parameters())
+        out["medusa"] = MedusaHeads.load(args.medusa, device=p.device, dtype=p.dtype)
     if args.mtp:
         from flashtune.decoding.mtp import MTPDrafter, MTPModules
 

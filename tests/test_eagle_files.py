@@ -142,3 +142,32 @@ def test_self_distill_answers_are_the_targets_greedy_output(target, monkeypatch)
                                                               add_generation_prompt=True))["input_ids"]
     plain = engine.generate([r["prompt_ids"] for r in recs], max_new_tokens=5, stop_tokens=[2]).tokens
     assert [r["answer_ids"] for r in recs] == plain
+
+
+def test_train_eagle3_recipe_writes_a_loadable_draft(target, tmp_path):
+    """The whole recipe on a synthesised-data file: draft, report and data path on disk; the draft loads and
+    drafts losslessly; a config error names its field."""
+    from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
+    from flashtune.errors import ConfigError
+    from tiny import random_ids
+
+    engine = Engine(target, max_batch_size=8, max_seq_len=64)
+    prompts = [random_ids(1, 5, seed=s)[0].tolist() for s in range(12)]
+    answers = engine.generate(prompts[:8], max_new_tokens=10, stop_tokens=[]).tokens + \
+        engine.generate(prompts[8:], max_new_tokens=10, stop_tokens=[]).tokens
+    lines = [json.dumps({"recipe": "magpie+self-distill", "seed": 0, "n_requested": 12, "n": 12})]
+    lines += [json.dumps({"prompt": f"p{i}", "prompt_ids": p, "answer_ids": a}) for i, (p, a) in
+              enumerate(zip(prompts, answers))]
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(lines) + "\n")
+    cfg = Eagle3TrainConfig(out_dir=str(tmp_path / "out"), data=str(data), draft_vocab_size=48, ttt_steps=2,
+                            steps=5, batch_size=4, holdout=4, device="cpu")
+    report = train_eagle3(cfg, model=target, tokenizer=None, log=lambda *_: None)
+    assert report["records"] == 12 and report["data"] == str(data) and len(report["heldout_step_accuracy"]) == 2
+    assert (tmp_path / "out" / "eagle3_report.json").is_file()
+    draft = Eagle3Draft.load(tmp_path / "out", target)
+    ref = engine.generate(prompts[:3], max_new_tokens=8, stop_tokens=[])
+    out = engine.generate(prompts[:3], max_new_tokens=8, stop_tokens=[], speculative=Eagle3Drafter(draft, depth=3))
+    assert out.tokens == ref.tokens
+    with pytest.raises(ConfigError, match="ttt_steps"):
+        Eagle3TrainConfig(ttt_steps=0)

@@ -189,7 +189,7 @@ def fit_draft(model, draft: Eagle3Draft, records: list[dict], cfg: Eagle3TrainCo
         opt.step()
         history.append({"step": step, "loss": float(loss.detach()), "acc": accs})
         if log is not None and (step % 50 == 0 or step == cfg.steps - 1):
-            log(f"step {step}: loss {float(loss):.3f}, acc by step {[round(a, 3) for a in accs]}")
+            log(f"step {step}: loss {float(loss.detach()):.3f}, acc by step {[round(a, 3) for a in accs]}")
     draft.eval()
     return history
 
@@ -269,6 +269,11 @@ def train_eagle3(cfg: Eagle3TrainConfig, model=None, tokenizer=None, log=print) 
     torch.manual_seed(cfg.seed)
     records, data_path = load_records(cfg, model, tokenizer, device, log)
     records = [r for r in records if r["answer_ids"]]
+    if cfg.data == "magpie":  # the same prompts as text, one per line, for training other drafters on them
+        from flashtune.fileio import atomic_write_bytes
+
+        lines = [" ".join(r["prompt"].split()) for r in records if r.get("prompt")]
+        atomic_write_bytes(Path(cfg.out_dir) / "prompts.txt", "\n".join(lines) + "\n")
     if len(records) <= cfg.holdout + 1:
         raise FlashtuneError(f"only {len(records)} usable records for holdout={cfg.holdout}; raise num_prompts")
     train, held = records[: len(records) - cfg.holdout], records[len(records) - cfg.holdout:]
