@@ -196,8 +196,9 @@ def main(argv=None):
                   "device": torch.cuda.get_device_name() if cuda else platform.processor() or "cpu",
                   "dtype": dtype, "torch": torch.__version__, "transformers": transformers.__version__,
                   "max_new_tokens": args.max_new_tokens, "invariant": args.invariant, "per_category": args.per_category or None,
-                  "drafters": {"eagle3-chain": f"depth {args.chain_depth}", "eagle3-tree": f"EAGLE-2 dynamic tree, "
-                               f"depth {args.tree_depth}, topk {args.tree_topk}, {args.tree_nodes} nodes",
+                  "drafters": {"eagle3-chain": f"depth {args.chain_depth}",
+                               "eagle3-tree": f"EAGLE-2 dynamic tree, depth {args.tree_depth}, topk "
+                                              f"{args.tree_topk}, {args.tree_nodes} nodes",
                                "eagle3-chain-sampled": f"depth {args.chain_depth}, drafts sampled at T=1"},
                   "note": "speedup = plain engine time per token / drafter time per token, same prompts, same "
                           "run; tokens_per_step and first_draft_acceptance count row steps of active rows",

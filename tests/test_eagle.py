@@ -63,7 +63,8 @@ DRAFTERS = [dict(depth=4), dict(depth=4, topk=4, nodes=20), dict(depth=1, topk=4
 def test_greedy_identical_random_draft(target, engine, kw):
     prompts = ragged_prompts()
     ref = engine.generate(prompts, max_new_tokens=16, stop_tokens=[])
-    out = engine.generate(prompts, max_new_tokens=16, stop_tokens=[], speculative=Eagle3Drafter(random_draft(target), **kw))
+    drafter = Eagle3Drafter(random_draft(target), **kw)
+    out = engine.generate(prompts, max_new_tokens=16, stop_tokens=[], speculative=drafter)
     assert out.tokens == ref.tokens
 
 

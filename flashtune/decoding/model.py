@@ -382,7 +382,8 @@ class DecoderModel(nn.Module):
         a = self.args
         mask = prepare_mask(mask, self.backend, tokens.shape[1], cache.max_seq, a.n_kv_heads,
                             a.n_heads // a.n_kv_heads, x.dtype)
-        ids = (() if not trunk else (a.n_layers - 1,) if trunk is True else tuple(trunk))  # layers whose input z holds
+        # the layers whose inputs z holds: none, the last (trunk=True) or the given ids
+        ids = () if not trunk else (a.n_layers - 1,) if trunk is True else tuple(trunk)
         if self.backend == "triton" and self.layers[0].fusable:
             from flashtune.decoding.kernels import add_rms_norm
 

@@ -14,7 +14,6 @@ data (Magpie self-synthesis by default, synth.py), draft vocabulary, training, h
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from collections import Counter
