@@ -234,3 +234,14 @@ def test_gpu_greedy_identical_with_cuda_graphs(dtype, invariant):
     sampled = engine.generate(prompts, max_new_tokens=20, temperature=1.0, seed=0, stop_tokens=[],
                               speculative=Eagle3Drafter(random_draft(target), depth=3, temperature=1.0))
     assert all(len(t) == 20 for t in sampled.tokens)
+
+
+def test_engine_hands_over_the_inputs_of_the_aux_layers(target, engine):
+    """trunk = layer ids: the engine's prefill features are the concatenated inputs of those layers, as HF's
+    own hidden_states give them (hidden_states[i] is layer i's input)."""
+    prompt = random_ids(1, 9, seed=4)[0].tolist()
+    with torch.inference_mode():
+        feats = engine._prefill_prompts([prompt], trunk=(2, 0, 3))[0]
+        hs = target.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
+    want = torch.cat([hs[2], hs[0], hs[3]], dim=-1)
+    torch.testing.assert_close(feats[:, : len(prompt)], want, rtol=1e-5, atol=1e-5)
