@@ -113,8 +113,12 @@ class Eagle3Drafter:
     # ---- setup -------------------------------------------------------------------------------------------
     def _setup(self, engine) -> None:
         dev, dt = engine.device, engine.dtype
-        self.layer = copy.deepcopy(self.draft).to(device=dev, dtype=dt).eval()
-        self.layer.__dict__["_target"] = self.draft.target
+        target = self.draft.__dict__.pop("_target")  # bound, not owned: never copied with the draft
+        try:
+            self.layer = copy.deepcopy(self.draft).to(device=dev, dtype=dt).eval()
+        finally:
+            self.draft.__dict__["_target"] = target
+        self.layer.__dict__["_target"] = target
         self.layer.inv_freq = self.draft.inv_freq.float().to(dev)
         self.draft_to_target = self.layer.draft_ids()  # long [Vd]
         c = self.draft.config
