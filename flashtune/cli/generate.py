@@ -31,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--speculative", choices=["none", "medusa", "mtp", "parallel"], default="none")
+    p.add_argument("--speculative", choices=["none", "medusa", "mtp", "parallel", "eagle3"], default="none")
     p.add_argument("--heads", help="folder with Medusa heads, MTP modules or parallel heads (from train-heads)")
     p.add_argument("--draft-tokens", type=int, default=3, help="tokens drafted per step (--speculative mtp)")
     p.add_argument("--tree", default="saved",
@@ -94,6 +94,12 @@ def main(args: argparse.Namespace) -> int:
         from flashtune.decoding.drafters.parallel import ParallelDrafter, ParallelHeads
 
         heads = ParallelDrafter(ParallelHeads.load(args.heads, model))
+    elif args.speculative == "eagle3":  # a chain of --draft-tokens drafts, or EAGLE-2's tree with --tree N
+        from flashtune.decoding.drafters.eagle import Eagle3Draft, Eagle3Drafter
+
+        tree = int(args.tree) if args.tree.isdigit() else None
+        heads = Eagle3Drafter(Eagle3Draft.load(args.heads, model),
+                              depth=args.draft_tokens, topk=8 if tree else 1, nodes=tree)
     longest = max(len(p) for p in prompts)
     tree_nodes = heads.tree.num_nodes if heads is not None else 1
     if args.speculative == "medusa" and args.tree != "saved":  # room for the largest tree tried or asked for

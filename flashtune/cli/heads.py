@@ -18,8 +18,9 @@ def register(subparsers) -> None:
         description="Train Medusa heads (Medusa-1: frozen model; Medusa-2: with LoRA) on the model's own answers "
                     "to E2E-style prompts, then build a candidate tree from their measured accuracies.",
         epilog="Then: flashtune generate --speculative medusa --heads OUT --prompt '...'")
-    p.add_argument("--method", choices=["medusa", "mtp", "parallel"], default="medusa",
-                   help="medusa heads, DeepSeek-V3 MTP modules (docs/mtp.md) or Gloeckle et al. parallel heads")
+    p.add_argument("--method", choices=["medusa", "mtp", "parallel", "eagle3"], default="medusa",
+                   help="medusa heads, DeepSeek-V3 MTP modules (docs/mtp.md), Gloeckle et al. parallel heads or "
+                        "an EAGLE-3 draft layer (docs/eagle.md)")
     p.add_argument("--depth", type=int, default=1, help="MTP modules (--method mtp)")
     p.add_argument("--out", required=True, help="folder for the heads (medusa_heads.safetensors + config)")
     p.add_argument("--model", default="", help="base model: local path or HF id (default: SmolLM2-135M-Instruct)")
@@ -28,7 +29,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-heads", type=int, default=4)
     p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     p.add_argument("--no-self-distill", action="store_true", help="train on the data's references instead")
-    p.add_argument("--data", default="synthetic", help="'synthetic' (E2E-style MRs) or a text file of prompts")
+    p.add_argument("--data", default="synthetic",
+                   help="'synthetic' (E2E-style MRs) or a text file of prompts; eagle3: 'magpie' (prompts the model "
+                        "writes itself, the default there), a synth .jsonl or a text file of prompts")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=96, help="length of self-distilled answers")
     p.add_argument("--steps", type=int, default=300)
@@ -50,6 +53,8 @@ def main(args: argparse.Namespace) -> int:
         from flashtune.decoding.drafters.export import check_exportable
 
         check_exportable(args.method, args.export)
+    if args.method == "eagle3":
+        return _train_eagle3(args)
     common = dict(out_dir=args.out, model=args.model, device=args.device, self_distill=not args.no_self_distill,
                   data=args.data, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
                   steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
@@ -83,4 +88,26 @@ def main(args: argparse.Namespace) -> int:
         print(f"{args.method} saved to {args.out}: held-out top-1 accuracy per depth [{acc}]")
     if args.export:
         print(f"exported for {args.export} to {args.out}/export")
+    return 0
+
+
+def _train_eagle3(args: argparse.Namespace) -> int:
+    from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
+
+    cfg = Eagle3TrainConfig(out_dir=args.out, model=args.model, device=args.device,
+                            data="magpie" if args.data == "synthetic" else args.data, num_prompts=args.num_prompts,
+                            answer_tokens=args.max_new_tokens, steps=args.steps, batch_size=args.batch_size,
+                            lr=args.lr, precision="bf16" if args.precision == "bf16" else "fp32", seed=args.seed)
+    report = train_eagle3(cfg)
+    if args.export:
+        from pathlib import Path
+
+        from flashtune.decoding.drafters.export import export_heads, load_heads
+        from flashtune.models import load_base_model
+
+        model, _ = load_base_model(args.model or None, dtype="float32")
+        export_heads(load_heads(args.out, model), Path(args.out) / "export", args.export, model)
+        print(f"exported for {args.export} to {args.out}/export")
+    acc = ", ".join(f"{a:.2f}" for a in report["heldout_step_accuracy"])
+    print(f"eagle3 saved to {args.out}: held-out accuracy per unrolled step [{acc}]")
     return 0

@@ -369,9 +369,10 @@ class DecoderModel(nn.Module):
         cos, sin = self._rope_values(pos, dtype)
         self._rope_table = (cos[0, :, 0], sin[0, :, 0])
 
-    def forward(self, tokens, positions, cache: KVCache, slots, mask, invariant: bool = False, trunk: bool = False):
+    def forward(self, tokens, positions, cache: KVCache, slots, mask, invariant: bool = False, trunk=False):
         """Final hidden states [B, T, d] (after the final norm); with `trunk`, also the input of the last layer
-        (parallel heads draft from it): (hidden, z). invariant (Triton path, Llama family): batch-invariant
+        (parallel heads draft from it): (hidden, z); with `trunk` a tuple of layer ids, z is the concatenation
+        of the inputs of those layers, [B, T, len(ids) * d] (EAGLE-3 drafts from three). invariant (Triton path, Llama family): batch-invariant
         matmuls (invariant.linear_fixed); pair it with a position-order SlotMask (`ancestors`) for the whole pass
         to be invariant."""
         x = self.embed(tokens)
@@ -381,24 +382,26 @@ class DecoderModel(nn.Module):
         a = self.args
         mask = prepare_mask(mask, self.backend, tokens.shape[1], cache.max_seq, a.n_kv_heads,
                             a.n_heads // a.n_kv_heads, x.dtype)
+        # the layers whose inputs z holds: none, the last (trunk=True) or the given ids
+        ids = () if not trunk else (a.n_layers - 1,) if trunk is True else tuple(trunk)
         if self.backend == "triton" and self.layers[0].fusable:
             from flashtune.decoding.kernels import add_rms_norm
 
-            delta, z = None, None
+            delta, taps = None, {}
             for i, layer in enumerate(self.layers):
-                if trunk and i == a.n_layers - 1:
-                    z = x if delta is None else x + delta
+                if i in ids:
+                    taps[i] = x if delta is None else x + delta
                 x, delta = layer.forward_fused(x, delta, rope, cache, i, slots, mask, invariant)
             bsz, t, dim = x.shape
             out = add_rms_norm(x.view(bsz * t, dim), delta.view(bsz * t, dim), self.norm.weight,
                                self.norm.eps)[1].view(bsz, t, dim)
-            return (out, z) if trunk else out
-        z = None
+            return (out, _taps(taps, ids)) if trunk else out
+        taps = {}
         for i, layer in enumerate(self.layers):
-            if trunk and i == a.n_layers - 1:
-                z = x
+            if i in ids:
+                taps[i] = x
             x = layer(x, rope, cache, i, slots, mask, self.backend, self.fast)
-        return (self.norm(x), z) if trunk else self.norm(x)
+        return (self.norm(x), _taps(taps, ids)) if trunk else self.norm(x)
 
     def logits(self, hidden, invariant: bool = False):
         """The LM head; `invariant`: through invariant.linear_fixed (see `forward`)."""
@@ -473,6 +476,12 @@ def _convert(a: ModelArgs, sd: dict) -> dict:
         out[q + "norm1.weight"], out[q + "norm1.bias"] = sd[p + "ln_1.weight"], sd[p + "ln_1.bias"]
         out[q + "norm2.weight"], out[q + "norm2.bias"] = sd[p + "ln_2.weight"], sd[p + "ln_2.bias"]
     return out
+
+
+def _taps(taps: dict, ids: tuple):
+    """The inputs of layers `ids` (taps: layer id -> [B, T, d]): one tensor, or their concatenation in the order
+    of `ids` -> [B, T, len(ids) * d]."""
+    return taps[ids[0]] if len(ids) == 1 else torch.cat([taps[i] for i in ids], dim=-1)
 
 
 def hf_state_and_prefix(hf_model):

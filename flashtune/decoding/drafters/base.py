@@ -10,7 +10,9 @@ The protocol (`Drafter`), as the engine (engine.py) calls it once per `generate`
     stateless: bool            True if a greedy step (propose, verify, accept) may be captured whole in a CUDA
                                graph: all state in preallocated tensors updated in place, no host reads
     trunk: bool (optional)     True: every `hidden` below is the input of the target's last decoder layer
-                               instead of its final (normed) output (parallel heads draft from it)
+                               instead of its final (normed) output (parallel heads draft from it); a tuple
+                               of layer ids: the concatenated inputs of those layers, [..., len(ids) * d]
+                               (EAGLE-3 drafts from a low, a middle and a high layer)
     graph_version (optional)   bumped whenever the drafter reallocates buffers its graphs read
     start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
                                after the prompt's prefill: its hidden states, its tokens (right-padded), true

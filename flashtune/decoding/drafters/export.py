@@ -63,9 +63,15 @@ def method_of(drafter) -> str:
     return method
 
 
+def _plugins() -> None:
+    """Drafters that register their layouts from their own folder (EAGLE-3)."""
+    import flashtune.decoding.drafters.eagle.export  # noqa: F401
+
+
 def check_exportable(method: str, fmt: str) -> Callable:
     """The writer of `method` for `fmt`, or one line saying which formats serve that method."""
     check_choice("format", fmt, FORMATS)
+    _plugins()
     fn = _EXPORTERS.get((method, fmt))
     if fn is None:
         have = sorted(f for m, f in _EXPORTERS if m == method)
@@ -85,6 +91,7 @@ def export_heads(drafter, out_dir, fmt: str, model=None) -> Path:
 
 def import_heads(directory, model=None, device=None, dtype=None):
     """Read a folder written by `export_heads` (or by another tool in the same layout) back as a drafter."""
+    _plugins()
     d = Path(directory)
     if not (d / CONFIG).is_file():
         raise FlashtuneError(f"{d} has no {CONFIG}; point at a folder written by `flashtune export-heads`")
@@ -269,15 +276,20 @@ def _mtp_import(config: dict, d: Path, model, device, dtype):
 def load_heads(directory, model=None, device=None, dtype=None):
     """The drafter saved in a `train-heads` folder, whichever method wrote it (MTP and parallel heads bind to
     `model`, so they need it)."""
-    from flashtune.decoding.drafters import medusa, mtp, parallel
+    from flashtune.decoding.drafters import eagle, medusa, mtp, parallel
+    from flashtune.decoding.drafters.eagle import model as eagle_model
 
     d = Path(directory)
     if (d / medusa.CONFIG_NAME).is_file():
         return medusa.MedusaHeads.load(d, device=device, dtype=dtype, model=model)
+    if (d / eagle_model.CONFIG_NAME).is_file():
+        if model is None:
+            raise ConfigError(f"{d} holds an EAGLE-3 draft, which binds to its target model; pass it (--model)")
+        return eagle.Eagle3Draft.load(d, model)
     for pkg, cls in ((mtp, mtp.MTPModules), (parallel, parallel.ParallelHeads)):
         if (d / pkg.CONFIG_NAME).is_file():
             if model is None:
                 raise ConfigError(f"{d} holds {cls.__name__}, which bind to their base model; pass it (--model)")
             return cls.load(d, model)
-    raise FlashtuneError(f"{d} holds no heads ({medusa.CONFIG_NAME}, {mtp.CONFIG_NAME} or "
-                         f"{parallel.CONFIG_NAME}); train them with `flashtune train-heads`")
+    raise FlashtuneError(f"{d} holds no heads ({medusa.CONFIG_NAME}, {mtp.CONFIG_NAME}, {parallel.CONFIG_NAME} "
+                         f"or {eagle_model.CONFIG_NAME}); train them with `flashtune train-heads`")

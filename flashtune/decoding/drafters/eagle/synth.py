@@ -1,0 +1,145 @@
+"""Training data for a drafter without an external chat corpus: self-synthesised prompts, self-distilled answers.
+
+Paper: "Magpie: Alignment Data Synthesis from Scratch by Prompting Aligned LLMs with Nothing", Xu et al.,
+arXiv 2406.08464 (2024). An aligned model given only its chat template's prefix up to where a user message
+starts ("pre-query template") writes a user message itself; sampling many of them gives diverse instructions.
+
+Steps: (1) the pre-query template is cut out of the tokenizer's own chat template; (2) the target samples user
+turns from it until its end-of-turn token (turns that never end, or are too short, are dropped); (3) the
+turns are deduplicated (normalised text, then word-trigram Jaccard similarity); (4) the target answers each
+one greedily (self-distillation: the drafter learns exactly what it will have to draft). The records and the
+seed are written to one JSON-lines file, atomically; the first line is the recipe (seed, counts, model).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+
+from flashtune.errors import FlashtuneError
+from flashtune.fileio import atomic_write_bytes
+
+_MARK = "\u2063FLASHTUNE_USER_TURN\u2063"
+
+
+def pre_query_template(tokenizer) -> str:
+    """The chat template's text up to where a user message's content starts (system prompt included)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise FlashtuneError("Magpie prompts need an instruct model whose tokenizer has a chat template; pass your "
+                             "own prompts instead (a text file, one per line)")
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _MARK}], tokenize=False)
+    if _MARK not in text:
+        raise FlashtuneError("the tokenizer's chat template drops the user message; pass your own prompts instead")
+    return text.split(_MARK, 1)[0]
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end a turn: the template's end-of-turn marker and EOS."""
+    from flashtune.data.prompts import stop_token_ids
+
+    return stop_token_ids(tokenizer)
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", re.sub(r"[^\w\s]", "", text.lower())).strip()
+
+
+def _trigrams(text: str) -> set:
+    w = text.split()
+    return {tuple(w[i:i + 3]) for i in range(max(1, len(w) - 2))}
+
+
+def dedupe(texts: list[str], threshold: float = 0.7) -> list[str]:
+    """Keep the first of every group of near-duplicates: equal after normalising (case, punctuation, spaces),
+    or sharing more than `threshold` of their word trigrams (Jaccard)."""
+    kept, seen, grams = [], set(), []
+    for t in texts:
+        n = normalise(t)
+        if not n or n in seen:
+            continue
+        g = _trigrams(n)
+        if any(len(g & h) / max(1, len(g | h)) > threshold for h in grams):
+            continue
+        seen.add(n)
+        grams.append(g)
+        kept.append(t.strip())
+    return kept
+
+
+def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int = 64, temperature: float = 1.0,
+                   top_p: float = 0.95, batch_size: int = 8, min_words: int = 3, max_rounds: int = 8) -> list[str]:
+    """Up to `n` distinct user turns written by the model from its pre-query template (Magpie). Rounds of
+    `batch_size` samples (seeds seed, seed + 1, ...) run until n survive deduplication or `max_rounds` * n
+    samples were drawn."""
+    prefix = tokenizer(pre_query_template(tokenizer), add_special_tokens=False)["input_ids"]
+    stop = end_of_turn_ids(tokenizer)
+    found: list[str] = []
+    call = 0
+    while len(found) < n and call * batch_size < max_rounds * n:
+        out = engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
+                              top_p=top_p, seed=seed * 100003 + call, stop_tokens=stop)
+        call += 1
+        for toks in out.tokens:
+            if not toks or toks[-1] not in stop:  # the turn never ended: cut off, drop it
+                continue
+            text = tokenizer.decode(toks[:-1], skip_special_tokens=True).strip()
+            if len(text.split()) >= min_words:
+                found.append(text)
+        found = dedupe(found)
+    return found[:n]
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of a one-turn chat asking `text`, ready for the assistant's answer."""
+    if getattr(tokenizer, "chat_template", None):
+        s = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                          add_generation_prompt=True)
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
+
+
+def self_distill(engine, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8) -> list[dict]:
+    """The target's own greedy answers: records {"prompt", "prompt_ids", "answer_ids"}."""
+    stop = end_of_turn_ids(tokenizer)
+    records = []
+    for s in range(0, len(prompts), batch_size):
+        chunk = prompts[s: s + batch_size]
+        ids = [chat_prompt_ids(tokenizer, p) for p in chunk]
+        out = engine.generate(ids, max_new_tokens=max_new_tokens, stop_tokens=stop)
+        for p, pid, ans in zip(chunk, ids, out.tokens):
+            records.append({"prompt": p, "prompt_ids": pid, "answer_ids": list(ans)})
+    return records
+
+
+def synthesize(model, tokenizer, n: int, out_path, seed: int = 0, prompt_tokens: int = 64, answer_tokens: int = 128,
+               batch_size: int = 8, device=None, dtype=None) -> list[dict]:
+    """Magpie prompts + self-distilled answers for `model`, written to `out_path` (JSON lines: the recipe, then
+    one record per prompt). Returns the records."""
+    from flashtune.decoding import Engine
+
+    torch.manual_seed(seed)
+    prefix_len = len(tokenizer(pre_query_template(tokenizer), add_special_tokens=False)["input_ids"])
+    engine = Engine(model, tokenizer, max_batch_size=batch_size, device=device, dtype=dtype,
+                    max_seq_len=max(prefix_len + prompt_tokens, prefix_len + prompt_tokens + answer_tokens) + 64)
+    prompts = magpie_prompts(engine, tokenizer, n, seed=seed, max_new_tokens=prompt_tokens, batch_size=batch_size)
+    records = self_distill(engine, tokenizer, prompts, answer_tokens, batch_size)
+    head = {"recipe": "magpie+self-distill", "seed": seed, "n_requested": n, "n": len(records),
+            "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
+            "model": getattr(model.config, "_name_or_path", "") or model.config.model_type}
+    lines = [json.dumps(head)] + [json.dumps(r) for r in records]
+    atomic_write_bytes(Path(out_path), "\n".join(lines) + "\n")
+    return records
+
+
+def read_records(path) -> tuple[dict, list[dict]]:
+    """(recipe, records) of a file written by `synthesize`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlashtuneError(f"{path} does not exist; write it with flashtune's EAGLE-3 recipe (data='magpie')")
+    lines = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    if not lines or "recipe" not in lines[0]:
+        raise FlashtuneError(f"{path} is not a synthesised data file (its first line must be the recipe)")
+    return lines[0], lines[1:]
