@@ -28,7 +28,6 @@ docs/finetune.md). TRL is a benchmark peer only, not a dependency of flashtune.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import platform
@@ -43,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import peak_gib, reset_memory, sync  # noqa: E402
 from flashtune.data import Collator  # noqa: E402
 from flashtune.fileio import atomic_write_json  # noqa: E402
 from flashtune.recipes.finetune import load_config, load_datasets, make_loss_eval, run_finetune  # noqa: E402
@@ -50,21 +50,6 @@ from flashtune.recipes.finetune import load_config, load_datasets, make_loss_eva
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 ROWS = ("flashtune", "flashtune-no-compile", "flashtune-no-fast", "trl", "trl-defaults")
 
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device):
-    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None
 
 
 def environment(device) -> dict:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import gc
 import json
 import math
 import os
@@ -37,6 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import peak_gib, reset_memory, sync  # noqa: E402
 from flashtune.training import TrainConfig, TrainingInterrupted, fit  # noqa: E402
 from flashtune.training.sampler import make_batches  # noqa: E402
 from flashtune.training.speed import compile_blocks  # noqa: E402
@@ -68,21 +68,6 @@ ABLATION = [
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def reset_memory(device):
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-
-
-def peak_gib(device):
-    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-
 
 def allocated_gib(device):
     """Memory held when a row starts training (weights, adapters; more would mean a leak from a prior row)."""
