@@ -143,7 +143,10 @@ def runs(tmp_path_factory):
     pytest-xdist (the first worker runs them under a file lock, the others read its results)."""
     import fcntl
 
-    root = tmp_path_factory.getbasetemp().parent / "distributed-runs"    # shared by the xdist workers
+    # One folder per test session, shared by its xdist workers (their basetemps are popen-gwN under the
+    # session's); without xdist the session's own basetemp (its parent would be shared by every session).
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "distributed-runs"
     root.mkdir(exist_ok=True)
     with open(root / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

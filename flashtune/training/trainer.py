@@ -166,12 +166,15 @@ RESUME_MUST_MATCH = ("lr", "weight_decay", "batch_size", "grad_accum", "max_grad
                      "schedule", "min_lr_ratio", "seed", "drop_last", "precision")
 
 
-def check_resume_config(saved: dict | None, config: TrainConfig, checkpoint) -> None:
-    """ConfigError naming every field of RESUME_MUST_MATCH whose value differs from the checkpoint's."""
+def check_resume_config(saved: dict | None, config: TrainConfig, checkpoint, world_changed: bool = False) -> None:
+    """ConfigError naming every field of RESUME_MUST_MATCH whose value differs from the checkpoint's.
+
+    world_changed: the checkpoint was written by another number of ranks; then grad_accum is not compared,
+    since the distributed runtime recomputes it to keep the checkpoint's global batch."""
     if not isinstance(saved, dict):
         return                                        # a checkpoint written without its config: nothing to compare
     diffs = [f"{k}={getattr(config, k)!r} (the checkpoint has {saved[k]!r})" for k in RESUME_MUST_MATCH
-             if k in saved and saved[k] != getattr(config, k)]
+             if k in saved and saved[k] != getattr(config, k) and not (world_changed and k == "grad_accum")]
     if diffs:
         raise ConfigError(f"resume=True with hyper-parameters that differ from {checkpoint}: {'; '.join(diffs)}; "
                           f"resume with the checkpoint's values, or start a new run (overwrite=True or another "
@@ -312,7 +315,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         distributed.barrier()
         existing = None
     if config.resume and existing is not None:          # issue 13: refuse changed hyper-parameters
-        check_resume_config(ckpt.read_state(existing).get("config"), config, existing)
+        state = ckpt.read_state(existing)
+        saved_world = (state.get("distributed") or {}).get("world", 1)
+        check_resume_config(state.get("config"), config, existing, world_changed=saved_world != rt.world)
     if rt.main:
         ckpt.remove_stale(out_dir)                       # issue 13: temp folders of a crashed writer
     config = rt.adapt_config(config, existing)        # [distributed] keep the global batch across world sizes
