@@ -185,6 +185,28 @@ def check_base(saved: dict, model) -> None:
     check_dims(saved, base_dims(model), "these heads")
 
 
+class BoundToBase:
+    """Mixin for drafter modules that use the base model's embedding, output head and rotary tables without
+    owning them (MTP modules, parallel heads): `bind(model)` checks the shapes and keeps a reference outside
+    the module tree, so the base is never saved, moved or trained with the drafter. Needs `self.config`
+    (a dataclass of the base's dimensions) and `self.logits(m, x)`."""
+
+    def bind(self, model) -> None:
+        check_base(dataclasses.asdict(self.config), model)
+        self.__dict__["_base"] = model  # not a registered submodule
+
+    @property
+    def base(self):
+        return self.__dict__["_base"]
+
+    @property
+    def lm_head(self) -> nn.Module:
+        return self.base.get_output_embeddings()
+
+    def offset_logits(self, m: int, x: torch.Tensor) -> torch.Tensor:  # the training interface's name
+        return self.logits(m, x)
+
+
 def check_engine(saved: dict, engine, what: str) -> None:
     """The same check against a decoding engine (its compact copy of the target)."""
     a = engine.model.args

@@ -27,15 +27,15 @@ main LM loss when the trunk is trained too. λ follows a step schedule in traini
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashtune.decoding.drafters.base import (IGNORE_INDEX, DraftConfig, HeadsLoss, WithHeads, base_dims,
-                                              check_base, decoder_layers, final_norm, last_param, new_block,
+from flashtune.decoding.drafters.base import (IGNORE_INDEX, BoundToBase, DraftConfig, HeadsLoss, WithHeads, base_dims,
+                                              decoder_layers, final_norm, last_param, new_block,
                                               read_heads, rms_norm, rotary, run_block, sequence_mask,
                                               trunk, write_heads)
 from flashtune.errors import FlashtuneError, check_choice, check_range
@@ -117,7 +117,7 @@ class MTPLayer(nn.Module):
         return run_block(self.block, x, positions, mask, rope, cache)
 
 
-class MTPModules(nn.Module):
+class MTPModules(BoundToBase, nn.Module):
     """D MTP modules bound to a base causal LM (its embedding, lm_head and rotary tables are shared).
 
     Build new ones with `MTPModules.build(model, depth=...)`, or load with `MTPModules.load(dir, model)`.
@@ -137,22 +137,9 @@ class MTPModules(nn.Module):
         """New modules for `model` (build them before attaching LoRA to it: the block copies its last layer)."""
         return cls(MTPConfig(depth=depth, **kwargs, **base_dims(model)), model)
 
-    def bind(self, model) -> None:
-        """Share the base's embedding, output head and rotary tables: the same tensors, never copies."""
-        check_base(asdict(self.config), model)
-        self.__dict__["_base"] = model  # not a registered submodule: not saved, not moved, not trained here
-
-    @property
-    def base(self):
-        return self.__dict__["_base"]
-
     @property
     def embed_tokens(self) -> nn.Module:
         return self.base.get_input_embeddings()
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.base.get_output_embeddings()
 
     def logits(self, m: int, out: torch.Tensor) -> torch.Tensor:
         """Module m's output [B, q, d] -> logits [B, q, V]."""
@@ -192,9 +179,6 @@ class MTPModules(nn.Module):
 
     def offsets(self, feats, input_ids, attention_mask=None):
         return self(feats, input_ids, attention_mask)
-
-    def offset_logits(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(m, x)
 
     # ---- files ---------------------------------------------------------------------------------------
     def deepseek_state_dict(self) -> dict[str, torch.Tensor]:

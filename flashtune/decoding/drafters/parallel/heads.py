@@ -20,13 +20,13 @@ Drafting: parallel/drafter.py.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from flashtune.decoding.drafters.base import (DraftConfig, HeadsLoss, WithHeads, base_dims, check_base, check_state,
+from flashtune.decoding.drafters.base import (BoundToBase, DraftConfig, HeadsLoss, WithHeads, base_dims, check_state,
                                               decoder_layers, final_norm, new_block, read_heads,
                                               rotary, run_block, sequence_mask, trunk, write_heads)
 from flashtune.errors import FlashtuneError, check_choice, check_range
@@ -55,7 +55,7 @@ class ParallelHeadsConfig(DraftConfig):
         check_choice("init", self.init, ("last_layer", "random"))
 
 
-class ParallelHeads(nn.Module):
+class ParallelHeads(BoundToBase, nn.Module):
     """Heads 2..n (head 1 is the base's last layer), bound to the base's final norm, lm_head and rotary."""
 
     def __init__(self, config: ParallelHeadsConfig, model, fresh: bool = False):
@@ -70,18 +70,9 @@ class ParallelHeads(nn.Module):
         return cls(ParallelHeadsConfig(n_heads=n_heads, **kwargs, **base_dims(model)), model)
 
     def bind(self, model) -> None:
-        check_base(asdict(self.config), model)
         if len(decoder_layers(model)) < 2:
             raise FlashtuneError("parallel heads need a base model with at least 2 decoder layers")
-        self.__dict__["_base"] = model
-
-    @property
-    def base(self):
-        return self.__dict__["_base"]
-
-    @property
-    def lm_head(self) -> nn.Module:
-        return self.base.get_output_embeddings()
+        super().bind(model)
 
     def logits(self, m: int, out: torch.Tensor) -> torch.Tensor:
         """Head m+2's output [B, q, d] -> logits [B, q, V] through the shared unembedding (final norm + head)."""
@@ -106,9 +97,6 @@ class ParallelHeads(nn.Module):
 
     def offsets(self, feats, input_ids, attention_mask=None):
         return self(feats, attention_mask)
-
-    def offset_logits(self, m: int, x: torch.Tensor) -> torch.Tensor:
-        return self.logits(m, x)
 
     def save(self, directory) -> Path:
         return write_heads(directory, self.state_dict(), self.config, CONFIG_NAME, WEIGHTS_NAME)
