@@ -20,3 +20,38 @@ def reset_memory(device) -> None:
 def peak_gib(device):
     """Peak allocated GiB since the last reset_memory (None off the GPU)."""
     return round(torch.cuda.max_memory_allocated() / 2**30, 3) if device.type == "cuda" else None
+
+
+def environment(device, modules=("peft", "triton")) -> dict:
+    """Versions and device for a result file: torch, transformers, python, each of `modules` (None when absent)."""
+    import platform
+
+    import transformers
+
+    info = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "python": platform.python_version(), "device": str(device)}
+    for mod in modules:
+        try:
+            info[mod] = __import__(mod).__version__
+        except ImportError:
+            info[mod] = None
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def smoke_model(max_positions: int = 512):
+    """A tiny random Llama with the default model's tokenizer (its chat template and vocabulary), for CPU dry
+    runs of the benchmarks."""
+    import transformers as tf
+
+    from flashtune.models import default_model_dir
+
+    tok = tf.AutoTokenizer.from_pretrained(str(default_model_dir()))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    torch.manual_seed(0)
+    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    return tf.LlamaForCausalLM(cfg).eval(), tok

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 import platform
 import sys
@@ -38,6 +37,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import smoke_model  # noqa: E402
 from flashtune.recipes.finetune import build_tuner_config, make_loss_eval, trainable_parameters  # noqa: E402
 from flashtune.data import Collator, example_length, load_e2e_csv, make_lm_dataset, split_by_mr  # noqa: E402
 from flashtune.evaluation import evaluate_generation, slot_error_scores, write_json  # noqa: E402
@@ -72,19 +72,8 @@ def load_model(args):
     dtype = "bfloat16" if args.precision == "bf16" else "float32"
     if not args.smoke:
         return load_base_model(None, dtype=dtype, device=args.device)
-    # Smoke: a tiny random Llama with the default model's tokenizer (its chat template, its vocabulary).
-    import transformers as tf
-
-    from flashtune.models import default_model_dir
-
-    tok = tf.AutoTokenizer.from_pretrained(str(default_model_dir()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return tf.LlamaForCausalLM(cfg).to(args.device).eval(), tok
+    model, tok = smoke_model()      # a tiny random Llama with the default model's tokenizer
+    return model.to(args.device), tok
 
 
 def parse_decode(spec: str) -> list[dict]:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -42,7 +41,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import peak_gib, reset_memory, sync  # noqa: E402
+from common import environment, peak_gib, reset_memory, smoke_model, sync  # noqa: E402
 from flashtune.data import Collator  # noqa: E402
 from flashtune.fileio import atomic_write_json  # noqa: E402
 from flashtune.recipes.finetune import load_config, load_datasets, make_loss_eval, run_finetune  # noqa: E402
@@ -50,21 +49,6 @@ from flashtune.recipes.finetune import load_config, load_datasets, make_loss_eva
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear"}
 ROWS = ("flashtune", "flashtune-no-compile", "flashtune-no-fast", "trl", "trl-defaults")
 
-
-
-def environment(device) -> dict:
-    import transformers
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version(), "device": str(device)}
-    for mod in ("peft", "trl", "datasets", "triton"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
 
 
 def bench_config(args, out_dir: str):
@@ -80,22 +64,6 @@ def bench_config(args, out_dir: str):
     return load_config(None, [(["out_dir"], out_dir), (["data"], data), (["method"], {"name": "lora", **LORA}),
                               (["train"], train),
                               (["eval"], {"num_beams": 1, "max_new_tokens": 40, "max_inputs": 8, "batch_size": 8})])
-
-
-def smoke_model():
-    """A tiny random Llama with the default model's tokenizer (CPU dry runs)."""
-    import transformers as tf
-
-    from flashtune.models import default_model_dir
-
-    tok = tf.AutoTokenizer.from_pretrained(str(default_model_dir()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    return tf.LlamaForCausalLM(cfg).eval(), tok
 
 
 def val_loss(model, tok, val_ds, device, precision) -> float:
@@ -238,7 +206,7 @@ def main(argv=None) -> int:
         tok = AutoTokenizer.from_pretrained(str(default_model_dir()))
     train_ds, val_ds, _ = load_datasets(bench_config(args, "unused").data, tok)
     tokens_per_example = sum(len(ex["input_ids"]) for ex in train_ds) / len(train_ds)
-    result = {"bench": "finetune", "smoke": args.smoke, "env": environment(device),
+    result = {"bench": "finetune", "smoke": args.smoke, "env": environment(device, ("peft", "trl", "datasets", "triton")),
               "setup": {"model": "tiny random Llama" if args.smoke else "SmolLM2-135M-Instruct",
                         "data": "E2E (cleaned development split) minus held-out MRs", "lora": LORA,
                         "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "warmup": args.warmup,

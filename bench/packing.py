@@ -30,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from common import smoke_model  # noqa: E402
 from flashtune.data import Collator, build_datasets, check_packing, load_records  # noqa: E402
 from flashtune.data.e2e import default_e2e_path  # noqa: E402
 from flashtune.data.packing import packing_efficiency  # noqa: E402
@@ -59,18 +60,8 @@ def load_model(args):
 
     if not args.smoke:
         return load_base_model(None, dtype="bfloat16" if args.device == "cuda" else "float32", device=args.device)
-    import transformers as tf
-
-    from flashtune.models import default_model_dir
-
-    tok = tf.AutoTokenizer.from_pretrained(str(default_model_dir()))
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    torch.manual_seed(0)
-    cfg = tf.LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                         tie_word_embeddings=True)
-    model = tf.LlamaForCausalLM(cfg).to(args.device).eval()
+    model, tok = smoke_model(max_positions=1024)   # a tiny random Llama with the default model's tokenizer
+    model = model.to(args.device)
     model.set_attn_implementation("sdpa")
     return model, tok
 

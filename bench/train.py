@@ -23,7 +23,6 @@ import csv
 import json
 import math
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from common import peak_gib, reset_memory, sync  # noqa: E402
+from common import environment, peak_gib, reset_memory, sync  # noqa: E402
 from flashtune.training import TrainConfig, TrainingInterrupted, fit  # noqa: E402
 from flashtune.training.sampler import make_batches  # noqa: E402
 from flashtune.training.speed import compile_blocks  # noqa: E402
@@ -211,21 +210,6 @@ def precision_row(args, shape, device, data, precision, out_root):
 
 
 # -------------------------------------------------------------------------------------------------- main
-def environment(device):
-    import transformers
-
-    info = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-            "device": str(device), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32}
-    for mod in ("triton", "peft"):
-        try:
-            info[mod] = __import__(mod).__version__
-        except ImportError:
-            info[mod] = None
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
 def summarize(result):
     rows = result["peft"]["rows"]
     base = next((r for r in rows if r.get("name") == "HF PEFT" and "tokens_per_s" in r), None)
@@ -275,7 +259,7 @@ def main(argv=None):
                                            else ROOT / "bench/results/train.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    result = {"bench": "train", "smoke": smoke, "env": environment(device),
+    result = {"bench": "train", "smoke": smoke, "env": {**environment(device), "tf32_matmul": torch.backends.cuda.matmul.allow_tf32},
               "shape": {**shape, "batch": args.batch, "seq": args.seq, "lora_r": args.rank,
                         "lora_targets": PROJECTIONS},
               "peft": {"rows": [], "warm_steps": args.warm, "timed_steps": args.timed},
