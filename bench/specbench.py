@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -32,7 +33,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-DATA = ROOT.parent.parent / "shared" / "data" / "spec_bench" / "question.dev.jsonl"
+# The prompts live beside the checkout (../shared/data/spec_bench/); on a machine without it (the GPU machine),
+# carry the file and point $FLASHTUNE_SPECBENCH_DATA at it.
+DATA = Path(os.environ.get("FLASHTUNE_SPECBENCH_DATA")
+            or ROOT.parent / "shared" / "data" / "spec_bench" / "question.dev.jsonl")
 
 
 def load_questions(path: Path, per_category: int | None) -> list[dict]:
