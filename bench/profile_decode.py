@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from flashtune.decoding import Engine, MedusaHeads  # noqa: E402
-from flashtune.decoding.mtp import MTPDrafter, MTPModules  # noqa: E402
+from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules  # noqa: E402
 from flashtune.decoding.tree import default_tree  # noqa: E402
 
 

@@ -28,7 +28,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
+from flashtune.errors import ConfigError, FlashtuneError, check_bool, check_choice, check_range
 
 TASKS = ("e2e", "synthetic", "text", "file")
 FORMATS = ("", "messages", "prompt_completion", "text", "e2e")   # "": detected from the columns
@@ -84,16 +84,13 @@ class DataSection:
             self.task = "file"     # `--data my.jsonl` on the default config: the file is the data
         check_choice("task", self.task, TASKS)
         check_choice("format", self.format, FORMATS)
-        if not isinstance(self.pack, bool):
-            raise ConfigError(f"pack={self.pack!r} must be true or false")
+        check_bool("pack", self.pack)
         if self.task == "file" and not self.path:
             raise ConfigError("path='' is not allowed with task='file'; set data.path (--data) to a data file")
         check_choice("refs", self.refs, ("all", "first"))
         check_range("num_examples", self.num_examples, 2, integer=True)
         check_range("max_inputs", self.max_inputs, 0, integer=True)
         check_range("val_size", self.val_size, 0, low_open=True)
-        if not math.isfinite(self.val_size):
-            raise ConfigError(f"val_size={self.val_size!r} must be a finite count or a fraction in (0, 1)")
         check_range("max_length", self.max_length, 8, integer=True)
         check_range("block_size", self.block_size, 2, integer=True)
         check_range("seed", self.seed, 0, integer=True)
@@ -145,13 +142,7 @@ class FinetuneConfig:
         bad = sorted(set(self.train) - fields)
         if bad:
             raise ConfigError(f"unknown field 'train.{bad[0]}'; allowed: {', '.join(sorted(fields))}")
-        for key, value in self.train.items():   # TOML reads nan / inf as floats; no field allows them
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ConfigError(f"train.{key}={value!r} must be a finite number")
-        try:
-            return TrainConfig(out_dir=self.out_dir, **{**self.train, **extra})
-        except ConfigError as exc:
-            raise ConfigError(f"train.{exc}") from None
+        return _construct(TrainConfig, {"out_dir": self.out_dir, **self.train, **extra}, "train")
 
     def to_dict(self) -> dict:
         return {"out_dir": self.out_dir, "model": dataclasses.asdict(self.model),
@@ -178,17 +169,23 @@ class FinetuneConfig:
         return cls(**kwargs)
 
 
-def _section(cls, data, name):
-    if not isinstance(data, dict):
-        raise ConfigError(f"[{name}] must be a table of fields")
+def _construct(cls, data: dict, section: str, context: str = ""):
+    """cls(**data) with unknown fields refused and errors prefixed by the section (`train.lr=...`); the value
+    checks themselves (finite numbers, ranges) are the config class's own."""
     fields = [f.name for f in dataclasses.fields(cls)]
     for key in data:
         if key not in fields:
-            raise ConfigError(f"unknown field '{name}.{key}'; allowed: {', '.join(fields)}")
+            raise ConfigError(f"unknown field '{section}.{key}'{context}; allowed: {', '.join(fields)}")
     try:
         return cls(**data)
     except ConfigError as exc:
-        raise ConfigError(f"{name}.{exc}") from None
+        raise ConfigError(f"{section}.{exc}") from None
+
+
+def _section(cls, data, name):
+    if not isinstance(data, dict):
+        raise ConfigError(f"[{name}] must be a table of fields")
+    return _construct(cls, data, name)
 
 
 def build_tuner_config(method: str, options: dict | None = None):
@@ -197,9 +194,6 @@ def build_tuner_config(method: str, options: dict | None = None):
     import flashtune.tuners as tuners
 
     opts = {**METHOD_DEFAULTS[method], **(options or {})}
-    for key, value in opts.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"method.{key}={value!r} must be a finite number")
     if method == "lora":
         cls = tuners.LoraConfig
     elif method == "prefix":
@@ -208,14 +202,7 @@ def build_tuner_config(method: str, options: dict | None = None):
         cls = tuners.AdapterConfig
         if opts.setdefault("adapter_type", method) != method:
             raise ConfigError(f"method.adapter_type={opts['adapter_type']!r} contradicts method.name={method!r}")
-    fields = [f.name for f in dataclasses.fields(cls)]
-    for key in opts:
-        if key not in fields:
-            raise ConfigError(f"unknown field 'method.{key}' for method {method!r}; allowed: {', '.join(fields)}")
-    try:
-        return cls(**opts)
-    except ConfigError as exc:
-        raise ConfigError(f"method.{exc}") from None
+    return _construct(cls, opts, "method", f" for method {method!r}")
 
 
 # ------------------------------------------------------------------------------------------ config input

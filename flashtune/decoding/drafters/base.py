@@ -73,22 +73,22 @@ def trunk(model) -> nn.Module:
     return inner
 
 
-def decoder_layers(model) -> nn.ModuleList:
+def _trunk_part(model, names: tuple[str, str], kind: type, what: str):
+    """The decoder stack's attribute named names[0] (Llama family) or names[1] (GPT-2), of type `kind`."""
     inner = trunk(model)
-    for name in ("layers", "h"):
-        layers = getattr(inner, name, None)
-        if isinstance(layers, nn.ModuleList):
-            return layers
-    raise FlashtuneError(f"cannot find the decoder layers of {type(model).__name__}; supported: Llama-family, GPT-2")
+    for name in names:
+        part = getattr(inner, name, None)
+        if isinstance(part, kind):
+            return part
+    raise FlashtuneError(f"cannot find the {what} of {type(model).__name__}; supported: Llama-family, GPT-2")
+
+
+def decoder_layers(model) -> nn.ModuleList:
+    return _trunk_part(model, ("layers", "h"), nn.ModuleList, "decoder layers")
 
 
 def final_norm(model) -> nn.Module:
-    inner = trunk(model)
-    for name in ("norm", "ln_f"):
-        norm = getattr(inner, name, None)
-        if isinstance(norm, nn.Module):
-            return norm
-    raise FlashtuneError(f"cannot find the final norm of {type(model).__name__}; supported: Llama-family, GPT-2")
+    return _trunk_part(model, ("norm", "ln_f"), nn.Module, "final norm")
 
 
 def rotary(model):
@@ -215,6 +215,17 @@ def check_engine(saved: dict, engine, what: str) -> None:
 
 # ----------------------------------------------------------------------------------------------------------
 # Configs and head files.
+
+@dataclasses.dataclass
+class BaseDims:
+    """The base model a drafter binds to, as `base_dims(model)` reads it when the drafter is built (MTP
+    modules, parallel heads) and `check_base` compares it when a file is loaded."""
+
+    model_type: str = ""
+    hidden_size: int = 0
+    vocab_size: int = 0
+    num_base_layers: int = 0
+
 
 class DraftConfig:
     """Mixin for the drafters' config dataclasses: JSON round trip with a `method` tag, unknown fields refused."""

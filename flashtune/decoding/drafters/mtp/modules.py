@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashtune.decoding.drafters.base import (IGNORE_INDEX, BoundToBase, DraftConfig, HeadsLoss, WithHeads, base_dims,
+from flashtune.decoding.drafters.base import (IGNORE_INDEX, BaseDims, BoundToBase, DraftConfig, HeadsLoss, WithHeads, base_dims,
                                               decoder_layers, final_norm, last_param, new_block,
                                               read_heads, rms_norm, rotary, run_block, sequence_mask,
                                               trunk, write_heads)
@@ -45,7 +45,7 @@ WEIGHTS_NAME = "mtp.safetensors"
 
 
 @dataclass
-class MTPConfig(DraftConfig):
+class MTPConfig(BaseDims, DraftConfig):
     """MTP modules. depth: D modules in sequence. λ is `lambda_initial` for the first `lambda_switch_tokens`
     training tokens (None: always), then `lambda_final` (DeepSeek-V3: 0.3 for 10T tokens, then 0.1).
     recycle: which output of a module feeds the next one ("pre_norm" as DeepSeek-V3 trains and vLLM drafts,
@@ -60,10 +60,6 @@ class MTPConfig(DraftConfig):
     lambda_switch_tokens: int | None = None
     recycle: str = "pre_norm"
     init: str = "last_layer"
-    model_type: str = ""
-    hidden_size: int = 0
-    vocab_size: int = 0
-    num_base_layers: int = 0
 
     def __post_init__(self):
         check_range("depth", self.depth, 1, 16, integer=True)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flashtune.decoding.drafters.base import (BoundToBase, DraftConfig, HeadsLoss, WithHeads, base_dims, check_state,
+from flashtune.decoding.drafters.base import (BaseDims, BoundToBase, DraftConfig, HeadsLoss, WithHeads, base_dims, check_state,
                                               decoder_layers, final_norm, new_block, read_heads,
                                               rotary, run_block, sequence_mask, trunk, write_heads)
 from flashtune.errors import FlashtuneError, check_choice, check_range
@@ -36,7 +36,7 @@ WEIGHTS_NAME = "parallel_heads.safetensors"
 
 
 @dataclass
-class ParallelHeadsConfig(DraftConfig):
+class ParallelHeadsConfig(BaseDims, DraftConfig):
     """n_heads: heads in all, head 1 being the base's own last layer (so n_heads - 1 drafts per step).
     init: new heads start as copies of the base's last layer ("last_layer") or at random. The remaining fields
     describe the base model and are filled in by `ParallelHeads.build`."""
@@ -45,10 +45,6 @@ class ParallelHeadsConfig(DraftConfig):
 
     n_heads: int = 4
     init: str = "last_layer"
-    model_type: str = ""
-    hidden_size: int = 0
-    vocab_size: int = 0
-    num_base_layers: int = 0
 
     def __post_init__(self):
         check_range("n_heads", self.n_heads, 2, 16, integer=True)
