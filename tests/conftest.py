@@ -37,3 +37,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A tiny random Llama saved to disk with the character tokenizer (which has a chat template): what the
+    CLI tests pass as --model."""
+    from test_data import char_tokenizer
+    from tiny import tiny_model
+
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tiny_model("llama", seed=0).save_pretrained(path)
+    char_tokenizer().save_pretrained(path)
+    return str(path)

@@ -10,19 +10,9 @@ import torch
 from flashtune.cli import main
 from flashtune.recipes.finetune import FinetuneConfig, load_config, parse_override
 from flashtune.errors import ConfigError, MissingDependencyError
-from test_data import char_tokenizer
-from tiny import tiny_model
 
 SMALL = ["--set", "data.num_examples=24", "--set", "data.val_size=4", "--set", "eval.max_new_tokens=4",
          "--set", "train.log_every=1", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tiny_model("llama", seed=0).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def _one_error_line(capsys):

@@ -4,21 +4,10 @@ reads back to the same weights."""
 
 from __future__ import annotations
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
 from flashtune.cli import main
-from test_data import char_tokenizer
-from tiny import tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-llama-eagle")
-    tiny_model("llama", seed=0).save_pretrained(path)
-    char_tokenizer().save_pretrained(path)
-    return str(path)
 
 
 def _generated(capsys, argv):
