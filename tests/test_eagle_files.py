@@ -54,7 +54,7 @@ def test_served_layout_names_shapes_and_aux_ids(draft, tmp_path):
     assert torch.equal(torch.arange(c.draft_vocab_size) + t["d2t"], torch.arange(5, VOCAB, 3))
 
 
-@pytest.mark.parametrize("engine_name", ["vllm", "sglang"])
+@pytest.mark.parametrize("engine_name", ["vllm", "sglang", "speculators"])
 def test_export_import_round_trip_reproduces_drafts(target, draft, tmp_path, engine_name):
     export_eagle3(draft, tmp_path, engine_name, dtype="float32")
     back = import_eagle3(tmp_path, target)

@@ -15,9 +15,9 @@ our block is the base's own layer class, so the names and config conform but onl
 run in those engines as is.
 
 Each `config.json` also carries a "flashtune" entry (the drafter's own config: tree, recycle, ...) so that
-`import_heads` restores drafts bit for bit. `vllm-project/speculators` reads EAGLE-3 folders (its MTP format
-takes Qwen3-family layers only, and it has no Medusa format): EAGLE-3 registers its writers here
-(`register_exporter("eagle3", fmt)`, `register_importer`) from drafters/eagle/.
+`import_heads` restores drafts bit for bit. EAGLE-3 registers its writers here (`register_exporter("eagle3",
+fmt)`, `register_importer`) from drafters/eagle/, in all three formats; `vllm-project/speculators` has no Medusa
+format and its MTP format takes Qwen3-family layers only, so those two refuse "speculators".
 """
 
 from __future__ import annotations
