@@ -14,6 +14,8 @@ but identically distributed outputs, so the share is informative only for greedy
 
     python bench/specbench.py --eagle runs/eagle3 [--medusa runs/medusa] [--mtp runs/mtp] \
         --out bench/results/specbench-h200.json
+    python bench/specbench.py --eagle runs/eagle3 --train-eagle '{"steps": 600}' --medusa runs/medusa \
+        --mtp runs/mtp --train-heads '{"steps": 300}'   # trains all three on the same Magpie data first
     python bench/specbench.py --eagle runs/eagle3 --per-category 1 --batch-sizes 1 --max-new-tokens 16  # CPU dry run
 """
 
@@ -111,6 +113,27 @@ def run(engine, prompts, batch, drafter, temperature, max_new, seed, stop):
     return outs, dt, made, steps_rows, first
 
 
+def train_heads(args, model, tokenizer, cuda: bool) -> dict:
+    """Medusa-1 heads and an MTP module trained on the EAGLE-3 draft's data.jsonl (Magpie prompts, the target's
+    greedy answers); returns their reports (summaries)."""
+    from flashtune.recipes.heads import MedusaRecipe, MTPRecipe, train_medusa_heads, train_mtp_heads
+
+    data = Path(args.eagle) / "data.jsonl"
+    common = {"data": str(data), "num_prompts": 100000, "precision": "bf16" if cuda else "fp32",
+              **json.loads(args.train_heads)}
+    out = {}
+    for name, folder, recipe, fn in (("medusa", args.medusa, MedusaRecipe, train_medusa_heads),
+                                     ("mtp", args.mtp, MTPRecipe, train_mtp_heads)):
+        if not folder or any(Path(folder).glob("*.safetensors")):
+            continue
+        report = fn(recipe(out_dir=folder, **common), model=model, tokenizer=tokenizer, progress=False)
+        out[name] = {k: report.get(k) for k in ("examples", "final_loss", "head_top1", "depth_top1",
+                                                "expected_tokens_per_step", "seconds_data", "seconds_train")}
+        print(name, out[name], flush=True)
+    model.eval()
+    return out
+
+
 def make_drafters(args, model, tokenizer):
     from flashtune.decoding.drafters.eagle import Eagle3Draft, Eagle3Drafter
 
@@ -140,6 +163,9 @@ def main(argv=None):
                    "--eagle first (when that folder holds none yet)")
     p.add_argument("--medusa", default="")
     p.add_argument("--mtp", default="")
+    p.add_argument("--train-heads", default="", help="JSON of head-recipe fields shared by Medusa and MTP (e.g. "
+                   "steps): train each into --medusa / --mtp first (when that folder holds none yet), on the "
+                   "EAGLE-3 recipe's data.jsonl, so that every drafter learns from the same prompts and answers")
     p.add_argument("--mtp-k", type=int, default=3)
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--per-category", type=int, default=0, help="prompts per category (0: all 240)")
@@ -182,6 +208,7 @@ def main(argv=None):
         fields = {"out_dir": args.eagle, "precision": "bf16" if cuda else "fp32", **json.loads(args.train_eagle)}
         trained = train_eagle3(Eagle3TrainConfig(**fields), model, tok)
         print({k: trained[k] for k in ("heldout_step_accuracy", "heldout_tokens_per_step_chain5", "seconds_total")})
+    heads_trained = train_heads(args, model, tok, cuda) if args.train_heads else {}
     drafters = {k: FirstDraftCounter(v) for k, v in make_drafters(args, model, tok).items()}
     order = sorted(range(len(prompts)), key=lambda i: cats[i])  # category by category
     by_cat = defaultdict(list)
@@ -206,7 +233,7 @@ def main(argv=None):
                                "eagle3-chain-sampled": f"depth {args.chain_depth}, drafts sampled at T=1"},
                   "note": "speedup = plain engine time per token / drafter time per token, same prompts, same "
                           "run; tokens_per_step and first_draft_acceptance count row steps of active rows",
-                  "eagle_training": trained, "rows": rows}
+                  "eagle_training": trained, "heads_training": heads_trained, "rows": rows}
         atomic_write_json(args.out, result)
         return result
 

@@ -230,7 +230,12 @@ def test_head_training_prompt_files_are_checked_at_the_edge(tmp_path):
     tok = char_tokenizer()
     (tmp_path / "p.txt").write_text("one\n\ntwo\n", encoding="utf-8")
     ids, examples = head_training_prompts(str(tmp_path / "p.txt"), 5, 0, tok)
-    assert ids == [tok("one")["input_ids"], tok("two")["input_ids"]] and examples is None
+    asked = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+             for q in ("one", "two")]  # each line is asked as a one-turn chat, as generation will see it
+    assert ids == [tok(a, add_special_tokens=False)["input_ids"] for a in asked] and examples is None
+    plain = char_tokenizer(chat=False)
+    assert head_training_prompts(str(tmp_path / "p.txt"), 5, 0, plain)[0] == [plain("one")["input_ids"],
+                                                                             plain("two")["input_ids"]]
     (tmp_path / "l1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
     with pytest.raises(FlashtuneError, match="not UTF-8") as exc:
         head_training_prompts(str(tmp_path / "l1.txt"), 5, 0, tok)

@@ -275,6 +275,25 @@ def test_head_recipes_share_one_loop_and_write_their_files(tmp_path):
         ParallelRecipe(n_heads=1)
 
 
+def test_head_recipes_learn_from_the_eagle_recipes_synthesised_file(tmp_path):
+    """data=<eagle3 data.jsonl>: each record is one example, prompt masked, the target's answer learned; a file
+    that synth.py did not write is one line."""
+    from flashtune.recipes.heads import MTPRecipe, _synthesised_examples
+
+    rows = [{"prompt": f"q{i}", "prompt_ids": [1, 2, 3 + i], "answer_ids": [7, 8 + i, 9][: 1 + i % 3]}
+            for i in range(6)] + [{"prompt": "empty", "prompt_ids": [1], "answer_ids": []}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"recipe": "magpie+self-distill", "seed": 0}] + rows) + "\n")
+    out = _synthesised_examples(MTPRecipe(data=str(path), num_prompts=5))
+    assert len(out) == 5  # the answerless record is dropped; num_prompts caps the rest
+    for r, ex in zip(rows, out):
+        assert ex["input_ids"] == r["prompt_ids"] + r["answer_ids"]
+        assert ex["labels"] == [-100] * len(r["prompt_ids"]) + r["answer_ids"]
+    path.write_text('{"prompt": "no recipe line"}\n')
+    with pytest.raises(FlashtuneError, match="not a synthesised data file"):
+        _synthesised_examples(MTPRecipe(data=str(path)))
+
+
 def test_decoding_does_not_import_training():
     import os
     import subprocess

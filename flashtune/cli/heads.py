@@ -30,7 +30,7 @@ def register(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     p.add_argument("--no-self-distill", action="store_true", help="train on the data's references instead")
     p.add_argument("--data", default="synthetic",
-                   help="'synthetic' (E2E-style MRs) or a text file of prompts; eagle3: 'magpie' (prompts the model "
+                   help="'synthetic' (E2E-style MRs), a text file of prompts, or the data.jsonl an eagle3 run wrote; eagle3: 'magpie' (prompts the model "
                         "writes itself, the default there), a synth .jsonl or a text file of prompts")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=96, help="length of self-distilled answers")

@@ -39,8 +39,8 @@ def encode_prompt(tokenizer, mr: str) -> list[int]:
 
 def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[list[list[int]], list | None]:
     """Prompts that speculative-decoding heads are trained on: `source` "synthetic" gives `n` generated
-    E2E-style inputs (token ids and their examples); otherwise it is a text file with one prompt a line
-    (token ids, and None for the examples)."""
+    E2E-style inputs (token ids and their examples); otherwise it is a text file with one prompt a line, each
+    asked as a one-turn chat (token ids, and None for the examples)."""
     from pathlib import Path
 
     from flashtune.data.synth import generate_e2e_style
@@ -54,7 +54,17 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     if not path.is_file():
         raise ConfigError(f"data={source!r} is neither 'synthetic' nor a text file; give a file of prompts")
     lines = [ln.strip() for ln in read_text_file(path, "prompts file").splitlines() if ln.strip()][:n]
-    return [tokenizer(ln)["input_ids"] for ln in lines], None
+    return [chat_prompt_ids(tokenizer, ln) for ln in lines], None
+
+
+def chat_prompt_ids(tokenizer, text: str) -> list[int]:
+    """The token ids of a one-turn chat asking `text`, ready for the assistant's answer (the plain text's ids
+    when the tokenizer has no chat template)."""
+    if getattr(tokenizer, "chat_template", None):
+        s = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                          add_generation_prompt=True)
+        return tokenizer(s, add_special_tokens=False)["input_ids"]
+    return tokenizer(text)["input_ids"]
 
 
 def make_lm_dataset(examples, tokenizer, max_length: int = 256, refs: str = "all") -> list[dict]:

@@ -5,10 +5,11 @@ Medusa: Cai et al., arXiv 2401.10774 (Medusa-1 / Medusa-2, self-distillation); M
 
 Each method is a typed config and one function (`train_medusa_heads`, `train_mtp_heads`,
 `train_parallel_heads`); all three run the same loop (`_train`): load the model; prompts from generated E2E-style
-MRs (or a text file); with self-distillation (the default) the model answers them itself through the engine, so
-the heads learn what they will have to draft; build the heads (before LoRA: blocks copy the base's last layer);
-with joint training attach LoRA too; `flashtune.training.fit`; measure teacher-forced accuracy per offset on held
-out answers; save the heads (and the adapter) and a report, atomically. `cli/heads.py` and `bench/` call these.
+MRs, a text file of prompts (each asked as a one-turn chat), or the .jsonl of Magpie prompts and answers that
+the EAGLE-3 recipe writes (its data.jsonl, so that every drafter can learn from the same data); with
+self-distillation (the default) the model answers them itself through the engine, so the heads learn what they
+will have to draft; build the heads (before LoRA: blocks copy the base's last layer); with joint training attach
+LoRA too; `flashtune.training.fit`; measure teacher-forced accuracy per offset on held out answers; save the heads (and the adapter) and a report, atomically. `cli/heads.py` and `bench/` call these.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ class HeadsTraining:
     dtype: str = "float32"  # the base model's dtype
     device: str = ""  # "" = cuda when available
     self_distill: bool = True  # train on the model's own answers (else on the data's references)
-    data: str = "synthetic"  # "synthetic" (E2E-style MRs) | a text file, one prompt per line
+    data: str = "synthetic"  # "synthetic" (E2E-style MRs) | a text file, one prompt per line | a synth .jsonl
     num_prompts: int = 512
     max_new_tokens: int = 96  # length of the self-distilled answers
     steps: int = 300
@@ -143,10 +144,25 @@ def self_distill_examples(engine, prompts: list[list[int]], max_new_tokens: int 
     return out
 
 
+def _synthesised_examples(recipe: HeadsTraining) -> list[dict]:
+    """Training examples from a file that the EAGLE-3 recipe wrote (its data.jsonl): the chat-templated prompt
+    and the target's greedy answer, so every drafter can learn from the same self-distilled data."""
+    from flashtune.decoding.drafters.eagle.synth import read_records
+
+    _, records = read_records(recipe.data)
+    out = [{"input_ids": r["prompt_ids"] + r["answer_ids"], "labels": [IGNORE] * len(r["prompt_ids"]) + r["answer_ids"]}
+           for r in records[: recipe.num_prompts] if r.get("answer_ids")]
+    if len(out) < 4:
+        raise ConfigError(f"{recipe.data} gives {len(out)} answered prompts; heads need at least 4")
+    return out
+
+
 def _examples(recipe: HeadsTraining, model, tokenizer, device) -> list[dict]:
     from flashtune.data import head_training_prompts, make_lm_dataset, stop_token_ids
     from flashtune.decoding import Engine
 
+    if recipe.data.endswith(".jsonl"):  # Magpie prompts with the target's own answers (eagle/synth.py)
+        return _synthesised_examples(recipe)
     prompts, examples = head_training_prompts(recipe.data, recipe.num_prompts, recipe.seed, tokenizer)
     if len(prompts) < 4:
         raise ConfigError(f"{recipe.data} gives {len(prompts)} prompts; heads need at least 4")

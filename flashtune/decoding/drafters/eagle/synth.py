@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from flashtune.data.dataset import chat_prompt_ids  # noqa: F401 - one definition, used here and by bench/
 from flashtune.errors import FlashtuneError
 from flashtune.fileio import atomic_write_bytes
 
@@ -90,15 +91,6 @@ def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int
                 found.append(text)
         found = dedupe(found)
     return found[:n]
-
-
-def chat_prompt_ids(tokenizer, text: str) -> list[int]:
-    """The token ids of a one-turn chat asking `text`, ready for the assistant's answer."""
-    if getattr(tokenizer, "chat_template", None):
-        s = tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                          add_generation_prompt=True)
-        return tokenizer(s, add_special_tokens=False)["input_ids"]
-    return tokenizer(text)["input_ids"]
 
 
 def self_distill(engine, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8) -> list[dict]:
