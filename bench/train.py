@@ -4,7 +4,8 @@ Part "peft": flashtune's `fit` against Hugging Face PEFT + transformers, same mo
 on all seven projections, bf16 autocast over a bf16 base with fp32 adapters, AdamW, clipping. One PEFT row,
 then flashtune rows that switch on one technique after another (the ablation): chunked linear
 cross-entropy, the fused LoRA linear, activation checkpointing of half the blocks, torch.compile of the
-blocks, and the "flashtune" FlashAttention kernel when `flashtune.attention` registers it.
+blocks, the "flashtune" FlashAttention kernel when `flashtune.attention` registers it, and (eager, opt-in)
+fused RMSNorm / SwiGLU kernels.
 Peers beside PEFT: PEFT + Liger Kernel (its RMSNorm, RoPE, SwiGLU and fused linear cross-entropy patched into
 transformers' Llama before the model is built, in a separate Python process so the patch cannot reach the
 other rows; skipped without CUDA), and unsloth (recorded as skipped when it cannot be imported). Every row
@@ -45,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import environment, peak_gib, reset_memory, sync  # noqa: E402
 from flashtune.training import TrainConfig, TrainingInterrupted, fit  # noqa: E402
+from flashtune.training.fused_ops import fuse_norm_mlp  # noqa: E402
 from flashtune.training.sampler import make_batches  # noqa: E402
 from flashtune.training.speed import compile_blocks  # noqa: E402
 
@@ -56,7 +58,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The flashtune ablation, cumulative from plain to everything. chunk: ce_chunk_size (0 = full logits);
-# fused: fused LoRA linear; ckpt: fraction of blocks checkpointed; attn: HF attention implementation.
+# fused: fused LoRA linear; ckpt: fraction of blocks checkpointed; attn: HF attention implementation;
+# kernels (when set): the fused RMSNorm / SwiGLU kernels.
 ABLATION = [
     dict(name="flashtune plain", chunk=0, fused=False, ckpt=0.0, compile=False, attn="sdpa"),
     dict(name="+ chunked CE", chunk=4096, fused=False, ckpt=0.0, compile=False, attn="sdpa"),
@@ -64,6 +67,10 @@ ABLATION = [
     dict(name="+ fused LoRA, checkpoint half", chunk=4096, fused=True, ckpt=0.5, compile=False, attn="sdpa"),
     dict(name="+ fused LoRA, flashtune attention", chunk=4096, fused=True, ckpt=0.0, compile=False,
          attn="flashtune"),
+    # kernels: RMSNorm and SwiGLU as one Triton kernel each way (flashtune.training.fused_ops), eager only:
+    # what Liger fuses besides the loss; compiled blocks fuse them already.
+    dict(name="+ fused LoRA, fused RMSNorm/SwiGLU", chunk=4096, fused=True, ckpt=0.0, compile=False, attn="sdpa",
+         kernels=True),
     # torch.compile's partitioner recomputes cheap elementwise ops in backward instead of saving them, so
     # compiled blocks may need no checkpointing at all to meet the memory target.
     dict(name="+ fused LoRA, compile", chunk=4096, fused=True, ckpt=0.0, compile=True, attn="sdpa"),
@@ -249,6 +256,7 @@ def unsloth_row():
 
 def flashtune_row(args, shape, device, data, spec, out_root):
     model = attach_lora(build_model(shape, torch.bfloat16, device, spec["attn"]), args.rank)
+    fused_kernels = fuse_norm_mlp(model) if spec.get("kernels") else None
     if spec["compile"]:
         compile_blocks(model, backend=args.compile_backend)
     cfg = TrainConfig(out_dir=str(out_root / spec["name"].replace(" ", "_").replace(",", "")), precision="bf16",
@@ -263,6 +271,8 @@ def flashtune_row(args, shape, device, data, spec, out_root):
            "loss_first": res.history[0]["loss"], "loss_last": res.history[-1]["loss"],
            "loss_curve": [round(r["loss"], 6) for r in res.history],
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if fused_kernels:
+        row["fused_kernels"] = fused_kernels   # modules switched (off CUDA they run their own forward)
     del model, res
     return row
 
