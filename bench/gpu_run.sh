@@ -79,7 +79,7 @@ specbench)  # EAGLE-3 drafted from Magpie prompts, then Spec-Bench (carry .model
       --out bench/results/specbench-h200.json
   cp bench/results/specbench-h200.json "$FT/eagle3/eagle3_report.json" "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage3)
-  run train 170 python3 bench/train.py --budget-s 110
+  run train 200 python3 bench/train.py --budget-s 140
   run e2e 260 python3 bench/e2e.py --device cuda --batch-size 48 --epochs 1.5 --warmup 10
   collect ;;
 esac

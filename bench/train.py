@@ -4,7 +4,13 @@ Part "peft": flashtune's `fit` against Hugging Face PEFT + transformers, same mo
 on all seven projections, bf16 autocast over a bf16 base with fp32 adapters, AdamW, clipping. One PEFT row,
 then flashtune rows that switch on one technique after another (the ablation): chunked linear
 cross-entropy, the fused LoRA linear, activation checkpointing of half the blocks, torch.compile of the
-blocks, and the "flashtune" FlashAttention kernel when `flashtune.attention` registers it.
+blocks, the "flashtune" FlashAttention kernel when `flashtune.attention` registers it, and (eager, opt-in)
+fused RMSNorm / SwiGLU kernels.
+Peers beside PEFT: PEFT + Liger Kernel (its RMSNorm, RoPE, SwiGLU and fused linear cross-entropy patched into
+transformers' Llama before the model is built, in a separate Python process so the patch cannot reach the
+other rows; skipped without CUDA), and unsloth (recorded as skipped when it cannot be imported). Every row
+trains the same model on the same batches and records its loss curve; the result holds each row's final
+loss against PEFT's (the fast paths must train the same model: within 0.5%).
 Target (TARGETS.md): >= 2x PEFT's tokens/s at <= 0.6x its peak memory.
 
 Part "precision": fp32 vs bf16 vs fp16 (GradScaler) on one LoRA fine-tune of the same shape, base held in
@@ -14,16 +20,19 @@ memory, final loss. Target: bf16 step >= 3x fp32's; bf16 and fp16 end within 1% 
 
     python3 bench/train.py                  # on the GPU: writes bench/results/train.json (~3-4 min)
     python3 bench/train.py --smoke          # tiny model on CPU, every code path, writes to a temp file
+    python3 bench/train.py --part peft --rows peft,liger --only compile   # pick rows
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import importlib.util
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 from common import environment, peak_gib, reset_memory, sync  # noqa: E402
 from flashtune.training import TrainConfig, TrainingInterrupted, fit  # noqa: E402
+from flashtune.training.fused_ops import fuse_norm_mlp  # noqa: E402
 from flashtune.training.sampler import make_batches  # noqa: E402
 from flashtune.training.speed import compile_blocks  # noqa: E402
 
@@ -48,7 +58,8 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 # The flashtune ablation, cumulative from plain to everything. chunk: ce_chunk_size (0 = full logits);
-# fused: fused LoRA linear; ckpt: fraction of blocks checkpointed; attn: HF attention implementation.
+# fused: fused LoRA linear; ckpt: fraction of blocks checkpointed; attn: HF attention implementation;
+# kernels (when set): the fused RMSNorm / SwiGLU kernels.
 ABLATION = [
     dict(name="flashtune plain", chunk=0, fused=False, ckpt=0.0, compile=False, attn="sdpa"),
     dict(name="+ chunked CE", chunk=4096, fused=False, ckpt=0.0, compile=False, attn="sdpa"),
@@ -56,6 +67,10 @@ ABLATION = [
     dict(name="+ fused LoRA, checkpoint half", chunk=4096, fused=True, ckpt=0.5, compile=False, attn="sdpa"),
     dict(name="+ fused LoRA, flashtune attention", chunk=4096, fused=True, ckpt=0.0, compile=False,
          attn="flashtune"),
+    # kernels: RMSNorm and SwiGLU as one Triton kernel each way (flashtune.training.fused_ops), eager only:
+    # what Liger fuses besides the loss; compiled blocks fuse them already.
+    dict(name="+ fused LoRA, fused RMSNorm/SwiGLU", chunk=4096, fused=True, ckpt=0.0, compile=False, attn="sdpa",
+         kernels=True),
     # torch.compile's partitioner recomputes cheap elementwise ops in backward instead of saving them, so
     # compiled blocks may need no checkpointing at all to meet the memory target.
     dict(name="+ fused LoRA, compile", chunk=4096, fused=True, ckpt=0.0, compile=True, attn="sdpa"),
@@ -134,14 +149,50 @@ def step_stats(history, warm, tokens_per_step):
 
 
 # ---------------------------------------------------------------------------------------------- the rows
-def peft_row(args, shape, device, data):
-    """Hugging Face PEFT + transformers: the usual bf16 recipe (autocast, fp32 adapters), a plain loop."""
+def apply_liger():
+    """Patch transformers' Llama classes with Liger Kernel's (process-wide: only in a worker process)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    kwargs = dict(rope=True, rms_norm=True, swiglu=True, fused_linear_cross_entropy=True, cross_entropy=False)
+    apply_liger_kernel_to_llama(**kwargs)
+    return kwargs
+
+
+def liger_in(model):
+    """What of Liger's the built model really runs: module counts, and whether rope and the loss are its."""
+    from liger_kernel.transformers.model.llama import lce_forward
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+    from liger_kernel.transformers.rope import liger_rotary_pos_emb
+    from liger_kernel.transformers.swiglu import LigerSwiGLUMLP
+    from transformers.models.llama import modeling_llama
+
+    mods = list(model.modules())
+    found = {"rms_norm_modules": sum(isinstance(m, LigerRMSNorm) for m in mods),
+             "swiglu_modules": sum(isinstance(m, LigerSwiGLUMLP) for m in mods),
+             "rope": modeling_llama.apply_rotary_pos_emb is liger_rotary_pos_emb,
+             "fused_linear_cross_entropy": modeling_llama.LlamaForCausalLM.forward is lce_forward}
+    if not all(found.values()):
+        raise RuntimeError(f"Liger's patch did not reach the model: {found}")
+    return found
+
+
+def peft_row(args, shape, device, data, liger=False):
+    """Hugging Face PEFT + transformers: the usual bf16 recipe (autocast, fp32 adapters), a plain loop.
+
+    liger: patch the Llama classes with Liger Kernel first (call it in a fresh process: the patch is global).
+    """
     import peft
 
+    name = "HF PEFT + Liger" if liger else "HF PEFT"
+    liger_args = apply_liger() if liger else None
     model = build_model(shape, torch.bfloat16, device, "sdpa")
+    patched = liger_in(model) if liger else None
     cfg = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=0.0, target_modules=PROJECTIONS,
                           task_type="CAUSAL_LM")
     model = peft.get_peft_model(model, cfg)              # autocast_adapter_dtype=True: adapters in fp32
+    if liger and device.type != "cuda":
+        return {"name": name, "skipped": "no CUDA: Liger Kernel's Triton kernels need a GPU (the patch and the "
+                                         "model build were checked)", "liger": liger_args, "patched": patched}
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda" or None)
     model.train()
@@ -164,15 +215,48 @@ def peft_row(args, shape, device, data):
         losses.append(loss.item())
         times.append(time.perf_counter() - t0)
     med = statistics.median(times[args.warm:])
-    row = {"name": "HF PEFT", "step_ms": 1e3 * med, "tokens_per_s": args.batch * args.seq / med,
+    row = {"name": name, "step_ms": 1e3 * med, "tokens_per_s": args.batch * args.seq / med,
            "peak_gib": peak_gib(device), "start_gib": start_gib, "loss_first": losses[0], "loss_last": losses[-1],
+           "loss_curve": [round(x, 6) for x in losses],
            "adapter_dtype": str(params[0].dtype), "trainable": sum(p.numel() for p in params)}
+    if liger:
+        row.update(liger=liger_args, patched=patched)
     del model, opt, params
     return row
 
 
+def isolated_row(args, worker, timeout_s=300):
+    """Run one peer row (`--worker NAME`) in a fresh Python process and return its row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "row.json"
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", worker, "--out", str(out)]
+        proc = subprocess.run(cmd + (["--smoke"] if args.smoke else []), capture_output=True, text=True,
+                              timeout=timeout_s)
+        if proc.returncode != 0 or not out.exists():
+            raise RuntimeError(f"worker {worker} exited {proc.returncode}: {(proc.stderr or proc.stdout)[-1500:]}")
+        return json.loads(out.read_text())
+
+
+def liger_row(args, shape, device, data):
+    """PEFT + Liger Kernel (run in a worker process: `apply_liger` patches transformers for good)."""
+    if importlib.util.find_spec("liger_kernel") is None:
+        return {"name": "HF PEFT + Liger", "skipped": "liger-kernel is not installed"}
+    return peft_row(args, shape, device, data, liger=True)
+
+
+def unsloth_row():
+    """unsloth loads models through its own patched classes and needs its own stack; say why it cannot run."""
+    needs = ("unsloth", "unsloth_zoo", "bitsandbytes", "xformers")
+    missing = [m for m in needs if importlib.util.find_spec(m) is None]
+    why = (f"not installed here: {', '.join(missing)} (the GPU image lacks them and has no internet)" if missing
+           else "its stack imports, but this bench has no unsloth row: it loads models by path through its own "
+                "FastLanguageModel classes")
+    return {"name": "unsloth", "skipped": why}
+
+
 def flashtune_row(args, shape, device, data, spec, out_root):
     model = attach_lora(build_model(shape, torch.bfloat16, device, spec["attn"]), args.rank)
+    fused_kernels = fuse_norm_mlp(model) if spec.get("kernels") else None
     if spec["compile"]:
         compile_blocks(model, backend=args.compile_backend)
     cfg = TrainConfig(out_dir=str(out_root / spec["name"].replace(" ", "_").replace(",", "")), precision="bf16",
@@ -185,7 +269,10 @@ def flashtune_row(args, shape, device, data, spec, out_root):
     row = {**spec, **step_stats(res.history, args.warm, args.batch * args.seq), "peak_gib": peak_gib(device),
            "start_gib": start_gib,
            "loss_first": res.history[0]["loss"], "loss_last": res.history[-1]["loss"],
+           "loss_curve": [round(r["loss"], 6) for r in res.history],
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if fused_kernels:
+        row["fused_kernels"] = fused_kernels   # modules switched (off CUDA they run their own forward)
     del model, res
     return row
 
@@ -220,15 +307,28 @@ def summarize(result):
             r["speed_vs_peft"] = r["tokens_per_s"] / base["tokens_per_s"]
             if r.get("peak_gib") and base.get("peak_gib"):
                 r["memory_vs_peft"] = r["peak_gib"] / base["peak_gib"]
-            # Same base, same batches, B = 0 at the start: the first loss must agree with PEFT's.
+            # Same base, same batches, B = 0 at the start: the first loss must agree with PEFT's, and the
+            # last too, within 0.5%, or the fast path trains a different model.
             r["loss_first_rel_diff_vs_peft"] = r["loss_first"] / base["loss_first"] - 1.0
-    ok = [r for r in rows if "speed_vs_peft" in r and r.get("memory_vs_peft", 0) <= 0.6]
-    best = max(ok or [r for r in rows if "speed_vs_peft" in r], key=lambda r: r["speed_vs_peft"], default=None)
+            r["loss_final_ratio_vs_peft"] = r["loss_last"] / base["loss_last"]
+            r["same_model_as_peft"] = bool(abs(r["loss_final_ratio_vs_peft"] - 1.0) <= 0.005)
+    ours = [r for r in rows if "speed_vs_peft" in r and "fused" in r]           # flashtune's ablation rows
+    ok = [r for r in ours if r.get("memory_vs_peft", 0) <= 0.6]
+    best = max(ok or ours, key=lambda r: r["speed_vs_peft"], default=None)
     if best:
         result["peft"]["best"] = {"name": best["name"], "speed_vs_peft": best["speed_vs_peft"],
                                   "memory_vs_peft": best.get("memory_vs_peft"),
                                   "meets_target": bool(best["speed_vs_peft"] >= 2.0
                                                        and best.get("memory_vs_peft", 1) <= 0.6)}
+    fastest = max(ours, key=lambda r: r["speed_vs_peft"], default=None)
+    liger = next((r for r in rows if r.get("name") == "HF PEFT + Liger" and "tokens_per_s" in r), None)
+    if liger and fastest:
+        result["peft"]["vs_liger"] = {
+            "liger_speed_vs_peft": liger["speed_vs_peft"], "liger_memory_vs_peft": liger.get("memory_vs_peft"),
+            "fastest_flashtune": fastest["name"],
+            "speed_vs_liger": fastest["tokens_per_s"] / liger["tokens_per_s"],
+            "memory_vs_liger": (fastest["peak_gib"] / liger["peak_gib"]
+                                if fastest.get("peak_gib") and liger.get("peak_gib") else None)}
     prec = {r["precision"]: r for r in result["precision"]["rows"] if "step_ms" in r}
     if "fp32" in prec:
         for p in ("bf16", "fp16"):
@@ -238,14 +338,23 @@ def summarize(result):
                                                     - 1.0)
 
 
+ROWS = ("peft", "liger", "unsloth", "flashtune")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny model on CPU: checks every code path in seconds")
     ap.add_argument("--out", help="result JSON (default bench/results/train.json; a temp file with --smoke)")
     ap.add_argument("--part", choices=["all", "peft", "precision"], default="all")
+    ap.add_argument("--rows", default=",".join(ROWS),
+                    help=f"rows of the peft part, comma-separated from {','.join(ROWS)} (default: all)")
     ap.add_argument("--only", nargs="*", help="run only the flashtune rows whose names contain these words")
     ap.add_argument("--budget-s", type=float, default=225, help="skip rows that would start after this")
+    ap.add_argument("--worker", choices=["liger"], help=argparse.SUPPRESS)    # one peer row in this process
     args = ap.parse_args(argv)
+    rows = set(args.rows.split(","))
+    if rows - set(ROWS):
+        ap.error(f"--rows: unknown {sorted(rows - set(ROWS))}; choose from {','.join(ROWS)}")
     smoke = args.smoke
     device = torch.device("cuda" if torch.cuda.is_available() and not smoke else "cpu")
     shape = SHAPE_SMOKE if smoke else SHAPE_1B
@@ -255,6 +364,11 @@ def main(argv=None):
     args.compile_backend = "eager" if smoke else "inductor"
     if smoke:
         args.budget_s = float("inf")
+    if args.worker:   # the same rows and batches as the parent's PEFT row; the row goes to --out
+        data = random_rows(args.batch * (args.warm + args.timed), args.seq, shape["vocab_size"])
+        row = liger_row(args, shape, device, data)
+        Path(args.out).write_text(json.dumps(row))
+        return row
     out = Path(args.out) if args.out else (Path(tempfile.mkdtemp()) / "train.json" if smoke
                                            else ROOT / "bench/results/train.json")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -296,11 +410,17 @@ def main(argv=None):
 
     work = Path(tempfile.mkdtemp(prefix="flashtune-bench-train-"))
     # Order: PEFT and the eager flashtune rows, then precision, then the rows that compile (slowest to start).
-    specs = [s for s in ABLATION if not args.only or any(w in s["name"] for w in args.only)]
+    specs = [s for s in ABLATION if "flashtune" in rows
+             and (not args.only or any(w in s["name"] for w in args.only))]
     try:
         if args.part in ("all", "peft"):
             data = random_rows(args.batch * (args.warm + args.timed), args.seq, shape["vocab_size"])
-            attempt("peft", "HF PEFT", lambda: peft_row(args, shape, device, data))
+            if "peft" in rows:
+                attempt("peft", "HF PEFT", lambda: peft_row(args, shape, device, data))
+            if "liger" in rows:
+                attempt("peft", "HF PEFT + Liger", lambda: isolated_row(args, "liger"))
+            if "unsloth" in rows:
+                attempt("peft", "unsloth", unsloth_row)
             for spec in [s for s in specs if not s["compile"]]:
                 attempt("peft", spec["name"], lambda spec=spec: flashtune_row(args, shape, device, data, spec, work))
         if args.part in ("all", "precision"):

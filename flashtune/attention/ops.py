@@ -23,14 +23,29 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _interpreter_fixes() -> None:
-    """Two gaps in Triton 3.6's CPU interpreter (used by the tests only). It turns a scalar into ``int`` with
+    """Three gaps in Triton 3.6's CPU interpreter (used by the tests only). It turns a scalar into ``int`` with
     ``int(array_of_shape_1)``, which numpy 2.4 refuses, so loops with run-time bounds fail: make ``__index__``
-    read the single element. And its ``tl.dot`` multiplies bfloat16 *bit patterns* (stored as uint16): widen
-    bfloat16 operands to float32 first (exact, so the product matches the GPU's fp32-accumulated one)."""
+    read the single element. Its ``tl.dot`` multiplies bfloat16 *bit patterns* (stored as uint16): widen
+    bfloat16 operands to float32 first (exact, so the product matches the GPU's fp32-accumulated one). And its
+    float32 -> bfloat16 cast truncates: round to nearest even, as the GPU does."""
     import numpy as np
     from triton.runtime import interpreter
 
     builder = interpreter.InterpreterBuilder
+    if not getattr(builder.cast_impl, "_flashtune", False):
+        cast = builder.cast_impl
+
+        def cast_impl(self, src, dst_type):
+            if src.dtype.scalar.is_fp32() and dst_type.scalar.is_bf16():
+                bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32)
+                rounded = (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+                out = np.where(np.isnan(src.data), np.uint32(0x7FC0), rounded).astype(np.uint16)
+                return interpreter.TensorHandle(out, dst_type.scalar)
+            return cast(self, src, dst_type)
+
+        cast_impl._flashtune = True
+        builder.cast_impl = cast_impl
+        builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
     if not getattr(builder.create_dot, "_flashtune", False):
         dot = builder.create_dot
 
