@@ -182,9 +182,13 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
 
 def _peer_columns(row, model, ids, toks, new, dev):
     """The two peers a user would otherwise pick, same prompts, same run; a failure is recorded, not raised."""
+    from torch._dynamo.utils import counters  # Inductor counts the graphs it had to run without CUDA graphs
+
     bsz = ids.shape[0]
+    skips = counters["inductor"]["cudagraph_skips"]
     try:
         ref, sec, warm = hf_static_greedy(model, ids, new, dev)
+        row["hf_static_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         row["hf_static_tok_s"] = bsz * new / sec
         row["hf_static_warmup_seconds"] = warm
         row["speedup_vs_hf_static"] = row["engine_tok_s"] / row["hf_static_tok_s"]
@@ -192,8 +196,10 @@ def _peer_columns(row, model, ids, toks, new, dev):
     except Exception as exc:  # noqa: BLE001 - recorded, the other columns stand
         row["hf_static_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     _free(dev)
+    skips = counters["inductor"]["cudagraph_skips"]
     try:
         gtoks, sec, decode, comp = gptfast_greedy(model, ids, new, dev)
+        row["gptfast_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
         row["gptfast_tok_s"] = bsz * new / sec
         row["gptfast_decode_tok_s"] = decode
         row["gptfast_share_of_floor"] = decode / row["floor_tok_s"]
