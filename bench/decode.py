@@ -3,11 +3,15 @@
     python3 bench/decode.py                 # GPU run (the H200): writes bench/results/decode.json
     python3 bench/decode.py --device cpu    # CPU rows: bench/results/decode_cpu.json
     python3 bench/decode.py --smoke         # seconds on a CPU: tiny models, every code path, a temp file
+    python3 bench/decode.py --parts plain --models 1b,smollm2 --out bench/results/decode-peers.json
 
 Part 1, plain decoding, greedy, batch 1 and 8, on SmolLM2-135M-Instruct and on the 1.1B Llama shape of
 TARGETS.md (22 layers, hidden 2048, 32/4 heads, intermediate 5632, vocab 32000, random weights): tokens/s of
 HF `generate` and of the engine (same prompts, same number of new tokens, eos suppressed), the engine's
 decode-only rate, and its share of the bandwidth floor (all weight bytes read once per step at 4.3 TB/s).
+With --peers (default on CUDA), the same rows also time the two peers a user would otherwise pick: HF
+`generate` with cache_implementation="static" (which compiles the forward itself on CUDA), and a gpt-fast-style
+plain PyTorch Llama with its one-token step compiled with mode="reduce-overhead" (bench/gptfast_peer.py).
 
 Part 2, Medusa on SmolLM2: heads trained here (Medusa-1, self-distilled on E2E-style prompts, the
 `flashtune train-heads` recipe), then plain vs Medusa greedy decoding on held-out E2E-style prompts, batch 1
@@ -68,6 +72,33 @@ def hf_greedy(model, ids, new, dev):
     return out[:, ids.shape[1]:].tolist(), sec
 
 
+def hf_static_greedy(model, ids, new, dev):
+    """HF generate with cache_implementation="static" (on CUDA, generate then compiles the forward itself with
+    mode="reduce-overhead"), eos suppressed as in `hf_greedy`. The warm-up is the same call, so that it compiles
+    and captures the shapes that are timed. Returns (tokens [B, new], seconds, warm-up seconds)."""
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new, do_sample=False,
+              pad_token_id=0, cache_implementation="static")
+    _, warm = timed(lambda: model.generate(ids, **kw), dev)
+    out, sec = timed(lambda: model.generate(ids, **kw), dev)
+    return out[:, ids.shape[1]:].tolist(), sec, warm
+
+
+def gptfast_greedy(model, ids, new, dev):
+    """The gpt-fast-style peer (bench/gptfast_peer.py): its step compiled with mode="reduce-overhead" on CUDA,
+    traced by Dynamo with the eager backend elsewhere. Returns (tokens [B, new], seconds, decode-only tokens/s,
+    seconds of compilation and capture, i.e. the first call's extra time)."""
+    from gptfast_peer import GPTFastLlama, compile_step, generate
+
+    bsz, plen = ids.shape
+    peer = GPTFastLlama.from_hf(model, max_batch=bsz, max_len=plen + new + 8)
+    step = compile_step("inductor" if dev.type == "cuda" else "eager")
+    _, first = timed(lambda: generate(peer, ids, new, step), dev)  # compiles, warms up, captures the graph
+    out, sec = timed(lambda: generate(peer, ids, new, step), dev)
+    _, sec1 = timed(lambda: generate(peer, ids, 1, step), dev)  # the prefill alone
+    decode = bsz * (new - 1) / max(1e-9, sec - sec1)
+    return out[:, plen:].tolist(), sec, decode, first - sec
+
+
 def engine_greedy(engine, prompts, new, dev, **kw):
     """Engine greedy, exactly `new` tokens. Returns (tokens, seconds, decode-only tokens/s)."""
     engine.generate(prompts, max_new_tokens=new, stop_tokens=[], **kw)  # warm-up: CUDA graphs captured
@@ -104,7 +135,7 @@ def llama_1b(dev, dtype, smoke):
     return model.eval()
 
 
-def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=False):
+def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=False, peers=False):
     rows = []
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -127,6 +158,8 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
             row["tokens_match_hf"] = prefix_match(toks, ref)
         del engine
         _free(dev)
+        if peers:
+            _peer_columns(row, model, ids, toks, new, dev)
         if compile_too and bsz == 1 and dev.type == "cuda":  # Inductor-fused kernels inside the CUDA graphs
             try:
                 engine = Engine(model, max_batch_size=bsz, max_seq_len=prompt_len + new + 8, device=dev,
@@ -145,6 +178,38 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _peer_columns(row, model, ids, toks, new, dev):
+    """The two peers a user would otherwise pick, same prompts, same run; a failure is recorded, not raised."""
+    from torch._dynamo.utils import counters  # Inductor counts the graphs it had to run without CUDA graphs
+
+    bsz = ids.shape[0]
+    skips = counters["inductor"]["cudagraph_skips"]
+    try:
+        ref, sec, warm = hf_static_greedy(model, ids, new, dev)
+        row["hf_static_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+        row["hf_static_tok_s"] = bsz * new / sec
+        row["hf_static_warmup_seconds"] = warm
+        row["speedup_vs_hf_static"] = row["engine_tok_s"] / row["hf_static_tok_s"]
+        row["hf_static_tokens_match_engine"] = prefix_match(toks, ref)
+    except Exception as exc:  # noqa: BLE001 - recorded, the other columns stand
+        row["hf_static_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    _free(dev)
+    skips = counters["inductor"]["cudagraph_skips"]
+    try:
+        gtoks, sec, decode, comp = gptfast_greedy(model, ids, new, dev)
+        row["gptfast_cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips
+        row["gptfast_tok_s"] = bsz * new / sec
+        row["gptfast_decode_tok_s"] = decode
+        row["gptfast_share_of_floor"] = decode / row["floor_tok_s"]
+        row["gptfast_compile_seconds"] = comp
+        row["speedup_vs_gptfast"] = row["engine_tok_s"] / row["gptfast_tok_s"]
+        row["decode_speedup_vs_gptfast"] = row["engine_decode_tok_s"] / decode
+        row["gptfast_tokens_match_engine"] = prefix_match(toks, gtoks)
+    except Exception as exc:  # noqa: BLE001
+        row["gptfast_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    _free(dev)
 
 
 def _free(dev):
@@ -249,6 +314,15 @@ def _accuracy_table(heads_dir, heads, report):
     return t
 
 
+def save(result, out_path, t0):
+    """Written after each model too, so that a run cut short by a time limit keeps its finished rows."""
+    result["seconds"] = time.perf_counter() - t0
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    os.replace(tmp, out_path)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -256,6 +330,10 @@ def main(argv=None):
     ap.add_argument("--out", help="results file (default: bench/results/decode[_cpu].json)")
     ap.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face generate rows")
     ap.add_argument("--parts", default="plain,medusa", help="comma list of: plain, medusa")
+    ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
+                    help="plain rows also time HF generate with a static cache and the gpt-fast-style compiled "
+                         "step (default: on with CUDA and --smoke; GPU: adds compilation, ~1 min a row)")
+    ap.add_argument("--models", default="smollm2,1b", help="plain rows: comma list of: smollm2, 1b (run in this order)")
     ap.add_argument("--big-on-cpu", action="store_true", help="also run the 1.1B shape on the CPU (slow)")
     ap.add_argument("--compile", action="store_true",
                     help="also time Engine(compile=True) at batch 1 (GPU; adds ~1-2 min of compilation)")
@@ -274,6 +352,10 @@ def main(argv=None):
     if cpu:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
     parts = set(args.parts.split(","))
+    models = list(dict.fromkeys(args.models.split(",")))
+    if not set(models) <= {"smollm2", "1b"}:
+        ap.error(f"--models: unknown {sorted(set(models) - {'smollm2', '1b'})}")
+    peers = args.peers if args.peers is not None else (args.smoke or dev.type == "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
     if args.out:
         out_path = Path(args.out)
@@ -291,7 +373,7 @@ def main(argv=None):
         triton_version = None
     result = {"bench": "decode", "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "triton": triton_version, "transformers": transformers.__version__,
-              "smoke": args.smoke, "bandwidth_bytes_per_s": BANDWIDTH, "rows": []}
+              "smoke": args.smoke, "peers": peers, "bandwidth_bytes_per_s": BANDWIDTH, "rows": []}
     t0 = time.perf_counter()
     new = 8 if args.smoke else (32 if cpu else 128)
     if "plain" in parts:
@@ -299,18 +381,20 @@ def main(argv=None):
 
         if args.smoke:
             small = llama_1b(dev, dtype, smoke=True)
-            result["rows"] += plain_rows("tiny-llama", small, dev, new, (1, 8), 16, args.skip_hf)
+            result["rows"] += plain_rows("tiny-llama", small, dev, new, (1, 8), 16, args.skip_hf, peers=peers)
         else:
-            model, _ = load_base_model(dtype=dtype)
-            model.to(dev).eval()
-            result["rows"] += plain_rows("SmolLM2-135M-Instruct", model, dev, new, (1, 8), 32, args.skip_hf,
-                                         compile_too=args.compile)
-            del model
-            if not cpu or args.big_on_cpu:
-                big = llama_1b(dev, dtype, smoke=False)
-                result["rows"] += plain_rows("llama-1.1B-shape (random)", big, dev, new, (1, 8), 32, args.skip_hf,
-                                             compile_too=args.compile)
-                del big
+            for which in models:  # in the order given
+                if which == "1b" and cpu and not args.big_on_cpu:
+                    continue
+                if which == "smollm2":
+                    name, model = "SmolLM2-135M-Instruct", load_base_model(dtype=dtype)[0].to(dev).eval()
+                else:
+                    name, model = "llama-1.1B-shape (random)", llama_1b(dev, dtype, smoke=False)
+                result["rows"] += plain_rows(name, model, dev, new, (1, 8), 32, args.skip_hf,
+                                             compile_too=args.compile, peers=peers)
+                del model
+                _free(dev)
+                save(result, out_path, t0)
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     mismatches = []
@@ -319,11 +403,7 @@ def main(argv=None):
         # Medusa runs in fp32 so that the plain and tree passes (different matrix shapes) round alike and
         # "lossless" can be checked token for token; heads are bf16 on the GPU (they only propose).
         result["medusa"], mismatches = medusa_part(dev, args.smoke, cpu, work, torch.float32)
-    result["seconds"] = time.perf_counter() - t0
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out_path)
+    save(result, out_path, t0)
     print(f"wrote {out_path} ({result['seconds']:.0f} s)")
     if mismatches:
         raise SystemExit(f"Medusa output differs from plain greedy (batch, tree, prefix match): {mismatches}")

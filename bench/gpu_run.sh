@@ -2,13 +2,14 @@
 # Runs the GPU benchmarks on the lent H200, in stages that fit the device tool's limits (see bench/README.md).
 #   stage1: park the first half of the default model's GGUF outside the tree (carry .model/gguf.part00)
 #   stage2: join the second half (carry .model/gguf.part01 .whl .data), convert once, run decode + mtp benches
+#   peers: the same join, then the plain decoding rows with both decoding peers (HF static cache, gpt-fast style)
 #   stage2inv: the same join, then the GPU tests and the Medusa / MTP benches with Engine(invariant=True)
 #   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
 #   specbench: an EAGLE-3 draft trained on Magpie prompts, then Spec-Bench (bench/specbench.py)
 #   stage4: the fine-tuning path: finetune on a chat JSONL (no device flag), bench/finetune.py (TRL peer), bench/e2e.py
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|stage2inv|stage3|stage4|specbench}
+stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|specbench}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -37,11 +38,17 @@ stage2)
   cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
   python3 -c "from flashtune.models import load_base_model; m,t=load_base_model(); print('default model ok', sum(p.numel() for p in m.parameters()))"
-  run decode 270 python3 bench/decode.py --device cuda
+  run decode 270 python3 bench/decode.py --device cuda --no-peers
   run mtp 180 python3 bench/mtp.py --device cuda --budget 150 --depth 2
   run profile 100 python3 bench/profile_decode.py --out bench/results
   mkdir -p "$OUT/bench_mtp" && cp -r runs/bench_mtp/lora_adapter runs/bench_mtp/mtp "$OUT/bench_mtp/" 2>/dev/null
   collect ;;
+peers)  # the peers compile (HF's static-cache forward and the gpt-fast step, per model and batch): ~6-9 min;
+  # the 1.1B rows run first and the file is rewritten after each model, so a cut-short run keeps them
+  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  run decode-peers 540 python3 bench/decode.py --device cuda --parts plain --models 1b,smollm2 \
+      --out bench/results/decode-peers.json
+  cp bench/results/decode-peers.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage2inv)  # like stage2, for the batch-invariant kernels: GPU tests, then Medusa and MTP with Engine(invariant=True)
   cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
