@@ -24,6 +24,7 @@ CPU default, the arithmetic of transformers).
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +150,12 @@ class RMSNorm(nn.Module):
 
 
 def _linear(layer: nn.Linear, x, invariant: bool):
-    """layer(x), or with `invariant` the batch-invariant GEMM (invariant.linear_fixed) on its weights."""
+    """layer(x), or with `invariant` the batch-invariant GEMM (invariant.linear_fixed) on its weights; either one
+    replaced by the split-K GEMV (decoding/gemv.py) where its switches say so (`gemv.ENABLED`: few-row calls
+    of the default path; `gemv.INVARIANT`: every call of the invariant mode). Both switches default to off."""
+    gemv = sys.modules.get("flashtune.decoding.gemv")  # switched on by importing it and setting a switch
+    if gemv is not None and gemv.routes(x, invariant):
+        return gemv.gemv(x, layer.weight, layer.bias)
     if not invariant:
         return layer(x)
     from flashtune.decoding.invariant import linear_fixed
