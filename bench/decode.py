@@ -135,7 +135,7 @@ def llama_1b(dev, dtype, smoke):
     return model.eval()
 
 
-def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=False, peers=False):
+def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=False, peers=False, gemv=False):
     rows = []
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(1)
@@ -158,6 +158,8 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
             row["tokens_match_hf"] = prefix_match(toks, ref)
         del engine
         _free(dev)
+        if gemv:
+            _gemv_columns(row, model, ids, toks, new, dev, prompt_len)
         if peers:
             _peer_columns(row, model, ids, toks, new, dev)
         if compile_too and bsz == 1 and dev.type == "cuda":  # Inductor-fused kernels inside the CUDA graphs
@@ -178,6 +180,28 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
         rows.append(row)
         print(json.dumps(row), flush=True)
     return rows
+
+
+def _gemv_columns(row, model, ids, toks, new, dev, prompt_len):
+    """The same engine with its decode linears on flashtune's split-K GEMV kernel (flashtune/decoding/gemv.py)
+    instead of cuBLAS; a failure is recorded, not raised."""
+    import flashtune.decoding.gemv as gemv
+
+    bsz = ids.shape[0]
+    gemv.ENABLED = True
+    try:
+        engine = Engine(model, max_batch_size=bsz, max_seq_len=prompt_len + new + 8, device=dev, **ENGINE_KW)
+        gtoks, sec, decode = engine_greedy(engine, ids.tolist(), new, dev)
+        row["gemv_engine_tok_s"] = bsz * new / sec
+        row["gemv_engine_decode_tok_s"] = decode
+        row["gemv_share_of_floor"] = decode / row["floor_tok_s"]
+        row["gemv_tokens_match_cublas"] = prefix_match(gtoks, toks)
+        del engine
+    except Exception as exc:  # noqa: BLE001 - recorded, the cuBLAS columns stand
+        row["gemv_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+    finally:
+        gemv.ENABLED = False
+    _free(dev)
 
 
 def _peer_columns(row, model, ids, toks, new, dev):
@@ -333,6 +357,9 @@ def main(argv=None):
     ap.add_argument("--peers", action=argparse.BooleanOptionalAction, default=None,
                     help="plain rows also time HF generate with a static cache and the gpt-fast-style compiled "
                          "step (default: on with CUDA and --smoke; GPU: adds compilation, ~1 min a row)")
+    ap.add_argument("--gemv", action=argparse.BooleanOptionalAction, default=None,
+                    help="plain rows also time the engine with its decode linears on flashtune's split-K GEMV "
+                         "kernel (flashtune/decoding/gemv.py) instead of cuBLAS (default: on with CUDA and --smoke)")
     ap.add_argument("--models", default="smollm2,1b", help="plain rows: comma list of: smollm2, 1b (run in this order)")
     ap.add_argument("--big-on-cpu", action="store_true", help="also run the 1.1B shape on the CPU (slow)")
     ap.add_argument("--compile", action="store_true",
@@ -356,6 +383,7 @@ def main(argv=None):
     if not set(models) <= {"smollm2", "1b"}:
         ap.error(f"--models: unknown {sorted(set(models) - {'smollm2', '1b'})}")
     peers = args.peers if args.peers is not None else (args.smoke or dev.type == "cuda")
+    gemv = args.gemv if args.gemv is not None else (args.smoke or dev.type == "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
     if args.out:
         out_path = Path(args.out)
@@ -381,7 +409,8 @@ def main(argv=None):
 
         if args.smoke:
             small = llama_1b(dev, dtype, smoke=True)
-            result["rows"] += plain_rows("tiny-llama", small, dev, new, (1, 8), 16, args.skip_hf, peers=peers)
+            result["rows"] += plain_rows("tiny-llama", small, dev, new, (1, 8), 16, args.skip_hf, peers=peers,
+                                         gemv=gemv)
         else:
             for which in models:  # in the order given
                 if which == "1b" and cpu and not args.big_on_cpu:
@@ -391,7 +420,7 @@ def main(argv=None):
                 else:
                     name, model = "llama-1.1B-shape (random)", llama_1b(dev, dtype, smoke=False)
                 result["rows"] += plain_rows(name, model, dev, new, (1, 8), 32, args.skip_hf,
-                                             compile_too=args.compile, peers=peers)
+                                             compile_too=args.compile, peers=peers, gemv=gemv)
                 del model
                 _free(dev)
                 save(result, out_path, t0)

@@ -6,10 +6,12 @@
 #   stage2inv: the same join, then the GPU tests and the Medusa / MTP benches with Engine(invariant=True)
 #   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
 #   specbench: an EAGLE-3 draft trained on Magpie prompts, then Spec-Bench (bench/specbench.py)
+#   drafters, specbench-all: EAGLE-3 / Medusa / MTP trained on one Magpie set, the GEMV kernel; then Spec-Bench
+#   decode-train: the plain decoding rows with the GEMV column and the peers, the training bench with Liger
 #   stage4: the fine-tuning path: finetune on a chat JSONL (no device flag), bench/finetune.py (TRL peer), bench/e2e.py
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|specbench}
+stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|specbench|drafters|specbench-all|decode-train}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -19,6 +21,11 @@ export FLASHTUNE_E2E_DATA=$FT/devel-fixed.no-ol.csv
 #   pip download --no-deps -d .whl gguf==0.19.0 rouge-score==0.1.2 nltk
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target "$FT/site" .whl/*; fi
 [ -d "$FT/site" ] && export PYTHONPATH=$PYTHONPATH:$FT/site
+
+join_model() {  # the default model's GGUF from its two halves (part00 parked by stage1)
+  [ -f "$FLASHTUNE_GGUF" ] || { cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF"; }
+  md5sum "$FLASHTUNE_GGUF"
+}
 
 run() {  # run NAME SECONDS CMD...: time-boxed, logged to $OUT, never fatal
   local name=$1 secs=$2; shift 2
@@ -85,6 +92,31 @@ specbench)  # EAGLE-3 drafted from Magpie prompts, then Spec-Bench (carry .model
       --train-eagle '{"num_prompts": 384, "answer_tokens": 160, "steps": 600}' ${SPEC_ARGS:-} \
       --out bench/results/specbench-h200.json
   cp bench/results/specbench-h200.json "$FT/eagle3/eagle3_report.json" "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+drafters)  # after stage1 (carry .model/gguf.part01 .whl .data): EAGLE-3, Medusa and MTP trained on one Magpie set
+  # into /tmp/ft (kept while the machine stays warm, for `specbench-all` next), then the GEMV kernel's GPU tests
+  # and its benchmark
+  join_model
+  run drafters-train 300 python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
+      --train-eagle "${EAGLE_TRAIN:-{\"num_prompts\": 768, \"answer_tokens\": 192, \"steps\": 1200}}" \
+      --train-heads "${HEADS_TRAIN:-{\"steps\": 600}}" --train-only --out bench/results/specbench-h200.json
+  run gemv-tests 90 python3 -m pytest -q -x tests/test_gemv.py
+  run gemv 150 python3 bench/gemv.py
+  cp bench/results/specbench-training.json "$FT/eagle3/eagle3_report.json" "$OUT/" 2>/dev/null
+  cp "$FT/medusa/heads_report.json" "$OUT/medusa_report.json" 2>/dev/null
+  cp "$FT/mtp/heads_report.json" "$OUT/mtp_report.json" 2>/dev/null
+  cp bench/results/gemv-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+specbench-all)  # right after `drafters` (same warm machine): all 240 prompts, every drafter, batch 1 and 8, T 0 and 1
+  export FLASHTUNE_SPECBENCH_DATA=$PWD/.data/question.dev.jsonl
+  run specbench 480 python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
+      ${SPEC_ARGS:-} --out bench/results/specbench-h200.json
+  cp bench/results/specbench-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+decode-train)  # the plain decoding rows on the 1.1B shape with the GEMV column and both peers, then the LoRA
+  # training bench with the PEFT + Liger peer (carry .whl .data)
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  run decode-peers "${DECODE_SECS:-300}" python3 bench/decode.py --device cuda --parts plain --models "${DECODE_MODELS:-1b}" \
+      --out bench/results/decode-peers.json
+  run train "${TRAIN_SECS:-200}" python3 bench/train.py --budget-s 140
+  cp bench/results/decode-peers.json bench/results/train.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage3)
   run train 200 python3 bench/train.py --budget-s 140
   run e2e 260 python3 bench/e2e.py --device cuda --batch-size 48 --epochs 1.5 --warmup 10

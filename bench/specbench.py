@@ -167,6 +167,8 @@ def main(argv=None):
                    "steps): train each into --medusa / --mtp first (when that folder holds none yet), on the "
                    "EAGLE-3 recipe's data.jsonl, so that every drafter learns from the same prompts and answers")
     p.add_argument("--mtp-k", type=int, default=3)
+    p.add_argument("--train-only", action="store_true", help="train what --train-eagle / --train-heads ask for, "
+                   "write their reports beside --out (specbench-training.json) and stop")
     p.add_argument("--data", default=str(DATA))
     p.add_argument("--per-category", type=int, default=0, help="prompts per category (0: all 240)")
     p.add_argument("--batch-sizes", default="1,8")
@@ -209,6 +211,10 @@ def main(argv=None):
         trained = train_eagle3(Eagle3TrainConfig(**fields), model, tok)
         print({k: trained[k] for k in ("heldout_step_accuracy", "heldout_tokens_per_step_chain5", "seconds_total")})
     heads_trained = train_heads(args, model, tok, cuda) if args.train_heads else {}
+    if args.train_only:
+        atomic_write_json(Path(args.out).with_name("specbench-training.json"),
+                          {"eagle_training": trained, "heads_training": heads_trained})
+        return {"eagle_training": trained, "heads_training": heads_trained}
     drafters = {k: FirstDraftCounter(v) for k, v in make_drafters(args, model, tok).items()}
     order = sorted(range(len(prompts)), key=lambda i: cats[i])  # category by category
     by_cat = defaultdict(list)
