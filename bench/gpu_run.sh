@@ -107,7 +107,7 @@ drafters)  # after stage1 (carry .model/gguf.part01 .whl .data): EAGLE-3, Medusa
   cp bench/results/gemv-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 specbench-all)  # right after `drafters` (same warm machine): all 240 prompts, every drafter, batch 1 and 8, T 0 and 1
   export FLASHTUNE_SPECBENCH_DATA=$PWD/.data/question.dev.jsonl
-  run specbench 480 python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
+  run specbench "${SPEC_SECS:-480}" python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
       ${SPEC_ARGS:-} --out bench/results/specbench-h200.json
   cp bench/results/specbench-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 decode-train)  # the plain decoding rows on the 1.1B shape with the GEMV column and both peers, then the LoRA

@@ -201,8 +201,11 @@ def main(argv=None):
     batches = [int(b) for b in args.batch_sizes.split(",")]
     temps = [float(t) for t in args.temperatures.split(",")]
     longest = max(len(x) for x in prompts)
-    engine = Engine(model, tok, max_batch_size=max(batches), max_seq_len=longest + args.max_new_tokens + 80,
-                    invariant=args.invariant)
+    def new_engine():
+        return Engine(model, tok, max_batch_size=max(batches), max_seq_len=longest + args.max_new_tokens + 80,
+                      invariant=args.invariant)
+
+    engine = new_engine()
     trained = None
     if args.train_eagle and args.eagle and not (Path(args.eagle) / "eagle3.safetensors").is_file():
         from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
@@ -216,6 +219,10 @@ def main(argv=None):
                           {"eagle_training": trained, "heads_training": heads_trained})
         return {"eagle_training": trained, "heads_training": heads_trained}
     drafters = {k: FirstDraftCounter(v) for k, v in make_drafters(args, model, tok).items()}
+    # one engine per drafter: a drafter whose step cannot be captured in a CUDA graph runs eagerly (and says so in
+    # its rows) without taking the graphs of the plain engine or of the other drafters with it
+    engines = {None: engine, **{name: new_engine() for name in drafters}}
+    names = {id(d): name for name, d in drafters.items()}
     order = sorted(range(len(prompts)), key=lambda i: cats[i])  # category by category
     by_cat = defaultdict(list)
     for i in order:
@@ -224,7 +231,7 @@ def main(argv=None):
     for b in batches:
         for t in temps:
             for d in [None] + list(drafters.values()):
-                run(engine, [prompts[0]] * b, b, d, t, 8, 0, stop)
+                run(engines[names.get(id(d))], [prompts[0]] * b, b, d, t, 8, 0, stop)
     rows = []
     import transformers
 
@@ -255,13 +262,15 @@ def main(argv=None):
                 tot = defaultdict(float)
                 for cat, idx in by_cat.items():
                     ps = [prompts[i] for i in idx]
-                    outs, dt, made, srows, first = run(engine, ps, b, d, t, args.max_new_tokens, args.seed, stop)
+                    outs, dt, made, srows, first = run(engines[name], ps, b, d, t, args.max_new_tokens, args.seed,
+                                                       stop)
                     p_outs, p_dt, p_made = plain[cat][:3]
                     row = {"drafter": name, "batch": b, "temperature": t, "category": cat, "prompts": len(ps),
                            "tokens": made, "tokens_per_step": made / max(srows, 1e-9),
                            "first_draft_acceptance": first, "seconds": dt, "plain_seconds": p_dt,
                            "plain_tokens": p_made, "speedup": (p_dt / max(p_made, 1)) / (dt / max(made, 1)),
-                           "identical_to_plain": sum(a == b for a, b in zip(outs, p_outs)) / len(ps)}
+                           "identical_to_plain": sum(a == b for a, b in zip(outs, p_outs)) / len(ps),
+                           "cuda_graphs": engines[name]._graphs.enabled, "plain_cuda_graphs": engine._graphs.enabled}
                     rows.append(row)
                     for k, v in (("tokens", made), ("steps", srows), ("seconds", dt), ("plain_seconds", p_dt),
                                  ("plain_tokens", p_made), ("first", (first or 0) * srows)):
@@ -274,12 +283,14 @@ def main(argv=None):
                            "seconds": tot["seconds"], "plain_seconds": tot["plain_seconds"],
                            "speedup": (tot["plain_seconds"] / max(tot["plain_tokens"], 1))
                            / (tot["seconds"] / max(tot["tokens"], 1)),
-                           "identical_to_plain": tot["same"] / len(prompts)}
+                           "identical_to_plain": tot["same"] / len(prompts),
+                           "cuda_graphs": engines[name]._graphs.enabled, "plain_cuda_graphs": engine._graphs.enabled}
                 rows.append(overall)
                 save(rows)
                 print(f"{name:22s} b={b} T={t}: {overall['tokens_per_step']:.2f} tok/step, first-draft "
                       f"{overall['first_draft_acceptance']:.2f}, {overall['speedup']:.2f}x, "
-                      f"identical to plain {overall['identical_to_plain']:.2f}", flush=True)
+                      f"identical to plain {overall['identical_to_plain']:.2f}, graphs {overall['cuda_graphs']}",
+                      flush=True)
     result = save(rows)
     print(f"wrote {args.out}")
     return result

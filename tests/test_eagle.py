@@ -221,7 +221,11 @@ def test_bad_settings_raise_one_clear_error(target):
 @pytest.mark.parametrize("dtype,invariant", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16-inv"])
 def test_gpu_greedy_identical_with_cuda_graphs(dtype, invariant):
     """On CUDA (Triton backend, whole-step CUDA graphs): chain and dynamic-tree greedy output equals plain greedy,
-    in fp32 and in bf16 with the batch-invariant kernels."""
+    in fp32 and in bf16 with the batch-invariant kernels; every step is captured (a capture failure, which
+    would fall back to eager kernels with a warning, is an error here)."""
+    import warnings
+
+    warnings.simplefilter("error", UserWarning)
     target = tiny_model("llama", num_hidden_layers=LAYERS).to("cuda", dtype)
     engine = Engine(target, max_batch_size=4, max_seq_len=128, invariant=invariant)
     prompts = ragged_prompts()
@@ -234,6 +238,7 @@ def test_gpu_greedy_identical_with_cuda_graphs(dtype, invariant):
     sampled = engine.generate(prompts, max_new_tokens=20, temperature=1.0, seed=0, stop_tokens=[],
                               speculative=Eagle3Drafter(random_draft(target), depth=3, temperature=1.0))
     assert all(len(t) == 20 for t in sampled.tokens)
+    assert engine._graphs.enabled
 
 
 def test_engine_hands_over_the_inputs_of_the_aux_layers(target, engine):

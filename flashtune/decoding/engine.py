@@ -50,6 +50,16 @@ class GenerationOutput:
     texts: list[str] | None = None
 
 
+def _where(exc: BaseException) -> str:
+    """file:line of the innermost flashtune (or bench) frame that raised `exc`."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    ours = [f for f in frames if "flashtune" in f.filename or "bench" in f.filename] or frames
+    f = ours[-1] if ours else None
+    return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`" if f else "?"
+
+
 class _GraphCache:
     """Captures `fn` once per key in a CUDA graph and replays it; calls it directly off the GPU.
 
@@ -75,7 +85,8 @@ class _GraphCache:
             except Exception as exc:  # noqa: BLE001 - fall back to eager kernels rather than fail generation
                 if self.compile:
                     raise
-                warnings.warn(f"CUDA graph capture failed ({type(exc).__name__}: {exc}); running eagerly")
+                warnings.warn(f"CUDA graph capture failed at {_where(exc)} ({type(exc).__name__}: {exc}); running "
+                              f"eagerly")
                 self.enabled = False
                 return fn(*args)
         graph, static, out, _ = self.graphs[key]
