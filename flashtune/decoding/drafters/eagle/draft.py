@@ -232,7 +232,8 @@ class Eagle3Drafter:
         for level in range(1, D):
             own = (level - 1) * K + torch.arange(K, device=dev)
             anc = anc.clone()
-            anc[torch.arange(K, device=dev), own] = True
+            # the value as a device tensor: a Python True would be copied from the host, which a CUDA graph refuses
+            anc[torch.arange(K, device=dev), own] = torch.ones((), dtype=torch.bool, device=dev)
             rel = keys[None] - L[:, None]  # [B, S]
             in_draft = (rel >= 0) & (rel < n_draft)
             mask = context[:, None] | (in_draft[:, None] & anc[:, rel.clamp(0, n_draft - 1)].permute(1, 0, 2))
