@@ -62,8 +62,20 @@ class GemvConfig:
     serial: bool = True  # split-K partials summed by the last program (True) or by a second kernel (False)
 
 
-# Measured picks per weight shape (N, K), which override the rule; filled from bench/results/gemv-h200.json.
-TABLE: dict[tuple[int, int], GemvConfig] = {}
+# Measured picks per weight shape (N, K), which override the rule: the fastest config over 1 and 8 rows in
+# bench/results/gemv-h200.json (H200; the 1.1B Llama shape's and SmolLM2-135M's decode matrices).
+TABLE: dict[tuple[int, int], GemvConfig] = {
+    (2560, 2048): GemvConfig(32, 128, 4, 4, 4, True),
+    (2048, 2048): GemvConfig(32, 128, 4, 4, 4, True),
+    (11264, 2048): GemvConfig(64, 256, 1, 4, 3, True),
+    (2048, 5632): GemvConfig(32, 128, 4, 4, 4, True),
+    (32000, 2048): GemvConfig(128, 128, 1, 8, 3, True),
+    (960, 576): GemvConfig(16, 256, 1, 4, 3, True),
+    (576, 576): GemvConfig(16, 128, 1, 4, 3, True),
+    (3072, 576): GemvConfig(64, 128, 1, 4, 4, True),
+    (576, 1536): GemvConfig(32, 128, 4, 4, 4, True),
+    (49152, 576): GemvConfig(128, 128, 1, 8, 3, True),
+}
 
 
 def default_config(n: int, k: int) -> GemvConfig:
