@@ -17,6 +17,7 @@ mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 export FLASHTUNE_GGUF=$FT/SmolLM2-135M-Instruct.Q4_1.gguf FLASHTUNE_CACHE=$FT/cache
 export FLASHTUNE_E2E_DATA=$FT/devel-fixed.no-ol.csv
+export FLASHTUNE_SPECBENCH_DATA=${FLASHTUNE_SPECBENCH_DATA:-$PWD/.data/question.dev.jsonl}  # carried in .data
 # .whl holds what the GPU image lacks: gguf (the default model's file), rouge-score (an sdist) and nltk.
 #   pip download --no-deps -d .whl gguf==0.19.0 rouge-score==0.1.2 nltk
 if [ -d .whl ]; then python3 -m pip install -q --no-index --no-deps --no-build-isolation --no-compile --no-cache-dir --upgrade --target "$FT/site" .whl/*; fi
@@ -108,7 +109,6 @@ drafters)  # after stage1 (carry .model/gguf.part01 .whl .data): EAGLE-3, Medusa
   cp "$FT/mtp/heads_report.json" "$OUT/mtp_report.json" 2>/dev/null
   cp bench/results/gemv-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 specbench-all)  # right after `drafters` (same warm machine): all 240 prompts, every drafter, batch 1 and 8, T 0 and 1
-  export FLASHTUNE_SPECBENCH_DATA=$PWD/.data/question.dev.jsonl
   run specbench "${SPEC_SECS:-480}" python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
       ${SPEC_ARGS:-} --out bench/results/specbench-h200.json
   cp bench/results/specbench-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
