@@ -5,13 +5,12 @@
 #   peers: the same join, then the plain decoding rows with both decoding peers (HF static cache, gpt-fast style)
 #   stage2inv: the same join, then the GPU tests and the Medusa / MTP benches with Engine(invariant=True)
 #   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
-#   specbench: an EAGLE-3 draft trained on Magpie prompts, then Spec-Bench (bench/specbench.py)
 #   drafters, specbench-all: EAGLE-3 / Medusa / MTP trained on one Magpie set, the GEMV kernel; then Spec-Bench
 #   decode-train: the plain decoding rows with the GEMV column and the peers, the training bench with Liger
 #   stage4: the fine-tuning path: finetune on a chat JSONL (no device flag), bench/finetune.py (TRL peer), bench/e2e.py
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|specbench|drafters|specbench-all|decode-train}
+stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|drafters|specbench-all|decode-train}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -85,14 +84,6 @@ print(len(rows), 'chat rows')"
       --rows "${BENCH_ROWS:-flashtune,flashtune-no-compile,trl,trl-defaults}"
   [ "$s_e2e" -gt 0 ] && run e2e "$s_e2e" python3 bench/e2e.py --device cuda --methods lora
   cp bench/results/finetune-h200.json bench/results/e2e.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
-specbench)  # EAGLE-3 drafted from Magpie prompts, then Spec-Bench (carry .model/gguf.part01 .whl .data, after stage1;
-  # .data holds question.dev.jsonl from ../shared/data/spec_bench/). SPEC_ARGS adds flags (e.g. --per-category 3).
-  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
-  export FLASHTUNE_SPECBENCH_DATA=$PWD/.data/question.dev.jsonl
-  run specbench 540 python3 bench/specbench.py --eagle "$FT/eagle3" \
-      --train-eagle '{"num_prompts": 384, "answer_tokens": 160, "steps": 600}' ${SPEC_ARGS:-} \
-      --out bench/results/specbench-h200.json
-  cp bench/results/specbench-h200.json "$FT/eagle3/eagle3_report.json" "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 drafters)  # after stage1 (carry .model/gguf.part01 .whl .data): EAGLE-3, Medusa and MTP trained on one Magpie set
   # into /tmp/ft (kept while the machine stays warm, for `specbench-all` next), then the GEMV kernel's GPU tests
   # and its benchmark
