@@ -70,6 +70,7 @@ test-lowest: $(LOWSTAMP) $(SYSSTAMP)
 # On a CUDA machine: the GPU tests and the attention kernel's check.
 gpu-check:
 	$(PY) -m pytest -q -m gpu tests
+	$(PY) -m pytest -q tests/test_gemv.py tests/test_training_fused_ops.py  # natively on CUDA (interpreter in make test)
 	$(PY) bench/attention.py --check
 
 clean:
