@@ -8,7 +8,8 @@ the input format, so "before" is low; "after" shows what a few minutes of LoRA b
 from __future__ import annotations
 
 from flashtune.cli.finetune import add_common_flags, add_device_flag, quiet_libraries
-from flashtune.recipes.finetune import DEMO_CONFIG, load_config, run_demo
+from flashtune.recipes.demo import DEMO_CONFIG, run_demo
+from flashtune.recipes.finetune import load_config
 
 
 def register(subparsers) -> None:

@@ -5,13 +5,14 @@
 
 With a run folder (it holds finetune.json and adapter/), the validation split is the one the run held out.
 With a bare adapter folder, data and model come from the flags (defaults: generated data, default model).
-The work is `flashtune.recipes.finetune.run_eval`; this module parses the arguments and prints.
+The work is `flashtune.recipes.evaluate.run_eval`; this module parses the arguments and prints.
 """
 
 from __future__ import annotations
 
 from flashtune.cli.finetune import add_common_flags, add_device_flag, quiet_libraries
-from flashtune.recipes.finetune import TASKS, run_eval
+from flashtune.recipes.evaluate import run_eval
+from flashtune.recipes.finetune import TASKS
 
 
 def register(subparsers) -> None:

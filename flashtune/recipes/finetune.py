@@ -9,7 +9,8 @@ Sections: `[model]` (name, dtype), `[data]` (task "e2e" | "synthetic" | "text", 
 metrics.jsonl, `finetune.json` (the resolved config), `adapter/` (PEFT format) and `report/`.
 
 Device defaults (`resolve_runtime`): on a GPU the recipe runs the fast path bench/train.py measures (bf16
-autocast over a bf16 base, fused LoRA, chunked cross-entropy, torch.compile of the blocks); on the CPU fp32.
+autocast over a bf16 base, fused LoRA, chunked cross-entropy; torch.compile off, see FAST_CUDA); on the CPU
+fp32. `flashtune eval` and `flashtune demo` build on this module: recipes/evaluate.py, recipes/demo.py.
 A field the config sets is never changed. Runs are reproducible: the same config and seed give the same
 adapter, because the seed is set before the adapter is initialised.
 
@@ -21,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import shutil
 import time
 import tomllib
@@ -583,144 +583,3 @@ def run_finetune(cfg: FinetuneConfig, log=print, progress: bool = True, resume: 
     return {"metrics": metrics, "history": result.history, "adapter_dir": str(adapter_dir), "report": str(summary),
             "trainable_params": n_params, "train_time_s": train_time, "config": cfg, "model": model,
             "tokenizer": tokenizer}
-
-
-# -------------------------------------------------------------------------------------------------- eval
-def run_eval(path, split: str = "val", overrides=(), base_only: bool = False, out=None, device=None, log=print,
-             progress: bool = True) -> dict:
-    """Evaluate a finetune run folder (its model, data and held-out split) or a bare adapter folder.
-
-    overrides: as in `load_config`, applied over the run's finetune.json (or the defaults). split: "val" (the
-    held-out inputs) or "all". Writes the report to `out` (default <path>/eval-<split>[-base]); returns
-    {"metrics", "summary"}.
-    """
-    from flashtune.data import Collator, make_text_dataset
-    from flashtune.evaluation import evaluate_generation, write_report
-    from flashtune.models import load_base_model, resolve_device
-    from flashtune.tuners import load_adapter
-
-    check_choice("split", split, ("val", "all"))
-    root = Path(path)
-    if not root.exists():
-        raise FlashtuneError(f"{str(root)!r} does not exist; pass a finetune run folder or an adapter folder")
-    base = read_run_config(root) or {}
-    adapter_dir = root / "adapter" if (root / "adapter").is_dir() else root
-    cfg = load_config(None, overrides, base=base)
-    device = resolve_device(device)
-    log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} + adapter {adapter_dir} on {device} ...")
-    model, tok = load_base_model(cfg.model.name or None, dtype=model_dtype(cfg, device), device=device)
-    if not base_only:
-        load_adapter(model, adapter_dir)
-        model.to(device)
-    out = Path(out) if out else root / f"eval-{split}{'-base' if base_only else ''}"
-    config = {**cfg.to_dict(), "adapter": None if base_only else str(adapter_dir), "split": split}
-    if cfg.data.task == "file":
-        train_ds, val_ds, examples = load_datasets(cfg.data, tok)
-        if split == "all" and examples:
-            from flashtune.data.formats import load_records
-
-            examples = load_records(cfg.data.path, "e2e")[0]
-    if cfg.data.task == "file" and not examples:
-        ds = val_ds if split == "val" else train_ds + val_ds
-        loss = make_loss_eval(model, ds, Collator(tok.pad_token_id or 0), limit=len(ds))(model)["loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "examples": len(ds)}
-        summary = write_report(out, metrics, None, None, title="flashtune eval (loss)", config=config)
-    elif cfg.data.task == "text":
-        train_texts, val_texts = load_texts(cfg.data)
-        ds = make_text_dataset(val_texts if split == "val" else train_texts + val_texts, tok, cfg.data.block_size)
-        if not ds:
-            raise FlashtuneError("the split holds less than one block of text; lower data.block_size")
-        loss = make_loss_eval(model, ds, Collator(tok.pad_token_id or 0), limit=len(ds))(model)["loss"]
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "blocks": len(ds)}
-        summary = write_report(out, metrics, None, None, title="flashtune eval (text)", config=config)
-    else:
-        if cfg.data.task != "file":
-            train, val = load_examples(cfg.data)
-            examples = val if split == "val" else train + val
-        if cfg.eval.max_inputs:
-            examples = examples[:cfg.eval.max_inputs]
-        res = evaluate_generation(model, tok, examples, batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams,
-                                  max_new_tokens=cfg.eval.max_new_tokens, progress=progress)
-        metrics = res["metrics"]
-        summary = write_report(out, metrics, res["samples"], None, title="flashtune eval", config=config,
-                               n_samples=cfg.eval.samples)
-    return {"metrics": metrics, "summary": str(summary)}
-
-
-# -------------------------------------------------------------------------------------------------- demo
-# What `flashtune demo` (and `make demo`) runs: sized to finish in about 5 minutes on 2 CPU cores.
-DEMO_CONFIG = {
-    "out_dir": "runs/demo",
-    "data": {"task": "synthetic", "num_examples": 416, "val_size": 16, "seed": 0, "refs": "all"},
-    "method": {"name": "lora", "r": 8, "lora_alpha": 16, "target_modules": "all-linear"},
-    "train": {"lr": 3e-3, "max_steps": 56, "batch_size": 8, "warmup_steps": 3, "schedule": "cosine",
-              "log_every": 2, "save_every": 0, "seed": 0},
-    "eval": {"num_beams": 1, "max_new_tokens": 40, "batch_size": 16, "samples": 3},
-}
-# LoRA goes on the linear layers of the top third of the blocks only: backward then stops there, which makes
-# a CPU step about twice as cheap as adapting every block, and the output format is learned just as well.
-TOP_FRACTION = 1 / 3
-
-
-def top_layers_regex(model, k: int | None) -> str:
-    """A target_modules regex for the linear layers of the top `k` decoder blocks (None: the top third)."""
-    n = int(getattr(model.config, "num_hidden_layers", 0) or 0)
-    if n == 0:
-        return "all-linear"
-    k = max(1, round(n * TOP_FRACTION)) if k is None else min(max(k, 1), n)
-    layers = "|".join(str(i) for i in range(n - k, n))
-    return rf".*\.layers\.({layers})\..*(proj|fc\d?)"
-
-
-def _slots(metrics: dict) -> str:
-    """'  slot errors 3.1%' when the metrics hold them (E2E-style inputs), else ''."""
-    return f"  slot errors {metrics['slot_error_rate']:.1f}%" if "slot_error_rate" in metrics else ""
-
-
-def run_demo(cfg: FinetuneConfig, device=None, overwrite: bool = False, top_layers: int | None = None,
-             log=print, say=print, progress: bool = True) -> dict:
-    """Score the base model on the held-out inputs, fine-tune (`run_finetune`), score again, write the report.
-
-    top_layers: LoRA on the linear layers of the top K blocks (None: a third; 0: cfg.method as it is).
-    `say` receives the before/after lines as they are known. Returns {"before", "after", "samples",
-    "summary", "total_s", "trainable_params"}.
-    """
-    from flashtune.evaluation import evaluate_generation, write_report
-    from flashtune.models import load_base_model, resolve_device
-
-    t0 = time.perf_counter()
-    device = resolve_device(device)
-    cfg = resolve_runtime(cfg, device)
-    check_run_folder(cfg, overwrite=overwrite)      # refuse before the minutes of work, not after
-    log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} (the first run converts the GGUF file: ~40 s) ...")
-    extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
-    model, tok = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype, device=device, **extra)
-    if top_layers != 0:
-        cfg.method["target_modules"] = top_layers_regex(model, top_layers)
-    _, held_out = load_examples(cfg.data)
-    gen = dict(batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,
-               progress=progress)
-    log(f"scoring the base model on {len(held_out)} held-out inputs ...")
-    before = evaluate_generation(model, tok, held_out, **gen)
-    say(f"before: BLEU {before['metrics']['bleu']:.2f}  ROUGE-L {before['metrics']['rouge_l']:.2f}"
-        + _slots(before["metrics"]))
-    res = run_finetune(cfg, log=log, progress=progress, overwrite=overwrite, model=model, tokenizer=tok,
-                       device=device)
-    after = res["metrics"]
-    say(f"after:  BLEU {after['bleu']:.2f}  ROUGE-L {after['rouge_l']:.2f}{_slots(after)}  "
-        f"({res['trainable_params']:,} LoRA parameters, {after['steps']} steps in {after['train_time_s']:.0f} s)")
-    path = Path(res["report"]).parent / "samples.jsonl"
-    trained = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    samples = [dict(s, output_before=b["output"]) for s, b in zip(trained, before["samples"])]
-    keys = ("bleu", "rouge_l", "nist", "slot_error_rate", "outputs_correct")
-    metrics = {"before": {k: before["metrics"][k] for k in keys if k in before["metrics"]},
-               "after": {k: after[k] for k in keys if k in after}}
-    total = time.perf_counter() - t0
-    metrics["after"].update(trainable_params=res["trainable_params"], train_time_s=after["train_time_s"],
-                            steps=after["steps"])
-    summary = write_report(f"{cfg.out_dir}/report", metrics, samples, res["history"],
-                           title="flashtune demo: LoRA on E2E-style data",
-                           config={**res["config"].to_dict(), "demo_wall_time_s": round(total, 1)},
-                           n_samples=cfg.eval.samples)
-    return {"before": metrics["before"], "after": metrics["after"], "samples": samples, "summary": str(summary),
-            "total_s": total, "trainable_params": res["trainable_params"], "n_samples": cfg.eval.samples}
