@@ -250,3 +250,61 @@ def test_engine_hands_over_the_inputs_of_the_aux_layers(target, engine):
         hs = target.model(input_ids=torch.tensor([prompt]), output_hidden_states=True).hidden_states
     want = torch.cat([hs[2], hs[0], hs[3]], dim=-1)
     torch.testing.assert_close(feats[:, : len(prompt)], want, rtol=1e-5, atol=1e-5)
+
+
+class _WarmupGraphs:
+    """A CPU stand-in for the engine's CUDA-graph cache that keeps what matters to a stateful drafter: a
+    capture first runs the step three times as warm-up (executing it, as `_GraphCache._capture` does on the
+    GPU), then records it without running it; every replay runs it once."""
+
+    @staticmethod
+    def capture(fn, args):
+        static = [a.clone() for a in args]
+        for _ in range(3):
+            out = fn(*static)
+
+        class Replay:
+            def replay(self):
+                res = fn(*static)
+                if isinstance(res, torch.Tensor):
+                    out.copy_(res)
+                elif res is not None:
+                    for o, r in zip(out, res):
+                        o.copy_(r)
+        return Replay(), static, out, fn
+
+
+@pytest.mark.parametrize("make", ["eagle3", "mtp"])
+def test_capture_warmup_leaves_a_stateful_drafter_where_it_was(target, make):
+    """The first call of a batch size captures the step; the warm-up runs before the capture must not advance
+    the drafter (EAGLE-3's or MTP's committed lengths and pending state): its drafts then equal those of an
+    engine without graphs, step for step. Without `graph_state` they run four steps ahead of the target."""
+    from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules
+    from flashtune.decoding.engine import _GraphCache
+
+    def drafter():
+        if make == "eagle3":
+            return Eagle3Drafter(random_draft(target, seed=3), depth=3)
+        torch.manual_seed(3)
+        return MTPDrafter(MTPModules.build(target, depth=1), k=2)
+
+    runs = []
+    for graphs in (False, True):
+        engine = Engine(target, max_batch_size=4, max_seq_len=96)
+        if graphs:
+            engine._graphs = _GraphCache(True)
+            engine._graphs._capture = _WarmupGraphs.capture
+        d = drafter()
+        proposals = []
+
+        def record(h, r, inner=d.propose, proposals=proposals):
+            tokens, q = inner(h, r)
+            proposals.append(tokens.clone())
+            return tokens, q
+
+        d.propose = record
+        out = engine.generate(ragged_prompts(), max_new_tokens=12, stop_tokens=[], speculative=d)
+        runs.append((out.tokens, proposals[-8:]))  # the replayed steps (warm-ups record 3 extra at the start)
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1]):
+        assert torch.equal(a, b)

@@ -74,15 +74,22 @@ class _GraphCache:
         self.compile = compile
         self.graphs = {}
 
-    def __call__(self, key, fn, *args):
+    def __call__(self, key, fn, *args, keep=()):
+        """keep: tensors that fn updates in place (a stateful drafter's state) and that the capture's warm-up
+        runs must leave as they were: the step they advance is the one the first replay makes."""
         if not self.enabled:
             return fn(*args)
         if key not in self.graphs:
             if len(self.graphs) >= self.MAX_GRAPHS:
                 self.graphs.pop(next(iter(self.graphs)))
+            saved = [t.clone() for t in keep]
             try:
                 self.graphs[key] = self._capture(torch.compile(fn, dynamic=False) if self.compile else fn, args)
+                for t, v in zip(keep, saved):
+                    t.copy_(v)
             except Exception as exc:  # noqa: BLE001 - fall back to eager kernels rather than fail generation
+                for t, v in zip(keep, saved):
+                    t.copy_(v)
                 if self.compile:
                     raise
                 warnings.warn(f"CUDA graph capture failed at {_where(exc)} ({type(exc).__name__}: {exc}); running "
@@ -108,6 +115,12 @@ class _GraphCache:
         with torch.cuda.graph(graph):  # a private memory pool per graph
             out = fn(*static)
         return graph, static, out, fn
+
+
+def _graph_state(drafter) -> tuple:
+    """The tensors a stateful drafter's step updates in place (`graph_state()`, optional in the protocol)."""
+    fn = getattr(drafter, "graph_state", None)
+    return tuple(fn()) if fn is not None else ()
 
 
 def _params_key(drafter):
@@ -414,7 +427,7 @@ class Engine:
         steps = 0
         while steps < max_new_tokens - 1:
             if whole_graph:
-                state = self._graphs(key, fn, *state, max_new)
+                state = self._graphs(key, fn, *state, max_new, keep=_graph_state(drafter))
             else:
                 state = self._step(tree, drafter, rule, params, gen, *state, max_new,
                                    graph_forward=self._graphs.enabled)

@@ -14,6 +14,10 @@ The protocol (`Drafter`), as the engine (engine.py) calls it once per `generate`
                                of layer ids: the concatenated inputs of those layers, [..., len(ids) * d]
                                (EAGLE-3 drafts from a low, a middle and a high layer)
     graph_version (optional)   bumped whenever the drafter reallocates buffers its graphs read
+    graph_state() (optional)   the tensors a step updates in place that position the drafter (committed
+                               lengths, the pending state): the engine restores them after a capture's warm-up
+                               runs, so that the first step of a call advances them once, not four times
+                               (cache slots past them are rewritten before they are read)
     start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
                                after the prompt's prefill: its hidden states, its tokens (right-padded), true
                                lengths (prefix excluded) and the first generated token (the first step's root).

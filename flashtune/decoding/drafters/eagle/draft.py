@@ -182,6 +182,10 @@ class Eagle3Drafter:
         out = self._catch_up(feats, stream, slots)
         self._pending[:bsz].copy_(out[torch.arange(bsz, device=tokens.device), lengths - 1])
 
+    def graph_state(self) -> tuple:
+        """What a step advances in place (the engine keeps it through a capture's warm-up runs)."""
+        return (self.L, self._pending)
+
     def propose(self, feats_last, root):
         if self.topk == 1:
             return self._propose_chain(root)

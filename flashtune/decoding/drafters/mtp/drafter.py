@@ -146,6 +146,10 @@ class MTPDrafter:
         ar = torch.arange(bsz, device=tokens.device)
         self._pending[:bsz].copy_(out[ar, lengths - 1])
 
+    def graph_state(self) -> tuple:
+        """What a step advances in place (the engine keeps it through a capture's warm-up runs)."""
+        return (self.L, self._pending)
+
     def propose(self, hidden, root):
         """hidden [B, d] (the target's state at slot L-1), root [B] (the token at slot L) -> (tree tokens
         [B, 1 + k*c], q [B, k, V] or None)."""

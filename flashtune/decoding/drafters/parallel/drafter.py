@@ -82,6 +82,10 @@ class ParallelDrafter:
         out = self._run_heads(z.to(self._engine.dtype), slots)  # [B, k, T, d]
         self._pending[:bsz].copy_(out[torch.arange(bsz, device=z.device), :, lengths - 1])
 
+    def graph_state(self) -> tuple:
+        """What a step advances in place (the engine keeps it through a capture's warm-up runs)."""
+        return (self.L, self._pending)
+
     def propose(self, z_last, root):
         """root [B] -> (tree tokens [B, 1 + k]: the root, then head i's argmax at the last committed position)."""
         bsz = root.shape[0]
