@@ -41,6 +41,28 @@ def test_start_url_that_does_not_load(tmp_path, capsys):
     assert "ERR_CONNECTION_REFUSED" in record["error"]
 
 
+def test_x11_start_url_that_does_not_load(tmp_path, capsys, monkeypatch):
+    """The kiosk window would show Chromium's own error page as if it were the task: the address is fetched
+    first, and a dead one is one line before any display starts (Xvfb off PATH proves none was needed)."""
+    (tmp_path / "bin").mkdir()
+    monkeypatch.setenv("PATH", str(tmp_path / "bin"))
+    dead = f"http://127.0.0.1:{closed_port()}/"
+    code, err, record = agent_run(tmp_path, capsys, "--executor", "x11", "--start-url", dead)
+    assert code == 2 and "start URL" in err and "Connection refused" in err
+    assert record["status"] == "error" and record["executor"] == "x11" and "Xvfb" not in record["error"]
+
+
+def test_x11_start_url_check_counts_any_http_answer_as_loading():
+    from flashtune.agent.executors.x11 import check_start_url
+
+    pages = PageServer()
+    try:
+        check_start_url(pages.url())  # a page
+        check_start_url(pages.url() + "no-such-page.html")  # a 404 renders too
+    finally:
+        pages.close()
+
+
 def test_chromium_missing(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FLASHTUNE_CHROMIUM", str(tmp_path / "no-chromium"))
     code, err, record = agent_run(tmp_path, capsys)

@@ -93,8 +93,10 @@ def _launch(args, config, closers: list):
                                           policy=config.policy())
         closers.append(executor.close)
         return executor
-    from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor
+    from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor, check_start_url
 
+    if args.start_url:  # before any display starts: an address that does not load is one line
+        check_start_url(args.start_url)
     display, sandbox = args.display, None
     if display is None:
         vd = VirtualDisplay(width, height)

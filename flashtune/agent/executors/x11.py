@@ -266,6 +266,27 @@ class X11Executor:
         self._run("mousemove", *self._xy(x, y), "sleep", "0.03", "mousedown", "1", "sleep", str(seconds), "mouseup", "1")
 
 
+def check_start_url(url: str, timeout: float = 15.0) -> None:
+    """Fetch an http(s) start URL once before the kiosk window opens: a kiosk Chromium shows its own error page
+    for an address that does not load, which would look like a task screen. Any HTTP answer counts as loading
+    (the page renders); no answer (refused, unknown host, too slow) is the user's to fix (FlashtuneError)."""
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    if urlsplit(url).scheme not in ("http", "https"):
+        return
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # as Chromium reaches it: directly
+    try:
+        opener.open(urllib.request.Request(url, headers={"User-Agent": "flashtune"}), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # an answer: the page shows it
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise FlashtuneError(f"cannot open the start URL {url[:200]}: {reason}; check the address and that the "
+                             f"site is up") from None
+
+
 class ChromiumWindow:
     """A full-screen (kiosk) Chromium showing `url` on an X display, in a throw-away profile."""
 
