@@ -304,7 +304,10 @@ def test_capture_warmup_leaves_a_stateful_drafter_where_it_was(target, make):
 
         d.propose = record
         out = engine.generate(ragged_prompts(), max_new_tokens=12, stop_tokens=[], speculative=d)
-        runs.append((out.tokens, proposals[-8:]))  # the replayed steps (warm-ups record 3 extra at the start)
+        # the replayed steps' drafts (the warm-ups record 3 extra at the start), and where the drafter ended
+        runs.append((out.tokens, proposals[-8:], d.L.clone(), d._pending.clone()))
     assert runs[0][0] == runs[1][0]
     for a, b in zip(runs[0][1], runs[1][1]):
         assert torch.equal(a, b)
+    assert torch.equal(runs[0][2], runs[1][2])  # the same committed lengths; the pending state up to rounding
+    torch.testing.assert_close(runs[0][3], runs[1][3], rtol=1e-4, atol=1e-5)  # (the graphed prefill is padded)
