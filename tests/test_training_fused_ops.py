@@ -127,3 +127,26 @@ def test_without_a_kernel_device_the_modules_run_their_own_forward(monkeypatch):
     ids = torch.randint(0, 128, (1, 8))
     assert torch.isfinite(model(input_ids=ids, labels=ids).loss)
     assert called
+
+
+def test_fit_with_fused_norm_mlp_trains_the_same(tmp_path, monkeypatch):
+    """TrainConfig(fused_norm_mlp=True): the fused kernels while training, the modules' own forward after."""
+    from flashtune.training import TrainConfig, fit
+    from flashtune.training import fused_ops
+
+    ran, ok = [], fused_ops._kernel_ok
+    monkeypatch.setattr(fused_ops, "_kernel_ok", lambda *ts: ran.append(1) or ok(*ts))
+
+    ids = torch.randint(0, 128, (8, 16), generator=torch.Generator().manual_seed(5)).tolist()
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    out = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = _tiny_llama()
+        cfg = TrainConfig(out_dir=str(tmp_path / str(fused)), max_steps=2, batch_size=4, lr=1e-3, log_every=1,
+                          fused_norm_mlp=fused, fused_lora=False, save_every=0)
+        ran.clear()
+        out[fused] = [r["loss"] for r in fit(model, data, cfg, progress=False).history]
+        assert bool(ran) == fused  # the kernels ran exactly when asked for
+        assert not any("forward" in m.__dict__ for m in model.modules())  # unfused after training
+    assert out[True] == pytest.approx(out[False], rel=1e-4)

@@ -44,7 +44,8 @@ MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # Training fields a resumed run may change: how long it trains, how often it logs / evaluates / saves, and
 # switches that change speed, not the hyper-parameters. Everything else must match the run's finetune.json.
 RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "resume", "overwrite", "compile", "fused_lora", "ce_chunk_size", "gradient_checkpointing"}
+                     "resume", "overwrite", "compile", "fused_lora", "fused_norm_mlp", "ce_chunk_size",
+                     "gradient_checkpointing"}
 # What a run folder holds; any of these marks the folder as an existing run.
 RUN_FILES = ("finetune.json", "latest.json", "checkpoints", "metrics.jsonl", "adapter", "report")
 # The GPU fast path. torch.compile stays off: with fine-tuning data of varying lengths it recompiles per shape,

@@ -73,6 +73,7 @@ class TrainConfig:
     gradient_checkpointing: float = 0.0      # fraction of blocks recomputed in backward (False 0 .. True 1)
     compile: bool = False                    # torch.compile each transformer block
     fused_lora: bool = True                  # LoRA layers as one fused autograd node while training
+    fused_norm_mlp: bool = False             # RMSNorm and SwiGLU as one Triton kernel each way (fused_ops.py)
     # [distributed] used only under torchrun (flashtune.training.distributed)
     strategy: str = "auto"                   # "ddp" | "fsdp" | "auto" (ddp when one replica fits a device)
     cpu_offload: bool = False                # fsdp: sharded weights, gradients and AdamW state live on the CPU
@@ -96,7 +97,7 @@ class TrainConfig:
         if isinstance(self.gradient_checkpointing, bool):
             self.gradient_checkpointing = float(self.gradient_checkpointing)
         check_range("gradient_checkpointing", self.gradient_checkpointing, 0, 1)
-        for name in ("compile", "fused_lora", "resume", "overwrite", "drop_last", "cpu_offload"):
+        for name in ("compile", "fused_lora", "fused_norm_mlp", "resume", "overwrite", "drop_last", "cpu_offload"):
             check_bool(name, getattr(self, name))
         check_range("max_grad_norm", self.max_grad_norm, 0)
         check_range("min_lr_ratio", self.min_lr_ratio, 0, 1)
@@ -394,6 +395,11 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     bar = _progress_bar(total, step, progress and rt.main)
     if config.fused_lora:
         fuse_lora(model)
+    unfuse_norm_mlp = None
+    if config.fused_norm_mlp:  # Triton is an optional extra: imported only when asked for
+        from flashtune.training.fused_ops import fuse_norm_mlp, unfuse_norm_mlp
+
+        fuse_norm_mlp(model)
     was_training = model.training
     model.train()
     try:
@@ -499,6 +505,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     finally:
         bar.close()
         unfuse_lora(model)
+        if unfuse_norm_mlp is not None:
+            unfuse_norm_mlp(model)
         model.train(was_training)
     return TrainResult(history=history, step=step, checkpoint=str(path), eval=last_eval,
                        skipped_steps=acc["skipped_total"], train_time_s=train_time)
