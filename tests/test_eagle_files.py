@@ -171,3 +171,21 @@ def test_train_eagle3_recipe_writes_a_loadable_draft(target, tmp_path):
     assert out.tokens == ref.tokens
     with pytest.raises(ConfigError, match="ttt_steps"):
         Eagle3TrainConfig(ttt_steps=0)
+
+
+def test_import_ignores_a_target_embedding_and_refuses_foreign_tensors(target, draft, tmp_path):
+    """Some trainers save the target's embedding beside an EAGLE-3 draft: it is ignored (the draft shares the
+    target's). Any other tensor the draft lacks is one line naming it, never silently dropped."""
+    from safetensors.torch import save_file
+
+    export_eagle3(draft, tmp_path, "vllm", dtype="float32")
+    weights = tmp_path / "model.safetensors"
+    tensors = load_file(str(weights))
+    save_file({**tensors, "embed_tokens.weight": torch.zeros(VOCAB, draft.config.hidden_size)}, str(weights))
+    back = import_eagle3(tmp_path, target)
+    for (k, a), (_, b) in zip(sorted(draft.state_dict().items()), sorted(back.state_dict().items())):
+        assert torch.equal(a, b), k
+    save_file({**tensors, "midlayer.self_attn.q_norm.weight": torch.ones(4)}, str(weights))
+    with pytest.raises(FlashtuneError, match="q_norm") as exc:
+        import_eagle3(tmp_path, target)
+    assert "\n" not in str(exc.value)

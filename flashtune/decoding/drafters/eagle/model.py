@@ -343,8 +343,16 @@ class Eagle3Draft(nn.Module):
 
     @classmethod
     def from_tensors(cls, config: Eagle3Config, tensors: dict, model) -> "Eagle3Draft":
+        """The draft from its tensors (bound to `model`). A target embedding (`embed_tokens.weight`, which some
+        trainers save beside the draft) is ignored: the draft shares the target's. Any other tensor the draft
+        does not have is refused, naming it: the file is for another architecture or was damaged."""
         draft = cls(config)
         own = draft.state_dict()
+        unexpected = sorted(set(tensors) - set(own) - {"embed_tokens.weight"})
+        if unexpected:
+            names = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
+            raise FlashtuneError(f"EAGLE-3 weights hold tensors an EAGLE-3 draft does not have ({names}); the file "
+                                 f"is for another drafter or damaged")
         for name, t in own.items():
             if name not in tensors:
                 raise FlashtuneError(f"EAGLE-3 weights miss {name}; the file is damaged or not an EAGLE-3 draft")
