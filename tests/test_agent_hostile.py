@@ -190,6 +190,34 @@ def test_browser_request_guard_stops_page_driven_navigation(chromium):
         context.close()
 
 
+def test_browser_request_guard_resolves_names(chromium, monkeypatch):
+    """A request to a name that resolves to the metadata address is stopped like the address itself."""
+    import socket
+
+    from flashtune.agent import policy as pol
+    from flashtune.agent.executors.browser import BrowserExecutor
+
+    real = socket.getaddrinfo
+    monkeypatch.setattr(pol, "_RESOLVED", {})
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *a, **k: (
+        [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("169.254.169.254", 0))] if host == "meta.example"
+        else real(host, *a, **k)))
+    _, page, url = chromium
+    context = page.context.browser.new_context(viewport={"width": 640, "height": 480})
+    try:
+        p = context.new_page()
+        ex = BrowserExecutor(p, policy=pol.Policy(template="browser", start_url=url))
+        p.goto(url)
+        p.evaluate("fetch('http://meta.example/latest/meta-data/').catch(() => null)")
+        for _ in range(100):
+            if "http://meta.example/latest/meta-data/" in ex.blocked:
+                break
+            p.wait_for_timeout(50)
+        assert "http://meta.example/latest/meta-data/" in ex.blocked
+    finally:
+        context.close()
+
+
 # -- X11: Xvfb + xdotool + a Chromium window -------------------------------------------------------------
 @pytest.fixture(scope="module")
 def x11(pages):

@@ -230,3 +230,41 @@ def test_sandbox_decision(monkeypatch):
     assert pw.chromium.kw["chromium_sandbox"] is True and "--no-sandbox" not in pw.chromium.kw["args"]
     browser.launch_chromium(pw, sandbox={"enabled": False, "reason": "root"})
     assert pw.chromium.kw["chromium_sandbox"] is False and "--no-sandbox" in pw.chromium.kw["args"]
+
+
+def _resolver(monkeypatch, table: dict):
+    """socket.getaddrinfo answering from `table` (name -> addresses); other names do not resolve."""
+    import socket
+
+    from flashtune.agent import policy as pol
+
+    def getaddrinfo(host, *args, **kwargs):
+        if host not in table:
+            raise socket.gaierror(f"{host} does not resolve")
+        return [(socket.AF_INET6 if ":" in ip else socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 0))
+                for ip in table[host]]
+
+    monkeypatch.setattr(pol, "_RESOLVED", {})
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_names_that_resolve_inside_are_refused_like_the_addresses(monkeypatch):
+    """The request guard (resolve=True) applies the address rules to what a name resolves to: a public-looking
+    name pointing at the metadata service, this machine or a private network is refused; without resolving,
+    the name alone passes (which is what the model's navigate check sees)."""
+    _resolver(monkeypatch, {"meta.example": ["169.254.169.254"], "loop.example": ["127.0.0.1"],
+                            "v6loop.example": ["::1"], "lan.example": ["93.184.216.34", "10.1.2.3"],
+                            "site.example": ["93.184.216.34"]})
+    policy = Policy(template="browser", start_url="https://start.example/")
+    assert policy.check_url("http://site.example/", resolve=True) == "http://site.example/"
+    for name, why in (("meta.example", "metadata"), ("loop.example", "localhost"), ("v6loop.example", "localhost"),
+                      ("lan.example", "private")):
+        with pytest.raises(PolicyError, match=why) as exc:
+            policy.check_url(f"http://{name}/x", resolve=True)
+        assert name in str(exc.value) and "resolves to" in str(exc.value)
+        policy.check_url(f"http://{name}/x")
+    policy.check_url("http://nowhere.example/", resolve=True)  # resolves to nothing: the browser fails too
+    allowed = Policy(template="browser", start_url="https://start.example/", allow_hosts=("lan.example",))
+    allowed.check_url("http://lan.example/", resolve=True)  # a private address behind a host allowed by name
+    local = Policy(template="browser", start_url=LOCAL)
+    local.check_url("http://loop.example/", resolve=True)  # loopback is fine when the start URL is local

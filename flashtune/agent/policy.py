@@ -5,8 +5,9 @@ is checked here before anything is executed:
 - actions: only the action space of the chosen template and model version (see ACTION_SPACES);
 - URLs (`navigate`): http and https only; a missing scheme becomes https; never file:, javascript:, data:,
   chrome: or any other scheme, never link-local or cloud metadata addresses, loopback only when the start URL
-  is itself local, other private addresses only when allowed by name; hosts limited by an allow-list (default:
-  the start URL's host and public hosts);
+  is itself local, other private addresses only when allowed by name (the browser's request guard applies
+  these rules to the addresses a name resolves to as well); hosts limited by an allow-list (default: the start
+  URL's host and public hosts);
 - keys: names from the fixed list of `keys.py`; chords that open OS or browser dialogs (file chooser, save,
   print, address bar, new windows, devtools, OS launcher ...) are refused, also when built from held keys;
 - text: at most `max_type_chars` characters, no control characters, nothing typed while ctrl/alt/meta is held;
@@ -127,6 +128,31 @@ def host_class(host: str) -> str:
     return "public"
 
 
+_RESOLVED: dict[str, tuple[str, ...]] = {}
+
+
+def resolve_host(host: str) -> tuple[str, ...]:
+    """The addresses `host` resolves to on this machine (none for an IP literal, or when it does not resolve:
+    the browser, using the same resolver, cannot reach it either). Cached for the process."""
+    h = host.lower().rstrip(".").strip("[]")
+    try:
+        ipaddress.ip_address(h)
+        return ()
+    except ValueError:
+        pass
+    if _whatwg_ipv4(h) is not None:
+        return ()
+    if h not in _RESOLVED:
+        import socket
+
+        try:
+            infos = socket.getaddrinfo(h, None, proto=socket.IPPROTO_TCP)
+        except (OSError, UnicodeError):
+            infos = []
+        _RESOLVED[h] = tuple(sorted({info[4][0].split("%")[0] for info in infos}))
+    return _RESOLVED[h]
+
+
 def _host_matches(host: str, pattern: str) -> bool:
     host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
     if pattern.startswith("*."):
@@ -177,11 +203,14 @@ class Policy:
             return False
 
     # -- URLs -------------------------------------------------------------------------------------------------
-    def check_url(self, url: str, navigation: bool = True) -> str:
+    def check_url(self, url: str, navigation: bool = True, resolve: bool = False) -> str:
         """The URL to open (a missing scheme becomes https), or raise PolicyError saying why not.
 
         navigation=False (a page's own sub-resource) skips the allow-list of public hosts but keeps every
-        other rule."""
+        other rule. resolve=True (the browser's request guard) also applies the address rules to every address
+        the host name resolves to now, so that a name pointing at a metadata, loopback or private address is
+        refused like the address itself. A name whose answers change between this lookup and the browser's
+        own (DNS rebinding with a zero TTL) is not caught by this."""
         shown = repr(url if len(url) <= 80 else url[:80] + "...")
         u = url.strip()
         if not u or len(u) > 2048 or re.search(r"[\s\\\x00-\x1f\x7f]", u):
@@ -206,18 +235,27 @@ class Policy:
             kind = None
         if kind is None:
             raise PolicyError(f"refused URL {shown}: not a valid URL (no host, or a malformed host or port)")
-        if kind == "never":
-            raise PolicyError(f"refused URL {shown}: link-local and cloud metadata addresses are never opened")
         is_start = self.start_host is not None and _host_matches(host, self.start_host)
         listed = any(_host_matches(host, p) for p in self.allow_hosts)
-        if kind == "loopback" and not self.start_is_local:
-            raise PolicyError(f"refused URL {shown}: localhost is opened only when the start URL is local")
-        if kind == "private" and not (is_start or listed):
-            raise PolicyError(f"refused URL {shown}: {host} is a private address; allow it with --allow-host {host}")
+        self._check_address(kind, host, shown, is_start or listed)
         if kind == "public" and navigation and self.allow_hosts and not (is_start or listed):
             raise PolicyError(f"refused URL {shown}: {host} is not in the allowed hosts "
                               f"({', '.join(self.allow_hosts)})")
+        if resolve and kind != "never":
+            for address in resolve_host(host):  # a public-looking name may point inside: check where it goes
+                self._check_address(host_class(address), host, f"{shown} ({host} resolves to {address})",
+                                    is_start or listed)
         return u
+
+    def _check_address(self, kind: str, host: str, shown: str, allowed: bool) -> None:
+        """The address rules: never metadata / link-local; loopback only for a local start URL; other private
+        addresses only for the start URL's host or an allowed one."""
+        if kind == "never":
+            raise PolicyError(f"refused URL {shown}: link-local and cloud metadata addresses are never opened")
+        if kind == "loopback" and not self.start_is_local:
+            raise PolicyError(f"refused URL {shown}: localhost is opened only when the start URL is local")
+        if kind == "private" and not allowed:
+            raise PolicyError(f"refused URL {shown}: {host} is a private address; allow it with --allow-host {host}")
 
     # -- keys -------------------------------------------------------------------------------------------------
     def _check_chord(self, keys: frozenset, what: str) -> None:

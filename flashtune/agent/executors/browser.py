@@ -116,7 +116,7 @@ class BrowserExecutor:
 
         def handle(route, request):
             try:
-                policy.check_url(request.url, navigation=request.is_navigation_request())
+                policy.check_url(request.url, navigation=request.is_navigation_request(), resolve=True)
             except PolicyError:
                 self.blocked.append(request.url[:200])
                 route.abort("blockedbyclient")
