@@ -27,9 +27,16 @@ from flashtune.decoding.kernels import LOG2E, online_softmax_step
 
 def _gemm_config(n: int, k: int) -> tuple[int, int, int, int]:
     """(block_n, block_k, num_warps, num_stages) for a [N, K] weight: a function of the shape only (the
-    invariance). This is the rule the end-to-end benchmarks ran with; `bench/profile_decode.py --gemm` found a
-    faster one (bench/NOTES.md, "Fourth look"), not yet measured end to end."""
-    return (64 if n >= 64 * 132 else 32), 64, 4, 3
+    invariance). The tile sweep of `bench/profile_decode.py --gemm` on the H200 (bench/results/
+    profile_gemm-h200.json, bench/NOTES.md "Fourth look") picks these: narrow 16-column tiles with long K steps
+    while the matrix gives few tiles, wider tiles as N grows. Within 1.4% of the sweep's best on all ten
+    decode matrices of SmolLM2 and the 1.1B shape; as fast as the earlier (32 or 64) x 64 rule on the LM heads
+    and 1.3-2.6x faster on the rest."""
+    if n <= 2560:  # <= 160 tiles of 16 columns
+        return 16, 256, 2, 3
+    if n <= 16384:
+        return 32, 128, 4, 4
+    return (64, 64, 4, 3) if k < 1024 else (64, 128, 2, 3)
 
 
 @triton.jit(do_not_specialize=["M"])
