@@ -1,12 +1,12 @@
 """FlashAttention benchmark and GPU check: flashtune's Triton kernels against SDPA (flash backend, cuDNN, and
 SDPA with an explicit mask) in one run on one GPU.
 
-    python3 bench/attention.py            # check, then the TARGETS.md grid and the masked cases
+    python3 bench/attention.py            # check, then the benchmark grid and the masked cases
     python3 bench/attention.py --check    # correctness only, on every case; exit 1 on any failure
     python3 bench/attention.py --tune     # time candidate block shapes per kernel and head dim
     python3 bench/attention.py --smoke    # a tiny CPU run through the interpreter (every code path)
 
-FLOPs follow TARGETS.md: 4·b·h·n²·d for a forward pass (halved when causal), forward+backward = 3.5× forward.
+FLOPs: 4·b·h·n²·d for a forward pass (halved when causal), forward+backward = 3.5× forward.
 Writes bench/results/attention-h200.json (or --out) with the GPU name, versions and every row.
 """
 

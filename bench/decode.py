@@ -5,8 +5,8 @@
     python3 bench/decode.py --smoke         # seconds on a CPU: tiny models, every code path, a temp file
     python3 bench/decode.py --parts plain --models 1b,smollm2 --out bench/results/decode-peers.json
 
-Part 1, plain decoding, greedy, batch 1 and 8, on SmolLM2-135M-Instruct and on the 1.1B Llama shape of
-TARGETS.md (22 layers, hidden 2048, 32/4 heads, intermediate 5632, vocab 32000, random weights): tokens/s of
+Part 1, plain decoding, greedy, batch 1 and 8, on SmolLM2-135M-Instruct and on a 1.1B Llama shape
+(22 layers, hidden 2048, 32/4 heads, intermediate 5632, vocab 32000, random weights): tokens/s of
 HF `generate` and of the engine (same prompts, same number of new tokens, eos suppressed), the engine's
 decode-only rate, and its share of the bandwidth floor (all weight bytes read once per step at 4.3 TB/s).
 With --peers (default on CUDA), the same rows also time the two peers a user would otherwise pick: HF

@@ -11,7 +11,6 @@ Stages (all inside this script, on one device):
      drafts with k = 1..4, and Medusa; wall-clock speedup over the plain engine of the same run; the output
      must be token-identical to the plain engine's (lossless greedy; also checked in fp32); first-drafted-
      token acceptance and mean accepted length counted per active sequence from the drafter's trace.
-Targets (TARGETS.md): >= 85% first-token acceptance and >= 1.8x over plain decoding.
 
     python3 bench/mtp.py                 # GPU (bf16 engine): bench/results/mtp.json, ~2-3 min
     python3 bench/mtp.py --device cpu --reuse --ks 1,3 --reps 1   # CPU (fp32), the GPU run's target and modules
