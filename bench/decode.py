@@ -145,7 +145,7 @@ def plain_rows(name, model, dev, new, batches, prompt_len, skip_hf, compile_too=
         toks, sec, decode = engine_greedy(engine, ids.tolist(), new, dev)
         row = {"part": "plain", "model": name, "batch": bsz, "new_tokens": new, "prompt_len": prompt_len,
                "dtype": str(engine.dtype).replace("torch.", ""), "engine_tok_s": bsz * new / sec,
-               "engine_decode_tok_s": decode, "cuda_graphs": engine._graphs.enabled,
+               "engine_decode_tok_s": decode, "cuda_graphs": engine._graphs.all_captured,
                "attention": engine.model.backend}
         wb = weight_bytes(engine.model)
         row["weight_bytes"] = wb

@@ -270,7 +270,8 @@ def main(argv=None):
                            "first_draft_acceptance": first, "seconds": dt, "plain_seconds": p_dt,
                            "plain_tokens": p_made, "speedup": (p_dt / max(p_made, 1)) / (dt / max(made, 1)),
                            "identical_to_plain": sum(a == b for a, b in zip(outs, p_outs)) / len(ps),
-                           "cuda_graphs": engines[name]._graphs.enabled, "plain_cuda_graphs": engine._graphs.enabled}
+                           "cuda_graphs": engines[name]._graphs.all_captured,
+                           "plain_cuda_graphs": engine._graphs.all_captured}
                     rows.append(row)
                     for k, v in (("tokens", made), ("steps", srows), ("seconds", dt), ("plain_seconds", p_dt),
                                  ("plain_tokens", p_made), ("first", (first or 0) * srows)):
@@ -284,7 +285,8 @@ def main(argv=None):
                            "speedup": (tot["plain_seconds"] / max(tot["plain_tokens"], 1))
                            / (tot["seconds"] / max(tot["tokens"], 1)),
                            "identical_to_plain": tot["same"] / len(prompts),
-                           "cuda_graphs": engines[name]._graphs.enabled, "plain_cuda_graphs": engine._graphs.enabled}
+                           "cuda_graphs": engines[name]._graphs.all_captured,
+                           "plain_cuda_graphs": engine._graphs.all_captured}
                 rows.append(overall)
                 save(rows)
                 print(f"{name:22s} b={b} T={t}: {overall['tokens_per_step']:.2f} tok/step, first-draft "

@@ -238,7 +238,7 @@ def test_gpu_greedy_identical_with_cuda_graphs(dtype, invariant):
     sampled = engine.generate(prompts, max_new_tokens=20, temperature=1.0, seed=0, stop_tokens=[],
                               speculative=Eagle3Drafter(random_draft(target), depth=3, temperature=1.0))
     assert all(len(t) == 20 for t in sampled.tokens)
-    assert engine._graphs.enabled
+    assert engine._graphs.all_captured
 
 
 def test_engine_hands_over_the_inputs_of_the_aux_layers(target, engine):
@@ -311,3 +311,33 @@ def test_capture_warmup_leaves_a_stateful_drafter_where_it_was(target, make):
         assert torch.equal(a, b)
     assert torch.equal(runs[0][2], runs[1][2])  # the same committed lengths; the pending state up to rounding
     torch.testing.assert_close(runs[0][3], runs[1][3], rtol=1e-4, atol=1e-5)  # (the graphed prefill is padded)
+
+
+def test_a_failed_capture_leaves_every_other_step_on_its_graph():
+    """One step whose capture fails (a host copy, say) runs eagerly, with a warning naming the line; the
+    other keys keep capturing and replaying (before, one failure sent the whole engine eager)."""
+    from flashtune.decoding.engine import _GraphCache
+
+    cache = _GraphCache(True)
+    state = torch.zeros(1)
+
+    def good(x):
+        state.add_(1)
+        return x + 1
+
+    def bad(x):
+        raise RuntimeError("Cannot copy between CPU and CUDA tensors during CUDA graph capture")
+
+    def capture(fn, args):
+        if fn is bad:
+            fn(*args)
+        return _WarmupGraphs.capture(fn, args)
+
+    cache._capture = capture
+    x = torch.ones(2)
+    assert torch.equal(cache("good", good, x), x + 1)
+    with pytest.warns(UserWarning, match=r"failed at \S+\.py:\d+ .*Cannot copy.*this step runs eagerly"):
+        with pytest.raises(RuntimeError):  # run eagerly after the failed capture: the step itself raises
+            cache("bad", bad, x)
+    assert cache.failed == {"bad"} and cache.enabled and not cache.all_captured
+    assert "good" in cache.graphs and torch.equal(cache("good", good, x * 2), x * 2 + 1)

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
@@ -54,8 +55,10 @@ def _where(exc: BaseException) -> str:
     """file:line of the innermost flashtune (or bench) frame that raised `exc`."""
     import traceback
 
+    package = Path(__file__).resolve().parents[1]  # flashtune/
+    homes = (str(package), str(package.parent / "bench"))
     frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "flashtune" in f.filename or "bench" in f.filename] or frames
+    ours = [f for f in frames if str(Path(f.filename).resolve()).startswith(homes)] or frames
     f = ours[-1] if ours else None
     return f"{f.filename}:{f.lineno} `{(f.line or '').strip()}`" if f else "?"
 
@@ -73,11 +76,17 @@ class _GraphCache:
         self.enabled = enabled
         self.compile = compile
         self.graphs = {}
+        self.failed: set = set()  # keys whose capture failed: those run eagerly, every other key keeps its graph
+
+    @property
+    def all_captured(self) -> bool:
+        """True when graphs are on and no capture has failed (what a benchmark row reports)."""
+        return self.enabled and not self.failed
 
     def __call__(self, key, fn, *args, keep=()):
         """keep: tensors that fn updates in place (a stateful drafter's state) and that the capture's warm-up
         runs must leave as they were: the step they advance is the one the first replay makes."""
-        if not self.enabled:
+        if not self.enabled or key in self.failed:
             return fn(*args)
         if key not in self.graphs:
             if len(self.graphs) >= self.MAX_GRAPHS:
@@ -92,9 +101,9 @@ class _GraphCache:
                     t.copy_(v)
                 if self.compile:
                     raise
-                warnings.warn(f"CUDA graph capture failed at {_where(exc)} ({type(exc).__name__}: {exc}); running "
-                              f"eagerly")
-                self.enabled = False
+                warnings.warn(f"CUDA graph capture failed at {_where(exc)} ({type(exc).__name__}: {exc}); this "
+                              f"step runs eagerly")
+                self.failed.add(key)
                 return fn(*args)
         graph, static, out, _ = self.graphs[key]
         for s, a in zip(static, args):
