@@ -55,3 +55,31 @@ def smoke_model(max_positions: int = 512):
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
                          tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     return tf.LlamaForCausalLM(cfg).eval(), tok
+
+
+def events_ms(fn, reps: int) -> float:
+    """GPU time of one fn() in ms: CUDA events around `reps` calls, after one warm-up call."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    fn()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(reps):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / reps
+
+
+def graph_us(fn, calls: int = 50, reps: int = 20) -> float:
+    """GPU time of one fn() inside a CUDA graph of `calls` back-to-back calls (launch gaps as in a decode
+    step), µs."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(calls):
+            fn()
+    return events_ms(g.replay, reps) * 1e3 / calls

@@ -14,9 +14,9 @@ together (the configuration may depend on the shape only: gemv.TABLE takes it as
 """
 
 import argparse
-import json
 import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -29,9 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment  # noqa: E402
+from common import environment, graph_us  # noqa: E402
 
 from flashtune.decoding.gemv import GemvConfig, config_for, gemv  # noqa: E402
+from flashtune.fileio import atomic_write_json  # noqa: E402
 
 MATRICES = {  # name -> (N, K): the linears of one layer (q/k/v and gate/up fused, as the engine holds them)
     "llama-1.1b": {"qkv": (2560, 2048), "o": (2048, 2048), "gate_up": (11264, 2048), "down": (2048, 5632),
@@ -46,32 +47,6 @@ SWEEP = [(16, 256, 1, 4, 3), (16, 256, 2, 4, 3), (16, 256, 4, 4, 3), (16, 256, 8
          (16, 512, 4, 8, 3), (16, 128, 4, 4, 4), (32, 256, 1, 4, 3), (32, 256, 2, 4, 3), (32, 256, 4, 4, 4),
          (32, 128, 4, 4, 4), (64, 256, 1, 4, 3), (64, 256, 2, 8, 3), (64, 128, 1, 4, 4), (128, 128, 1, 8, 3)]
 SMOKE_SWEEP = [(16, 64, 1, 4, 2), (32, 32, 4, 4, 2), (16, 32, 2, 4, 2)]
-
-
-def events_ms(fn, reps):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
-
-
-def graph_us(fn, calls=40, reps=10):
-    """GPU time of one fn() inside a CUDA graph of `calls` back-to-back calls, µs."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return events_ms(g.replay, reps) * 1e3 / calls
 
 
 def wall_us(fn, reps=2):
@@ -170,7 +145,8 @@ def best_per_shape(rows):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton's interpreter, tiny shapes")
-    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--out", default=os.environ.get("OUT", ""), help="folder for gemv-<device>.json (default: "
+                    "$OUT, else bench/results; --smoke: a temp folder)")
     ap.add_argument("--budget-s", type=float, default=110.0, help="stop timing (rows say skipped) after this")
     args = ap.parse_args()
     start = time.monotonic()
@@ -180,7 +156,8 @@ def main():
     else:
         if not torch.cuda.is_available():
             sys.exit("bench/gemv.py needs a CUDA GPU (or --smoke)")
-        dev, timer, matrices, sweep = torch.device("cuda"), graph_us, MATRICES, SWEEP
+        dev, matrices, sweep = torch.device("cuda"), MATRICES, SWEEP
+        timer = lambda f: graph_us(f, calls=40, reps=10)  # noqa: E731
         name = torch.cuda.get_device_name()
         tag = "h200" if "H200" in name else name.lower().replace(" ", "-")
     torch.manual_seed(0)
@@ -212,9 +189,9 @@ def main():
               "timing": "µs per call in a CUDA graph of 40 calls rotating over > 200 MB of weight copies"
               if dev.type == "cuda" else "wall clock in the interpreter (meaningless)",
               "rows": rows, "best_per_shape": best}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    path = Path(args.out) / f"gemv-{tag}.json"
-    path.write_text(json.dumps(result, indent=1))
+    out = args.out or (tempfile.mkdtemp(prefix="gemv-smoke-") if args.smoke else "bench/results")
+    path = Path(out) / f"gemv-{tag}.json"
+    atomic_write_json(path, result)
     print(f"wrote {path} in {result['seconds']} s")
 
 

@@ -26,7 +26,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from common import events_ms, graph_us  # noqa: E402
 from flashtune.decoding import Engine, MedusaHeads  # noqa: E402
 from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules  # noqa: E402
 from flashtune.decoding.tree import default_tree  # noqa: E402
@@ -42,18 +44,6 @@ def shapes():
                          num_attention_heads=32, num_key_value_heads=4, max_position_embeddings=2048,
                          tie_word_embeddings=False)
     return {"smollm2-135m-shape": smol, "llama-1.1b-shape": big}
-
-
-def events_ms(fn, reps):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    fn()
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def kernel_table(fn, steps=1):
@@ -283,20 +273,6 @@ def call_profile(name, model, bsz=1, new=36, backend="triton"):
     del eng
     torch.cuda.empty_cache()
     return rows
-
-
-def graph_us(fn, calls=50, reps=20):
-    """GPU time of one fn() inside a CUDA graph of `calls` back-to-back calls (launch gaps as in a step), µs."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(calls):
-            fn()
-    return events_ms(g.replay, reps) * 1e3 / calls
 
 
 @torch.inference_mode()
