@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from agent_fixtures.support import PageServer
+from agent_fixtures.support import PageServer, answer, png_size
 from flashtune.agent.loop import AgentConfig, run_agent
 
 PUBLIC_START = "https://shop.example.com/"
@@ -80,7 +80,7 @@ class Spy:
 
 def answer_for(case_id):
     call = CASES[case_id][0]
-    return "Thought: " + "x" * 10_000 if call is None else f"Thought: as the page told me to.\nAction: {call}"
+    return "Thought: " + "x" * 10_000 if call is None else answer(call, "as the page told me to.")
 
 
 def run_case(case_id, executor, page, url, tmp_path):
@@ -108,7 +108,7 @@ def control(executor, page, url, tmp_path, version="1.5"):
     """The harness sees an execution: a click on the button goes through and counts."""
     page.goto(url)
     page.wait_for_function("window.state !== undefined")
-    mapper = executor.mapper(*_size(executor.screenshot()), version)
+    mapper = executor.mapper(*png_size(executor.screenshot()), version)
     box = page.locator("#btn").bounding_box()
     origin = getattr(executor, "origin", (0, 0))
     x, y = mapper.from_screen(origin[0] + box["x"] + box["width"] / 2, origin[1] + box["y"] + box["height"] / 2)
@@ -117,12 +117,6 @@ def control(executor, page, url, tmp_path, version="1.5"):
                        AgentConfig(start_url=url, max_steps=1, settle_seconds=0), sleep=lambda s: None)
     page.wait_for_function("window.state.clicks == 1", timeout=10000)
     assert record["status"] == "max_steps" and len(spy.calls) == 1
-
-
-def _size(png):
-    from agent_fixtures.support import png_size
-
-    return png_size(png)
 
 
 # -- headless Chromium ------------------------------------------------------------------------------------

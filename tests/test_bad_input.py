@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from tiny import snapshot
+
 HERE = Path(__file__).resolve().parent
 SMALL = ["--set", "data.num_examples=24", "--set", "data.val_size=4", "--set", "eval.max_new_tokens=2",
          "--set", "eval.max_inputs=2", "--max-steps", "2", "--batch-size", "4", "--set", "train.lr=1e-2", "--quiet"]
@@ -149,10 +151,6 @@ PROBES = {
 REWRITES_FINETUNE_JSON: set[str] = set()
 
 
-def _snapshot(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def results(world):
     root, paths = world
@@ -165,13 +163,13 @@ def results(world):
             shutil.copytree(paths["finished"], work / "run")
             corrupt(work / "run", paths)
         jobs.append({"name": name, "cwd": str(work), "argv": [a.format(**fields) for a in argv]})
-    before = _snapshot(root)
+    before = snapshot(root)
     # No progress bars: `generate` has no --quiet, and transformers' "Loading weights" bar is not an error line.
     env = {**os.environ, "PYTHONPATH": str(HERE.parent), "OMP_NUM_THREADS": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve())], input=json.dumps(jobs), env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return root, before, _snapshot(root), json.loads(proc.stdout.strip().splitlines()[-1])
+    return root, before, snapshot(root), json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def _problems(name, outcome, before, after) -> list[str]:

@@ -10,6 +10,7 @@ import torch
 from flashtune.cli import main
 from flashtune.recipes.finetune import FinetuneConfig, load_config, parse_override
 from flashtune.errors import ConfigError, MissingDependencyError
+from tiny import snapshot
 
 SMALL = ["--set", "data.num_examples=24", "--set", "data.val_size=4", "--set", "eval.max_new_tokens=4",
          "--set", "train.log_every=1", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--quiet"]
@@ -174,12 +175,6 @@ def test_help(command, capsys):
 
 
 # ---------------------------------------------------------------------------------- run folders and probes
-def _snapshot(folder):
-    from pathlib import Path
-
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
 @pytest.fixture(scope="module")
 def finished_run(model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished") / "run"
@@ -189,7 +184,7 @@ def finished_run(model_dir, tmp_path_factory):
 
 def _refused(capsys, argv, folder, *words):
     """`flashtune argv` exits 2 with one stderr line naming `words`, no traceback, `folder` byte-identical."""
-    before = _snapshot(folder)
+    before = snapshot(folder)
     capsys.readouterr()
     assert main(argv) == 2
     captured = capsys.readouterr()
@@ -197,7 +192,7 @@ def _refused(capsys, argv, folder, *words):
     line = _one_error_line_from(captured.err)
     for word in words:
         assert word in line, (word, line)
-    assert _snapshot(folder) == before
+    assert snapshot(folder) == before
     return line
 
 

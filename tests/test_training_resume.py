@@ -19,6 +19,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tiny import snapshot
+
 HERE = Path(__file__).resolve().parent
 STEPS, SAVE_EVERY = 12, 3
 
@@ -248,10 +250,6 @@ def test_stale_temp_folders_are_removed_when_a_run_starts(tmp_path):
     assert not stale.exists()
 
 
-def _snapshot(root):
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
-
-
 @pytest.fixture
 def two_runs(tmp_path):
     _small_fit(tmp_path / "a", max_steps=2)
@@ -288,14 +286,14 @@ def test_bad_checkpoint_on_resume_is_one_line_and_changes_nothing(two_runs, case
     else:
         f = ckdir / named[0]
         f.write_bytes(f.read_bytes()[:40])
-    before = _snapshot(a)
+    before = snapshot(a)
     model = _subset_trainable(tiny_model("llama"))
     weights = _weights(model)
     with pytest.raises(FlashtuneError) as exc:
         _small_fit(a, model=model, resume=True)
     msg = str(exc.value)
     assert "\n" not in msg and named[0] in msg and named[1] in msg, msg
-    assert _snapshot(a) == before
+    assert snapshot(a) == before
     for n, p in _weights(model).items():
         assert torch.equal(p, weights[n]), n
 
@@ -304,13 +302,13 @@ def test_resume_with_changed_hyper_parameters_names_each_difference(tmp_path):
     from flashtune.errors import ConfigError
 
     _small_fit(tmp_path, max_steps=2)
-    before = _snapshot(tmp_path)
+    before = snapshot(tmp_path)
     with pytest.raises(ConfigError) as exc:
         _small_fit(tmp_path, resume=True, lr=0.5, batch_size=2, max_steps=4)
     msg = str(exc.value)
     assert "\n" not in msg and "lr=0.5 (the checkpoint has 0.01)" in msg and "batch_size=2" in msg
     assert "max_steps" not in msg                      # extending a run is what resume is for
-    assert _snapshot(tmp_path) == before
+    assert snapshot(tmp_path) == before
     res, _ = _small_fit(tmp_path, resume=True, max_steps=4)
     assert res.step == 4
 

@@ -64,3 +64,10 @@ def random_ids(batch: int, length: int, seed: int = 0, low: int = 3) -> torch.Te
 def ragged_prompts() -> list[list[int]]:
     """Three prompts of different lengths (7, 3, 11 tokens): a batch whose rows need their own lengths."""
     return [random_ids(1, n, seed=s)[0].tolist() for n, s in ((7, 1), (3, 2), (11, 3))]
+
+
+def snapshot(root) -> dict:
+    """Every file under `root` (relative path -> bytes): a refused command must leave it equal."""
+    from pathlib import Path
+
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}

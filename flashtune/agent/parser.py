@@ -298,8 +298,6 @@ def _build(name: str, args: dict[str, str]) -> Action:
         raise ActionParseError("bad_argument", f"{name}() needs {text_key}=")
     if name == "scroll" and "direction" not in fields and "end" not in fields:
         raise ActionParseError("bad_argument", "scroll() needs direction= ('up', 'down', 'left' or 'right')")
-    if name == "hotkey" and not fields["text"].split():
-        raise ActionParseError("bad_argument", "hotkey() has an empty key=")
     if text_key == "key":
         keys = fields["text"].split()
         if not keys:
