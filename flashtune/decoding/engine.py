@@ -94,16 +94,16 @@ class _GraphCache:
             saved = [t.clone() for t in keep]
             try:
                 self.graphs[key] = self._capture(torch.compile(fn, dynamic=False) if self.compile else fn, args)
-                for t, v in zip(keep, saved):
-                    t.copy_(v)
             except Exception as exc:  # noqa: BLE001 - fall back to eager kernels rather than fail generation
-                for t, v in zip(keep, saved):
-                    t.copy_(v)
                 if self.compile:
                     raise
                 warnings.warn(f"CUDA graph capture failed at {_where(exc)} ({type(exc).__name__}: {exc}); this "
                               f"step runs eagerly")
                 self.failed.add(key)
+            finally:  # the warm-ups' changes undone, also when the capture failed
+                for t, v in zip(keep, saved):
+                    t.copy_(v)
+            if key in self.failed:
                 return fn(*args)
         graph, static, out, _ = self.graphs[key]
         for s, a in zip(static, args):
@@ -433,10 +433,11 @@ class Engine:
             flags, events = self._stop_ring(lag)
         key = ("step", bsz, id(tree), id(drafter), _params_key(drafter))
         fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
+        keep = _graph_state(drafter)  # what a capture's warm-ups must leave as it was
         steps = 0
         while steps < max_new_tokens - 1:
             if whole_graph:
-                state = self._graphs(key, fn, *state, max_new, keep=_graph_state(drafter))
+                state = self._graphs(key, fn, *state, max_new, keep=keep)
             else:
                 state = self._step(tree, drafter, rule, params, gen, *state, max_new,
                                    graph_forward=self._graphs.enabled)

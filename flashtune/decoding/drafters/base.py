@@ -314,6 +314,17 @@ def check_state(module: nn.Module, state: dict, path) -> None:
                                  f"{tuple(t.shape)}; the file is for another model")
 
 
+class CatchUpState:
+    """For drafters that keep their own caches, positioned by `L` (the committed lengths, long [max batch]) and
+    `_pending` (the state the next proposal starts from): graph-safe (`stateless`), and `graph_state` names
+    those two for the engine to keep through a capture's warm-up runs."""
+
+    stateless = True
+
+    def graph_state(self) -> tuple:
+        return (self.L, self._pending)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Engine-side copies of head weights (decoding/model.py's compact classes: fused, static cache, graph-safe).
 

@@ -34,6 +34,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
+from flashtune.decoding.drafters.base import CatchUpState
 from flashtune.decoding.drafters.eagle.model import Eagle3Draft
 from flashtune.decoding.tree import TreeBuffers, chain_paths, tree_buffers
 from flashtune.errors import ConfigError, check_range
@@ -54,7 +55,7 @@ def tree_structure(parent: torch.Tensor, depth: torch.Tensor, max_depth: int):
     return anc, mask
 
 
-class Eagle3Drafter:
+class Eagle3Drafter(CatchUpState):
     """The engine's drafter for an `Eagle3Draft`.
 
     depth: draft levels per step (chain length). topk: 1 drafts a chain; K > 1 drafts EAGLE-2's dynamic tree
@@ -62,7 +63,6 @@ class Eagle3Drafter:
     drafts argmax tokens; a number samples them from softmax(logits / temperature).
     """
 
-    stateless = True  # graph-safe: all state in preallocated tensors updated in place
 
     def __init__(self, draft: Eagle3Draft, depth: int = 5, topk: int = 1, nodes: int | None = None,
                  temperature: float | None = None):
@@ -181,10 +181,6 @@ class Eagle3Drafter:
         slots = self.first + torch.arange(t, device=tokens.device)[None].expand(bsz, t)
         out = self._catch_up(feats, stream, slots)
         self._pending[:bsz].copy_(out[torch.arange(bsz, device=tokens.device), lengths - 1])
-
-    def graph_state(self) -> tuple:
-        """What a step advances in place (the engine keeps it through a capture's warm-up runs)."""
-        return (self.L, self._pending)
 
     def propose(self, feats_last, root):
         if self.topk == 1:

@@ -11,14 +11,15 @@ import copy
 import torch
 
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.drafters.base import call_generator, check_engine, compact_block, engine_norm
+from flashtune.decoding.drafters.base import (CatchUpState, call_generator, check_engine, compact_block,
+                                              engine_norm)
 from flashtune.decoding.drafters.mtp.modules import MTPModules
 from flashtune.decoding.model import RMSNorm, SlotMask, prepare_mask
 from flashtune.decoding.tree import tree_buffers
 from flashtune.errors import ConfigError, check_range
 
 
-class MTPDrafter:
+class MTPDrafter(CatchUpState):
     """Drafts k tokens per step with MTP modules (module j mod D at step j, DeepSeek-V3 §2.3 / vLLM), verified
     by the engine in one forward pass with the lossless rules of verify.py.
 
@@ -40,7 +41,6 @@ class MTPDrafter:
     accept) is captured whole in the engine's CUDA graph; `stateless` is therefore True (graph-safe).
     """
 
-    stateless = True
 
     def __init__(self, mtp: MTPModules, k: int = 3, tree_width: int = 1, temperature: float | None = None):
         check_range("k", k, 1, 16, integer=True)
@@ -145,10 +145,6 @@ class MTPDrafter:
         out = self._catch_up(hidden.to(self._engine.dtype), stream, slots)
         ar = torch.arange(bsz, device=tokens.device)
         self._pending[:bsz].copy_(out[ar, lengths - 1])
-
-    def graph_state(self) -> tuple:
-        """What a step advances in place (the engine keeps it through a capture's warm-up runs)."""
-        return (self.L, self._pending)
 
     def propose(self, hidden, root):
         """hidden [B, d] (the target's state at slot L-1), root [B] (the token at slot L) -> (tree tokens

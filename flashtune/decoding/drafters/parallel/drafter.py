@@ -12,14 +12,14 @@ from __future__ import annotations
 import torch
 
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.drafters.base import check_engine, compact_block
+from flashtune.decoding.drafters.base import CatchUpState, check_engine, compact_block
 from flashtune.decoding.drafters.parallel.heads import ParallelHeads
 from flashtune.decoding.model import SlotMask, prepare_mask
 from flashtune.decoding.tree import chain_paths, tree_buffers
 from flashtune.errors import ConfigError
 
 
-class ParallelDrafter:
+class ParallelDrafter(CatchUpState):
     """The engine's drafter for `ParallelHeads` (blockwise parallel decoding, Stern et al., arXiv 1811.03115, with
     the heads of Gloeckle et al.): n - 1 chained drafts a step, all from one trunk state.
 
@@ -31,7 +31,6 @@ class ParallelDrafter:
     engine's CUDA graph (`stateless` = graph-safe, as for the MTP drafter).
     """
 
-    stateless = True
     trunk = True
 
     def __init__(self, heads: ParallelHeads):
@@ -81,10 +80,6 @@ class ParallelDrafter:
         slots = self.first + torch.arange(t, device=z.device)[None].expand(bsz, t)
         out = self._run_heads(z.to(self._engine.dtype), slots)  # [B, k, T, d]
         self._pending[:bsz].copy_(out[torch.arange(bsz, device=z.device), :, lengths - 1])
-
-    def graph_state(self) -> tuple:
-        """What a step advances in place (the engine keeps it through a capture's warm-up runs)."""
-        return (self.L, self._pending)
 
     def propose(self, z_last, root):
         """root [B] -> (tree tokens [B, 1 + k]: the root, then head i's argmax at the last committed position)."""
