@@ -149,7 +149,7 @@ def import_eagle3(directory, model) -> Eagle3Draft:
         t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
         t2d[torch.arange(len(tensors["d2t"])) + tensors["d2t"]] = True
         tensors["t2d"] = t2d
-    return Eagle3Draft.from_tensors(config, tensors, model)
+    return Eagle3Draft.from_tensors(config, tensors, model, directory / "model.safetensors")
 
 
 # `flashtune export-heads` / `export_heads`: the serving-layout registry of drafters/export.py.

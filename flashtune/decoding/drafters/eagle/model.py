@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashtune.decoding.drafters.base import check_state
 from flashtune.errors import ConfigError, FlashtuneError, check_range
 from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
@@ -339,26 +340,16 @@ class Eagle3Draft(nn.Module):
             raise FlashtuneError(f"{directory} holds no EAGLE-3 draft ({CONFIG_NAME} + {WEIGHTS_NAME}); train one "
                                  f"with `flashtune train-heads --method eagle3`")
         config = Eagle3Config.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        return cls.from_tensors(config, load_file(str(directory / WEIGHTS_NAME)), model)
+        return cls.from_tensors(config, load_file(str(directory / WEIGHTS_NAME)), model, directory / WEIGHTS_NAME)
 
     @classmethod
-    def from_tensors(cls, config: Eagle3Config, tensors: dict, model) -> "Eagle3Draft":
+    def from_tensors(cls, config: Eagle3Config, tensors: dict, model, source="EAGLE-3 weights") -> "Eagle3Draft":
         """The draft from its tensors (bound to `model`). A target embedding (`embed_tokens.weight`, which some
-        trainers save beside the draft) is ignored: the draft shares the target's. Any other tensor the draft
-        does not have is refused, naming it: the file is for another architecture or was damaged."""
+        trainers save beside the draft) is ignored: the draft shares the target's. Otherwise the names and shapes
+        must be exactly the draft's (`check_state`: one line naming what is missing or foreign)."""
         draft = cls(config)
         own = draft.state_dict()
-        unexpected = sorted(set(tensors) - set(own) - {"embed_tokens.weight"})
-        if unexpected:
-            names = ", ".join(unexpected[:3]) + (", ..." if len(unexpected) > 3 else "")
-            raise FlashtuneError(f"EAGLE-3 weights hold tensors an EAGLE-3 draft does not have ({names}); the file "
-                                 f"is for another drafter or damaged")
-        for name, t in own.items():
-            if name not in tensors:
-                raise FlashtuneError(f"EAGLE-3 weights miss {name}; the file is damaged or not an EAGLE-3 draft")
-            if tuple(tensors[name].shape) != tuple(t.shape):
-                raise FlashtuneError(f"{name} has shape {tuple(tensors[name].shape)}, expected {tuple(t.shape)}; "
-                                     f"the draft is for another target model")
+        check_state(draft, {k: v for k, v in tensors.items() if k != "embed_tokens.weight"}, source)
         draft.load_state_dict({k: tensors[k] for k in own})
         p = next(model.parameters())
         draft.to(device=p.device)
