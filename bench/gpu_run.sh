@@ -42,7 +42,7 @@ stage1)
   python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
   ;;
 stage2)
-  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  join_model
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
   python3 -c "from flashtune.models import load_base_model; m,t=load_base_model(); print('default model ok', sum(p.numel() for p in m.parameters()))"
   run decode 270 python3 bench/decode.py --device cuda --no-peers
@@ -52,19 +52,19 @@ stage2)
   collect ;;
 peers)  # the peers compile (HF's static-cache forward and the gpt-fast step, per model and batch): ~6-9 min;
   # the 1.1B rows run first and the file is rewritten after each model, so a cut-short run keeps them
-  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  join_model
   run decode-peers 540 python3 bench/decode.py --device cuda --parts plain --models 1b,smollm2 \
       --out bench/results/decode-peers.json
   cp bench/results/decode-peers.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage2inv)  # like stage2, for the batch-invariant kernels: GPU tests, then Medusa and MTP with Engine(invariant=True)
-  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  join_model
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
   run gpu-tests 120 python3 -m pytest -q -m gpu tests/test_decode_kernels.py tests/test_decoding.py -s
   run decode-invariant 200 python3 bench/decode.py --device cuda --parts medusa --invariant --out bench/results/decode-invariant.json
   run mtp-invariant 200 python3 bench/mtp.py --device cuda --budget 170 --depth 2 --invariant --out bench/results/mtp-invariant.json
   cp bench/results/decode-invariant.json bench/results/mtp-invariant.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage4)  # the fine-tuning path: `finetune --data chats.jsonl` with no device flag, the TRL peer, the E2E recipe
-  cp .model/gguf.part01 "$FT/" && cat "$FT/gguf.part00" "$FT/gguf.part01" > "$FLASHTUNE_GGUF" && md5sum "$FLASHTUNE_GGUF"
+  join_model
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
   python3 -c "
 import csv, json, sys
