@@ -96,6 +96,38 @@ def test_dedupe_normalises_and_drops_near_duplicates():
     assert synth.dedupe(["a b c d e f", "a b c x y z"]) == ["a b c d e f", "a b c x y z"]
 
 
+def test_dedupe_index_equals_all_pairs():
+    """The prefix-filtered index keeps exactly what comparing every pair keeps (random texts over a small
+    vocabulary, many near-duplicates, thresholds around the default)."""
+    import random
+
+    def all_pairs(texts, threshold):
+        kept, seen, grams = [], set(), []
+        for t in texts:
+            n = synth.normalise(t)
+            if not n or n in seen:
+                continue
+            g = synth._trigrams(n)
+            if any(len(g & h) / max(1, len(g | h)) > threshold for h in grams):
+                continue
+            seen.add(n), grams.append(g), kept.append(t.strip())
+        return kept
+
+    rng = random.Random(0)
+    words = "a b c d e f g h".split()
+    base = [[rng.choice(words) for _ in range(rng.randint(1, 12))] for _ in range(40)]
+    texts = []
+    for _ in range(600):
+        w = list(rng.choice(base))
+        for _ in range(rng.randint(0, 3)):  # a few edits of a base text
+            w[rng.randrange(len(w))] = rng.choice(words)
+        texts.append(" ".join(w))
+    for threshold in (0.3, 0.5, 0.7, 0.9):
+        got = synth.dedupe(texts, threshold)
+        assert got == all_pairs(texts, threshold)
+        assert 1 < len(got) < len(texts)  # the case is not trivial
+
+
 class _Tok:
     """A stand-in tokenizer: one id per character (40 + code % 50), a chat template, end of turn = id 2."""
 

@@ -14,6 +14,7 @@ seed are written to one JSON-lines file, atomically; the first line is the recip
 from __future__ import annotations
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -53,21 +54,46 @@ def _trigrams(text: str) -> set:
     return {tuple(w[i:i + 3]) for i in range(max(1, len(w) - 2))}
 
 
-def dedupe(texts: list[str], threshold: float = 0.7) -> list[str]:
-    """Keep the first of every group of near-duplicates: equal after normalising (case, punctuation, spaces),
-    or sharing more than `threshold` of their word trigrams (Jaccard)."""
-    kept, seen, grams = [], set(), []
-    for t in texts:
-        n = normalise(t)
-        if not n or n in seen:
-            continue
+class Deduper:
+    """Near-duplicate filter fed one text at a time: keeps a text unless it equals a kept one after normalising
+    (case, punctuation, spaces) or shares more than `threshold` of its word trigrams with one (Jaccard).
+
+    Exact, without comparing all pairs (prefix filtering, Chaudhuri et al., ICDE 2006): J(A, B) > t implies
+    |A & B| >= ceil(t |A|), so under one global order of trigrams the first |A| - ceil(t |A|) + 1 of A and
+    the first |B| - ceil(t |B|) + 1 of B share a trigram; only kept texts found through an index of those
+    prefixes are compared."""
+
+    def __init__(self, threshold: float = 0.7):
+        self.threshold = threshold
+        self.seen: set[str] = set()
+        self.grams: list[set] = []
+        self.index: dict[tuple, list[int]] = {}
+
+    def _prefix(self, g: set) -> list:
+        need = math.ceil(self.threshold * len(g))
+        return sorted(g)[: len(g) - need + 1]
+
+    def add(self, text: str) -> bool:
+        """True (and the text is kept) unless it is a near-duplicate of a kept text."""
+        n = normalise(text)
+        if not n or n in self.seen:
+            return False
         g = _trigrams(n)
-        if any(len(g & h) / max(1, len(g | h)) > threshold for h in grams):
-            continue
-        seen.add(n)
-        grams.append(g)
-        kept.append(t.strip())
-    return kept
+        prefix = self._prefix(g)
+        cands = {j for x in prefix for j in self.index.get(x, ())}
+        if any(len(g & self.grams[j]) / max(1, len(g | self.grams[j])) > self.threshold for j in cands):
+            return False
+        self.seen.add(n)
+        for x in prefix:
+            self.index.setdefault(x, []).append(len(self.grams))
+        self.grams.append(g)
+        return True
+
+
+def dedupe(texts: list[str], threshold: float = 0.7) -> list[str]:
+    """The first of every group of near-duplicates (see `Deduper`), stripped, in order."""
+    d = Deduper(threshold)
+    return [t.strip() for t in texts if d.add(t)]
 
 
 def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int = 64, temperature: float = 1.0,
@@ -78,6 +104,7 @@ def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int
     prefix = tokenizer(pre_query_template(tokenizer), add_special_tokens=False)["input_ids"]
     stop = end_of_turn_ids(tokenizer)
     found: list[str] = []
+    seen = Deduper()
     call = 0
     while len(found) < n and call * batch_size < max_rounds * n:
         out = engine.generate([prefix] * batch_size, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -87,9 +114,8 @@ def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int
             if not toks or toks[-1] not in stop:  # the turn never ended: cut off, drop it
                 continue
             text = tokenizer.decode(toks[:-1], skip_special_tokens=True).strip()
-            if len(text.split()) >= min_words:
+            if len(text.split()) >= min_words and seen.add(text):
                 found.append(text)
-        found = dedupe(found)
     return found[:n]
 
 

@@ -241,7 +241,7 @@ def load_records(cfg: Eagle3TrainConfig, model, tokenizer, device, log=print) ->
                 return records, str(path)
         records = synth.synthesize(model, tokenizer, cfg.num_prompts, path, seed=cfg.seed,
                                    prompt_tokens=cfg.prompt_tokens, answer_tokens=cfg.answer_tokens,
-                                   batch_size=32 if device.type == "cuda" else 8, device=device)
+                                   batch_size=64 if device.type == "cuda" else 8, device=device)
         return records, str(path)
     path = Path(cfg.data)
     if not path.is_file():
