@@ -221,6 +221,21 @@ def test_resume_with_changed_hyper_parameters_is_refused_naming_each(model_dir, 
     _refused(capsys, argv, finished_run, "--resume with changed settings", *words)
 
 
+def test_resume_may_change_the_strategy_and_names_only_what_fit_refuses(model_dir, finished_run, tmp_path,
+                                                                        capsys):
+    import shutil
+
+    # fit resumes any strategy; the recipe used to refuse one before fit was reached.
+    base = ["finetune", "--model", model_dir, *SMALL, "--strategy", "ddp"]
+    line = _refused(capsys, [*base, "--out", str(finished_run), "--lr", "0.5", "--resume"], finished_run,
+                    "--resume with changed settings: train.lr=0.01 in the run, now 0.5; resume with")
+    assert "strategy" not in line
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    assert main([*base, "--out", str(run), "--max-steps", "4", "--resume"]) == 0
+    assert json.loads((run / "latest.json").read_text())["step"] == 4
+
+
 def test_demo_refuses_to_clobber_a_run(model_dir, finished_run, capsys):
     _refused(capsys, ["demo", "--model", model_dir, "--out", str(finished_run), "--steps", "1", "--quiet"],
              finished_run, "already holds a run", "--overwrite")

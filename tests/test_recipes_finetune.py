@@ -114,6 +114,22 @@ def test_resume_compares_hyper_parameters_with_the_run(tmp_path):
     assert check_run_folder(_small(tmp_path / "new")) == "fresh"
 
 
+def test_resume_refuses_exactly_the_training_fields_the_trainer_refuses(tmp_path):
+    # One rule: a [train] field the recipe lets through must not be refused later by fit, and the reverse.
+    from flashtune.training.trainer import RESUME_MUST_MATCH
+
+    old = _small(tmp_path)
+    changed = {"lr": 0.5, "weight_decay": 0.1, "batch_size": 8, "grad_accum": 2, "max_grad_norm": 0.5,
+               "warmup_steps": 1, "schedule": "linear", "min_lr_ratio": 0.1, "seed": 1, "drop_last": True,
+               "precision": "bf16", "max_steps": 9, "epochs": 2.0, "eval_every": 1, "save_every": 1,
+               "log_every": 2, "keep_checkpoints": 3, "resume": True, "overwrite": True, "ce_chunk_size": 0,
+               "gradient_checkpointing": 1.0, "compile": True, "fused_lora": False, "fused_norm_mlp": True,
+               "strategy": "ddp", "cpu_offload": True}
+    assert set(changed) == set(old.train_config().to_dict()) - {"out_dir"}        # every field is tried
+    refused = {k for k, v in changed.items() if config_differences(old, _small(tmp_path, **{k: v}))}
+    assert refused == set(RESUME_MUST_MATCH)
+
+
 @pytest.mark.gpu
 def test_on_a_gpu_finetune_defaults_to_cuda_bf16_and_the_fast_path(tmp_path):
     import math

@@ -41,11 +41,6 @@ METHOD_DEFAULTS = {
     "pfeiffer": {"bottleneck_size": 64},
 }
 MODEL_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# Training fields a resumed run may change: how long it trains, how often it logs / evaluates / saves, and
-# switches that change speed, not the hyper-parameters. Everything else must match the run's finetune.json.
-RESUME_MAY_CHANGE = {"max_steps", "epochs", "log_every", "eval_every", "save_every", "keep_checkpoints",
-                     "resume", "overwrite", "compile", "fused_lora", "fused_norm_mlp", "ce_chunk_size",
-                     "gradient_checkpointing"}
 # What a run folder holds; any of these marks the folder as an existing run.
 RUN_FILES = ("finetune.json", "latest.json", "checkpoints", "metrics.jsonl", "adapter", "report")
 # The GPU fast path. torch.compile stays off: with fine-tuning data of varying lengths it recompiles per shape,
@@ -370,14 +365,17 @@ def _check_latest(out: Path) -> None:
 
 
 def config_differences(old: FinetuneConfig, new: FinetuneConfig) -> list[str]:
-    """'section.field=old, now new' for each setting a resume must not change."""
+    """'section.field=old, now new' for each setting a resume must not change: [model], [data], [method], and
+    of [train] the trainer's RESUME_MUST_MATCH (one rule, so `fit` never refuses what this let through)."""
+    from flashtune.training.trainer import RESUME_MUST_MATCH
+
     def flat(cfg: FinetuneConfig) -> dict:
         out = {f"model.{k}": v for k, v in dataclasses.asdict(cfg.model).items()}
         out.update({f"data.{k}": v for k, v in dataclasses.asdict(cfg.data).items()})
         out["method.name"] = cfg.method.get("name", "lora")
         out.update({f"method.{k}": v for k, v in dataclasses.asdict(cfg.tuner_config()).items()})
         train = cfg.train_config().to_dict()
-        out.update({f"train.{k}": v for k, v in train.items() if k not in RESUME_MAY_CHANGE and k != "out_dir"})
+        out.update({f"train.{k}": train[k] for k in RESUME_MUST_MATCH})
         return out
 
     a, b = flat(old), flat(new)

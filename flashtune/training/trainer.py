@@ -161,8 +161,8 @@ class TrainingInterrupted(FlashtuneError):
 # issue 13: what a resumed run must share with its checkpoint. These shape the steps already taken and the
 # data order (a changed batch size would be applied to the old data position); a resume that changes one is
 # refused, naming each difference, rather than applied silently: the run would be neither the old one nor the
-# new one. Extending a run (max_steps, epochs) and bookkeeping (logging, saving, evaluation, speed switches)
-# may change.
+# new one. Extending a run (max_steps, epochs), bookkeeping (logging, saving, evaluation, speed switches) and
+# the distributed layout may change. recipes/finetune.py checks these same fields against finetune.json.
 RESUME_MUST_MATCH = ("lr", "weight_decay", "batch_size", "grad_accum", "max_grad_norm", "warmup_steps",
                      "schedule", "min_lr_ratio", "seed", "drop_last", "precision")
 
