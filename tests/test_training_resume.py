@@ -10,6 +10,7 @@ run is the same function called in this process.
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -261,7 +262,8 @@ def _latest(run, text):
     (run / "latest.json").write_text(text)
 
 
-@pytest.mark.parametrize("case", ["absolute", "dotdot", "garbage", "not_object", "state", "weights", "optimizer"])
+@pytest.mark.parametrize("case", ["absolute", "dotdot", "not_checkpoints", "garbage", "not_object", "state", "weights",
+                                  "optimizer"])
 def test_bad_checkpoint_on_resume_is_one_line_and_changes_nothing(two_runs, case):
     from flashtune.errors import FlashtuneError
     from test_training import _subset_trainable
@@ -270,6 +272,7 @@ def test_bad_checkpoint_on_resume_is_one_line_and_changes_nothing(two_runs, case
     a, b = two_runs
     ckdir = a / "checkpoints" / "step-000002"
     named = {"absolute": ("latest.json", "outside the run folder"), "dotdot": ("latest.json", "outside"),
+             "not_checkpoints": ("latest.json", "points outside this run"),
              "garbage": ("latest.json", "corrupt"), "not_object": ("latest.json", "corrupt"),
              "state": ("state.json", "corrupt"), "weights": ("trainable.safetensors", "corrupt"),
              "optimizer": ("optimizer.safetensors", "corrupt")}[case]
@@ -277,6 +280,9 @@ def test_bad_checkpoint_on_resume_is_one_line_and_changes_nothing(two_runs, case
         _latest(a, json.dumps({"checkpoint": str(b / "checkpoints" / "step-000003"), "step": 3}))
     elif case == "dotdot":
         _latest(a, json.dumps({"checkpoint": "../b/checkpoints/step-000003", "step": 3}))
+    elif case == "not_checkpoints":  # inside the run folder, but not one of its checkpoints/
+        shutil.copytree(ckdir, a / "adapter" / "step-000002")
+        _latest(a, json.dumps({"checkpoint": "adapter/step-000002", "step": 2}))
     elif case == "garbage":
         _latest(a, '{"checkpoint": ')
     elif case == "not_object":

@@ -334,8 +334,7 @@ def check_run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool 
         what = "a checkpoint" if "latest.json" in present else ", ".join(present)
         raise ConfigError(f"out_dir={str(out)!r} already holds a run ({what}); pass --resume to continue it, "
                           f"--overwrite to start over, or another --out")
-    _check_latest(out)
-    ckpt.latest_checkpoint(out)            # a missing checkpoint is one line, before anything changes
+    ckpt.latest_checkpoint(out)            # a bad latest.json or checkpoint is one line, before anything changes
     old = read_run_config(out)
     if old is not None:
         diffs = config_differences(FinetuneConfig.from_dict(old), cfg)
@@ -343,25 +342,6 @@ def check_run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool 
             raise ConfigError(f"--resume with changed settings: {'; '.join(diffs)}; resume with the run's values, "
                               f"or pass --overwrite (or another --out) to start a new run")
     return "resume"
-
-
-def _check_latest(out: Path) -> None:
-    """latest.json must be readable and name a checkpoint inside this run's checkpoints/ folder."""
-    pointer = out / "latest.json"
-    if not pointer.is_file():
-        return
-    fix = f"delete {pointer} to start over (--overwrite), or restore it"
-    try:
-        name = json.loads(pointer.read_bytes().decode("utf-8"))["checkpoint"]
-        if not isinstance(name, str):
-            raise TypeError("checkpoint is not a path")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise FlashtuneError(f"{pointer} is corrupt ({str(exc).splitlines()[0][:80]}); {fix}") from None
-    root = (out / "checkpoints").resolve()
-    target = (out / name).resolve()
-    if root not in target.parents:
-        raise FlashtuneError(f"{pointer} points outside this run ({name!r}); a run resumes only from its own "
-                             f"checkpoints/; {fix}")
 
 
 def config_differences(old: FinetuneConfig, new: FinetuneConfig) -> list[str]:

@@ -14,7 +14,7 @@ replaced atomically, so a crash at any moment leaves the previous checkpoint int
 Old checkpoints are pruned by step number (not by name: names grow a digit past step 999,999), and the
 temporary `.step-*` folders of a crashed writer are removed at the next start (`remove_stale`).
 
-Reading is checked at the edge: latest.json must name a checkpoint inside the run folder, and a corrupt
+Reading is checked at the edge: latest.json must name a checkpoint inside the run's checkpoints/, and a corrupt
 pointer, state.json or tensor file is a one-line FlashtuneError naming the file; everything is read and
 checked before any parameter or optimizer state is changed.
 """
@@ -174,7 +174,8 @@ def latest_checkpoint(out_dir) -> Path | None:
     """The directory latest.json names, or None when out_dir has no checkpoint.
 
     FlashtuneError (one line, naming the file and the fix) when latest.json is corrupt, names a folder
-    outside the run folder (e.g. an absolute path to another run's checkpoint), or names one that is missing.
+    outside the run's checkpoints/ (e.g. an absolute path to another run's checkpoint), or names one that is
+    missing.
     """
     pointer = Path(out_dir) / "latest.json"
     if not pointer.is_file():
@@ -187,11 +188,11 @@ def latest_checkpoint(out_dir) -> Path | None:
             raise ValueError("'checkpoint' is not a path")
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise FlashtuneError(f"{pointer} is corrupt ({type(exc).__name__}: {exc}); {fix}") from None
-    root = Path(out_dir).resolve()
+    root = (Path(out_dir) / "checkpoints").resolve()
     path = (Path(out_dir) / name)
     if os.path.isabs(name) or root not in path.resolve().parents:
-        raise FlashtuneError(f"{pointer} names {name!r}, which is outside the run folder {out_dir}; a run only "
-                             f"resumes from its own checkpoints/; {fix}")
+        raise FlashtuneError(f"{pointer} points outside this run: {name!r} is outside the run folder's "
+                             f"checkpoints/, and a run resumes only from its own; {fix}")
     if not (path / "state.json").is_file():
         raise FlashtuneError(f"{pointer} names {path}, which is missing or incomplete; delete {pointer} to "
                              f"start over, or restore the checkpoint directory")
