@@ -329,16 +329,15 @@ def test_resume_keeps_the_global_batch_or_says_why_not(tmp_path):
     from flashtune.training import TrainConfig
     from flashtune.training.distributed import Runtime
 
-    saved = {"world": 2, "strategy": "ddp", "batch_size": 3, "global_batch": 12}
-    (tmp_path / "state.json").write_text(json.dumps({"distributed": saved}))
+    state = {"distributed": {"world": 2, "strategy": "ddp", "batch_size": 3, "global_batch": 12}}
     cfg = TrainConfig(out_dir=str(tmp_path), batch_size=3, grad_accum=2, resume=True)
-    assert Runtime(world=1).adapt_config(cfg, tmp_path).grad_accum == 4
-    assert Runtime(world=4).adapt_config(cfg, tmp_path).grad_accum == 1
-    assert Runtime(world=1).adapt_config(TrainConfig(**{**cfg.to_dict(), "resume": False}), tmp_path).grad_accum == 2
+    assert Runtime(world=1).adapt_config(cfg, state).grad_accum == 4
+    assert Runtime(world=4).adapt_config(cfg, state).grad_accum == 1
+    assert Runtime(world=1).adapt_config(TrainConfig(**{**cfg.to_dict(), "resume": False}), state).grad_accum == 2
     with pytest.raises(ConfigError, match="3 ranks cannot share evenly; resume on a world size that divides 4"):
-        Runtime(world=3).adapt_config(cfg, tmp_path)
+        Runtime(world=3).adapt_config(cfg, state)
     with pytest.raises(ConfigError, match="batch_size=4 but the checkpoint was trained with batch_size=3"):
-        Runtime(world=2).adapt_config(TrainConfig(**{**cfg.to_dict(), "batch_size": 4}), tmp_path)
+        Runtime(world=2).adapt_config(TrainConfig(**{**cfg.to_dict(), "batch_size": 4}), state)
 
 
 if __name__ == "__main__":

@@ -320,6 +320,18 @@ def test_resume_with_changed_hyper_parameters_names_each_difference(tmp_path):
 
 
 
+def test_resume_reads_state_json_once(tmp_path, monkeypatch):
+    _small_fit(tmp_path, max_steps=2)
+    reads, read_text = [], Path.read_text
+
+    def counting(self, *args, **kwargs):
+        reads.extend([self.name] if self.name == "state.json" else [])
+        return read_text(self, *args, **kwargs)
+    monkeypatch.setattr(Path, "read_text", counting)
+    res, _ = _small_fit(tmp_path, resume=True, max_steps=3)
+    assert res.step == 3 and reads == ["state.json"]
+
+
 def test_out_dir_under_a_file_is_one_line(tmp_path):
     from flashtune.errors import FlashtuneError
 

@@ -229,14 +229,14 @@ def _load_tensors(file: Path) -> dict[str, torch.Tensor]:
                              f"earlier checkpoint (point latest.json at it) or start over with overwrite") from None
 
 
-def load_checkpoint(path, trainable: list, optimizer, scheduler, scaler) -> dict:
+def load_checkpoint(path, trainable: list, optimizer, scheduler, scaler, state: dict | None = None) -> dict:
     """Restore trainables, optimizer, scheduler, scaler and RNG states from `path`; return state.json.
 
-    Every file is read and checked before anything is changed, so a refused checkpoint leaves the model and
-    the optimizer as they were.
+    state: state.json as `read_state` returned it (None: read here). Every file is read and checked before
+    anything is changed, so a refused checkpoint leaves the model and the optimizer as they were.
     """
     path = Path(path)
-    state = read_state(path)
+    state = read_state(path) if state is None else state
     weights = _load_tensors(path / "trainable.safetensors")
     opt_flat = _load_tensors(path / "optimizer.safetensors")
     rng = _load_tensors(path / "rng.safetensors")

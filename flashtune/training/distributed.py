@@ -235,11 +235,12 @@ class Runtime:
         return self.rank == 0
 
     # setup -----------------------------------------------------------------------------------------------------
-    def adapt_config(self, config, existing: Path | None):
-        """On resume, keep the checkpoint's global batch: grad_accum = global batch / (batch_size x world)."""
-        if not (config.resume and existing is not None):
+    def adapt_config(self, config, state: dict | None):
+        """On resume, keep the checkpoint's global batch: grad_accum = global batch / (batch_size x world).
+        state: the checkpoint's state.json (None: no checkpoint to resume)."""
+        if not (config.resume and state is not None):
             return config
-        saved = json.loads((Path(existing) / "state.json").read_text()).get("distributed")
+        saved = state.get("distributed")
         if not saved:
             return config
         global_batch = saved["global_batch"]
@@ -368,11 +369,11 @@ class Runtime:
             return ckpt.save_checkpoint(out_dir, step, trainable, optimizer, scheduler, scaler, extra, keep=keep)
         return save_sharded(out_dir, step, trainable, optimizer, scheduler, scaler, extra, keep, self)
 
-    def load(self, path: Path, trainable: list, optimizer, scheduler, scaler) -> dict:
-        state = json.loads((Path(path) / "state.json").read_text())
+    def load(self, path: Path, trainable: list, optimizer, scheduler, scaler, state: dict) -> dict:
+        """Restore the checkpoint at `path` whose state.json is `state` (checkpoint.read_state); return it."""
         if state.get("storage") == DCP_FORMAT or self.strategy == "fsdp":
-            return load_sharded(path, trainable, optimizer, scheduler, scaler, self)
-        return ckpt.load_checkpoint(path, trainable, optimizer, scheduler, scaler)
+            return load_sharded(path, trainable, optimizer, scheduler, scaler, self, state)
+        return ckpt.load_checkpoint(path, trainable, optimizer, scheduler, scaler, state)
 
 
 def runtime(model: torch.nn.Module) -> Runtime:
@@ -460,14 +461,13 @@ def save_sharded(out_dir, step: int, trainable: list, optimizer, scheduler, scal
     return final
 
 
-def load_sharded(path, trainable: list, optimizer, scheduler, scaler, rt: Runtime) -> dict:
+def load_sharded(path, trainable: list, optimizer, scheduler, scaler, rt: Runtime, state: dict) -> dict:
     """Restore a DCP checkpoint on any world size (resharded by DCP), or in one process without torchrun; or a
-    one-process checkpoint (full tensors) into FSDP2's shards."""
+    one-process checkpoint (full tensors) into FSDP2's shards. state: the checkpoint's state.json."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageReader
 
     path = Path(path)
-    state = json.loads((path / "state.json").read_text())
     saved_names = {n for g in state["param_groups"] for n in g["params"]}
     names = {n for n, _ in trainable}
     if saved_names != names:

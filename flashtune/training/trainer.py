@@ -315,13 +315,14 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
             shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
         distributed.barrier()
         existing = None
+    saved = None                                        # the checkpoint's state.json, read once
     if config.resume and existing is not None:          # issue 13: refuse changed hyper-parameters
-        state = ckpt.read_state(existing)
-        saved_world = (state.get("distributed") or {}).get("world", 1)
-        check_resume_config(state.get("config"), config, existing, world_changed=saved_world != rt.world)
+        saved = ckpt.read_state(existing)
+        saved_world = (saved.get("distributed") or {}).get("world", 1)
+        check_resume_config(saved.get("config"), config, existing, world_changed=saved_world != rt.world)
     if rt.main:
         ckpt.remove_stale(out_dir)                       # issue 13: temp folders of a crashed writer
-    config = rt.adapt_config(config, existing)        # [distributed] keep the global batch across world sizes
+    config = rt.adapt_config(config, saved)           # [distributed] keep the global batch across world sizes
 
     seed_everything(config.seed)
     policy = PrecisionPolicy(config.precision, device)
@@ -343,8 +344,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
 
     step, position, history = 0, (0, 0), []
     acc = {"loss": 0.0, "steps": 0, "skipped": 0, "skipped_total": 0}
-    if config.resume and existing is not None:
-        state = rt.load(existing, trainable, optimizer, scheduler, policy.scaler)   # [distributed] any format
+    if saved is not None:
+        state = rt.load(existing, trainable, optimizer, scheduler, policy.scaler, saved)   # [distributed] any format
         step, position, acc = state["step"], tuple(state["position"]), state["log_acc"]
         if not rt.main:                                 # [distributed] the logged partial loss is rank 0's
             acc = {**acc, "loss": 0.0}
