@@ -163,6 +163,40 @@ def test_tree_children_are_top_k_of_their_parent(target, engine, trained):
                 assert tokens[i] in set(ids_of[lg2.topk(K).indices].tolist())
 
 
+def test_fused_layer_drafts_what_the_pytorch_layer_drafts(target, engine, trained):
+    """On the Triton backend (the CUDA default; here in Triton's interpreter) the draft layer runs through the
+    engine's kernels (eagle/fused.py): attention over live slots, the tree's levels as rows of a slot block.
+    For a chain and a tree, its proposals step by step and its pending state equal the PyTorch layer's with a
+    dense mask (the reference, `kernels = False`) on the same engine; the output equals plain greedy."""
+    _, draft, held = trained
+    triton_engine = Engine(target, max_batch_size=1, max_seq_len=40, attention="triton")
+    prompts = [held[0]["prompt_ids"]]
+    ref = engine.generate(prompts, max_new_tokens=8, stop_tokens=[])
+    for kw in (dict(depth=3), dict(depth=3, topk=3, nodes=7)):
+        runs = []
+        for kernels in (True, False):
+            d = Eagle3Drafter(draft, **kw)
+            d.kernels = kernels
+            seen = []
+
+            def record(h, r, inner=d.propose, d=d, seen=seen):
+                tokens, q = inner(h, r)
+                seen.append((tokens.clone(), d.tree.parent.clone()))
+                return tokens, q
+
+            d.propose = record
+            out = triton_engine.generate(prompts, max_new_tokens=8, stop_tokens=[], speculative=d)
+            assert out.tokens == ref.tokens, kw
+            assert (d.fused is not None) == kernels
+            runs.append((seen, d._pending[:1].clone(), out.accepted_per_step))
+        (fused, pend_f, tps_f), (plain, pend_p, tps_p) = runs
+        assert len(fused) == len(plain) and tps_f == tps_p, kw
+        for (tok_f, par_f), (tok_p, par_p) in zip(fused, plain):
+            assert torch.equal(tok_f, tok_p) and torch.equal(par_f, par_p), kw
+        torch.testing.assert_close(pend_f, pend_p, rtol=1e-4, atol=1e-5)
+        assert tps_f > 1.0, kw  # drafts are accepted: the comparison covers catch-up over accepted drafts
+
+
 def _exact_two_tokens(target, prompt, temperature):
     """p(t1, t2) of the target at `temperature`, in float64 -> [V, V]."""
     m = copy.deepcopy(target).double()

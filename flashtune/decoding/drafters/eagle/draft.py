@@ -24,7 +24,9 @@ row per node), so verification and its CUDA graph stay static. Within a batch al
 by the mean confidence over the rows; at batch 1 this is exactly EAGLE-2), each row with its own tokens.
 
 No host synchronisation on CUDA: a greedy step (propose, verify, accept) is captured whole in the engine's
-CUDA graph (`stateless` = graph-safe, as for the MTP drafter).
+CUDA graph (`stateless` = graph-safe, as for the MTP drafter). On the engine's Triton backend (the CUDA default)
+the layer runs through fused.FusedLayer (the engine's kernels, attention over the live slots only); elsewhere,
+or with `kernels = False`, through the PyTorch layer with a dense mask over the static cache.
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ class Eagle3Drafter(CatchUpState):
     drafts argmax tokens; a number samples them from softmax(logits / temperature).
     """
 
+    kernels = True  # False: the PyTorch layer even on the Triton backend (the reference the fused path matches)
 
     def __init__(self, draft: Eagle3Draft, depth: int = 5, topk: int = 1, nodes: int | None = None,
                  temperature: float | None = None):
@@ -124,6 +127,11 @@ class Eagle3Drafter(CatchUpState):
         c = self.draft.config
         self.extra = self.depth * self.topk + self.depth + 2  # draft-node slots past L
         self.slots = engine.max_seq_len + self.extra
+        self.fused = None
+        if self.kernels and engine.model.backend == "triton":
+            from flashtune.decoding.drafters.eagle.fused import FusedLayer
+
+            self.fused = FusedLayer(self.layer, engine, self.slots)
         bmax = engine.max_batch_size
         self.k = torch.zeros(bmax, c.num_key_value_heads, self.slots, c.head_dim, dtype=dt, device=dev)
         self.v = torch.zeros_like(self.k)
@@ -154,15 +162,21 @@ class Eagle3Drafter(CatchUpState):
                                               enable_gqa=q.shape[1] != k.shape[1])
         return m.midlayer.finish(x, attn)
 
-    def _causal(self, slots, span: int):
-        """Queries at slots [B, q] see the committed slots from `first` up to their own -> bool [B, q, S]."""
-        keys = torch.arange(span, device=slots.device)
-        return (keys[None, None] >= self.first) & (keys[None, None] <= slots[..., None])
+    def _causal_run(self, x, tokens, slots):
+        """`_run` at consecutive slots [B, q] per row (position = slot), each seeing the committed slots from
+        `first` up to its own."""
+        if self.fused is not None:
+            return self.fused.run(x, tokens, slots, slots, self.k, self.v, slots[:, 0], self.first)
+        keys = torch.arange(self._span(slots.shape[0]), device=slots.device)
+        mask = (keys[None, None] >= self.first) & (keys[None, None] <= slots[..., None])  # [B, q, S]
+        return self._run(x, tokens, slots, slots, mask)
+
+    def _logits(self, out):
+        return self.fused.logits(out) if self.fused is not None else self.layer.logits(out)
 
     def _catch_up(self, feats, stream, slots):
         """Target features [B, q, 3H] and next tokens [B, q] at consecutive slots [B, q] -> outputs [B, q, H]."""
-        x = self.layer.fc(feats.to(self._engine.dtype))
-        return self._run(x, stream, slots, slots, self._causal(slots, self._span(slots.shape[0])))
+        return self._causal_run(self.layer.fc(feats.to(self._engine.dtype)), stream, slots)
 
     # ---- the engine's drafter interface ------------------------------------------------------------------
     def start(self, engine, feats, tokens, lengths, root) -> None:
@@ -191,14 +205,13 @@ class Eagle3Drafter(CatchUpState):
         """-> (tree tokens [B, 1 + depth], q [B, depth, V] when sampling, else None)."""
         bsz = root.shape[0]
         L = self.L[:bsz]
-        span = self._span(bsz)
         out = self._pending[:bsz, None]  # [B, 1, H]: the state that predicts the first draft
         nodes, qs = [root[:, None]], []
         for j in range(self.depth):
             if j:
                 slot = (L + j - 1)[:, None]  # draft j+1 sits at position L - 1 + j; earlier drafts at L .. L + j - 2
-                out = self._run(out, tok[:, None], slot, slot, self._causal(slot, span))
-            logits = self.layer.logits(out[:, 0]).float()  # [B, Vd]
+                out = self._causal_run(out, tok[:, None], slot)
+            logits = self._logits(out[:, 0]).float()  # [B, Vd]
             if self.temperature is None:
                 tok = self.draft_to_target[torch.argmax(logits, dim=-1)]
             else:
@@ -216,10 +229,10 @@ class Eagle3Drafter(CatchUpState):
         K, D = self.topk, self.depth
         dev = root.device
         L = self.L[:bsz]
-        span = self._span(bsz)
-        keys = torch.arange(span, device=dev)
-        context = (keys[None] >= self.first) & (keys[None] < L[:, None])  # [B, S]
-        lp = torch.log_softmax(self.layer.logits(self._pending[:bsz]).float(), dim=-1)  # [B, Vd]
+        if self.fused is None:  # the dense masks' pieces
+            keys = torch.arange(self._span(bsz), device=dev)
+            context = (keys[None] >= self.first) & (keys[None] < L[:, None])  # [B, S]
+        lp = torch.log_softmax(self._logits(self._pending[:bsz]).float(), dim=-1)  # [B, Vd]
         score, tok = torch.topk(lp, K, dim=-1)  # [B, K]: level 1 = the root's children
         cand_tok, cand_score = [tok], [score]
         cand_parent = [torch.full((K,), -1, dtype=torch.long, device=dev)]  # candidate index of the parent
@@ -234,13 +247,20 @@ class Eagle3Drafter(CatchUpState):
             anc = anc.clone()
             # the value as a device tensor: a Python True would be copied from the host, which a CUDA graph refuses
             anc[torch.arange(K, device=dev), own] = torch.ones((), dtype=torch.bool, device=dev)
-            rel = keys[None] - L[:, None]  # [B, S]
-            in_draft = (rel >= 0) & (rel < n_draft)
-            mask = context[:, None] | (in_draft[:, None] & anc[:, rel.clamp(0, n_draft - 1)].permute(1, 0, 2))
             slots = L[:, None] + own[None]  # [B, K]
             positions = (L - 1 + level)[:, None].expand(bsz, K)
-            out = self._run(fr_out, self.draft_to_target[fr_tok], positions, slots, mask)  # [B, K, H]
-            lp = torch.log_softmax(self.layer.logits(out).float(), dim=-1)  # [B, K, Vd]
+            if self.fused is not None:  # the draft slots so far as a block of level * K rows from L
+                width = level * K
+                block = torch.zeros(width, width, dtype=torch.uint8, device=dev)
+                block[own] = anc[:, :width].to(torch.uint8)
+                out = self.fused.run(fr_out, self.draft_to_target[fr_tok], positions, slots, self.k, self.v, L,
+                                     self.first, tree=block, rows=own)  # [B, K, H]
+            else:
+                rel = keys[None] - L[:, None]  # [B, S]
+                in_draft = (rel >= 0) & (rel < n_draft)
+                mask = context[:, None] | (in_draft[:, None] & anc[:, rel.clamp(0, n_draft - 1)].permute(1, 0, 2))
+                out = self._run(fr_out, self.draft_to_target[fr_tok], positions, slots, mask)  # [B, K, H]
+            lp = torch.log_softmax(self._logits(out).float(), dim=-1)  # [B, K, Vd]
             s, t = torch.topk(lp, K, dim=-1)  # [B, K, K]
             child_score = (fr_score[..., None] + s).reshape(bsz, K * K)
             cand_tok.append(t.reshape(bsz, K * K))
