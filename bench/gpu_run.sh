@@ -5,12 +5,14 @@
 #   peers: the same join, then the plain decoding rows with both decoding peers (HF static cache, gpt-fast style)
 #   stage2inv: the same join, then the GPU tests and the Medusa / MTP benches with Engine(invariant=True)
 #   stage3: training + E2E benches (the machine is still warm, /tmp/ft stays)
-#   drafters, specbench-all: EAGLE-3 / Medusa / MTP trained on one Magpie set, the GEMV kernel; then Spec-Bench
+#   drafters, specbench-all, specbench-t1: EAGLE-3 / Medusa / MTP trained on one Magpie set (and the GEMV kernel
+#     unless SKIP_GEMV=1); then Spec-Bench greedy (all 240 prompts) and at temperature 1 (3 per category)
+#   walk: the CLI as a user runs it (finetune, generate, train-heads --method eagle3, export-heads), make gpu-check
 #   decode-train: the plain decoding rows with the GEMV column and the peers, the training bench with Liger
 #   stage4: the fine-tuning path: finetune on a chat JSONL (no device flag), bench/finetune.py (TRL peer), bench/e2e.py
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|drafters|specbench-all|decode-train}
+stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|drafters|specbench-all|specbench-t1|walk|decode-train}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -91,7 +93,9 @@ drafters)  # after stage1 (carry .model/gguf.part01 .whl .data): EAGLE-3, Medusa
   # (a JSON default inside ${VAR:-...} would end at its first closing brace: set the defaults apart)
   EAGLE_TRAIN=${EAGLE_TRAIN:-'{"num_prompts": 768, "answer_tokens": 192, "steps": 1200}'}
   HEADS_TRAIN=${HEADS_TRAIN:-'{"steps": 600}'}
-  run drafters-train 300 python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
+  # the EAGLE-3 GPU test first (fused draft layer under CUDA graphs): a broken drafter stops before training
+  run eagle-gpu-test 90 python3 -m pytest -q -m gpu tests/test_eagle.py
+  run drafters-train "${DRAFTERS_SECS:-300}" python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
       --train-eagle "$EAGLE_TRAIN" --train-heads "$HEADS_TRAIN" --train-only --out bench/results/specbench-h200.json
   [ -n "${SKIP_GEMV:-}" ] || run gemv-tests 90 python3 -m pytest -q -x tests/test_gemv.py
   [ -n "${SKIP_GEMV:-}" ] || run gemv 150 python3 bench/gemv.py
@@ -99,10 +103,41 @@ drafters)  # after stage1 (carry .model/gguf.part01 .whl .data): EAGLE-3, Medusa
   cp "$FT/medusa/heads_report.json" "$OUT/medusa_report.json" 2>/dev/null
   cp "$FT/mtp/heads_report.json" "$OUT/mtp_report.json" 2>/dev/null
   cp bench/results/gemv-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
-specbench-all)  # right after `drafters` (same warm machine): all 240 prompts, every drafter, batch 1 and 8, T 0 and 1
-  run specbench "${SPEC_SECS:-480}" python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
-      ${SPEC_ARGS:-} --out bench/results/specbench-h200.json
-  cp bench/results/specbench-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+specbench-all)  # right after `drafters` (same warm machine): all 240 prompts, every drafter, batch 1 and 8, greedy;
+  # then the fused draft layer against the PyTorch one on a few prompts
+  run specbench "${SPEC_SECS:-420}" python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
+      --temperatures 0 ${SPEC_ARGS:-} --out bench/results/specbench-h200.json
+  run specbench-layer "${LAYER_SECS:-100}" python3 bench/specbench.py --eagle "$FT/eagle3" --reference-layer \
+      --per-category 2 --batch-sizes 1 --temperatures 0 --out bench/results/specbench-layer-h200.json
+  cp bench/results/specbench-h200.json bench/results/specbench-layer-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+specbench-t1)  # temperature 1 (sampled verification, the target pass alone graphed): 3 prompts per category
+  run specbench-t1 "${SPEC_SECS:-420}" python3 bench/specbench.py --eagle "$FT/eagle3" --medusa "$FT/medusa" --mtp "$FT/mtp" \
+      --temperatures 1 --per-category "${T1_PER_CATEGORY:-3}" ${SPEC_ARGS:-} --out bench/results/specbench-t1-h200.json
+  cp bench/results/specbench-t1-h200.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
+walk)  # a user's path through the CLI on the GPU (no device flags): fine-tune on a chat JSONL and generate with the
+  # adapter; train an EAGLE-3 draft and export it; generate with the big draft from `drafters` (chain and tree);
+  # export it for vLLM; then `make gpu-check` (GPU tests, native kernel tests, attention check)
+  join_model
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  python3 -c "
+import csv, json
+rows = list(csv.DictReader(open('$FLASHTUNE_E2E_DATA', encoding='utf-8')))
+with open('$FT/e2e_chat.jsonl', 'w') as f:
+    for r in rows:
+        f.write(json.dumps({'messages': [{'role': 'user', 'content': 'Describe this restaurant in plain English: ' + r['mr']},
+                                         {'role': 'assistant', 'content': r['ref']}]}) + '\n')"
+  Q='Explain in two sentences why the sky is blue.'
+  run walk-finetune 150 python3 -m flashtune finetune --data "$FT/e2e_chat.jsonl" --out "$FT/walk-ft" --max-steps 60 \
+      --batch-size 32 --set eval.max_inputs=0
+  run walk-generate-adapter 60 python3 -m flashtune generate --adapter "$FT/walk-ft/adapter" \
+      --prompt 'Describe this restaurant in plain English: name[The Eagle], eatType[coffee shop], area[riverside]'
+  run walk-train-eagle3 150 python3 -m flashtune train-heads --method eagle3 --out "$FT/walk-eagle3" --num-prompts 256 \
+      --steps 200 --export speculators
+  run walk-generate-chain 60 python3 -m flashtune generate --speculative eagle3 --heads "$FT/eagle3" --prompt "$Q"
+  run walk-generate-tree 60 python3 -m flashtune generate --speculative eagle3 --heads "$FT/eagle3" --tree 48 --prompt "$Q"
+  run walk-export 60 python3 -m flashtune export-heads --heads "$FT/eagle3" --format vllm --out "$FT/export-vllm"
+  run gpu-check "${CHECK_SECS:-200}" make gpu-check PY=python3
+  ls -R "$FT/walk-eagle3/export" "$FT/export-vllm" > "$OUT/walk-files.txt" 2>&1; ls -la "$OUT" ;;
 decode-train)  # the plain decoding rows on the 1.1B shape with the GEMV column and both peers, then the LoRA
   # training bench with the PEFT + Liger peer (carry .whl .data)
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"

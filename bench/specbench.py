@@ -143,6 +143,11 @@ def make_drafters(args, model, tokenizer):
         out["eagle3-chain"] = Eagle3Drafter(draft, depth=args.chain_depth)
         out["eagle3-tree"] = Eagle3Drafter(draft, depth=args.tree_depth, topk=args.tree_topk, nodes=args.tree_nodes)
         out["eagle3-chain-sampled"] = Eagle3Drafter(draft, depth=args.chain_depth, temperature=1.0)  # T=1 only
+        if args.reference_layer:  # the same drafters through the PyTorch layer (before the fused kernels)
+            for name in ("eagle3-chain", "eagle3-tree"):
+                ref = Eagle3Drafter(draft, depth=out[name].depth, topk=out[name].topk, nodes=out[name].nodes)
+                ref.kernels = False
+                out[name + "-pytorch-layer"] = ref
     if args.medusa:
         from flashtune.decoding import MedusaHeads
 
@@ -180,6 +185,8 @@ def main(argv=None):
     p.add_argument("--tree-nodes", type=int, default=48)
     p.add_argument("--dtype", default="", help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reference-layer", action="store_true", help="also run the EAGLE-3 chain and tree through "
+                   "the PyTorch draft layer (kernels=False), to measure what the fused layer gains")
     p.add_argument("--invariant", action="store_true", help="Engine(invariant=True): bf16 greedy speculative "
                    "output identical to plain greedy (CUDA, Triton backend)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "specbench-h200.json"))
@@ -243,7 +250,9 @@ def main(argv=None):
                   "drafters": {"eagle3-chain": f"depth {args.chain_depth}",
                                "eagle3-tree": f"EAGLE-2 dynamic tree, depth {args.tree_depth}, topk "
                                               f"{args.tree_topk}, {args.tree_nodes} nodes",
-                               "eagle3-chain-sampled": f"depth {args.chain_depth}, drafts sampled at T=1"},
+                               "eagle3-chain-sampled": f"depth {args.chain_depth}, drafts sampled at T=1",
+                               "*-pytorch-layer": "the same drafter through the PyTorch draft layer (dense mask "
+                                                  "over the static cache) instead of the fused kernels"},
                   "note": "speedup = plain engine time per token / drafter time per token, same prompts, same "
                           "run; tokens_per_step and first_draft_acceptance count row steps of active rows",
                   "eagle_training": trained, "heads_training": heads_trained, "rows": rows}
