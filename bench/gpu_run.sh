@@ -12,7 +12,7 @@
 #   stage4: the fine-tuning path: finetune on a chat JSONL (no device flag), bench/finetune.py (TRL peer), bench/e2e.py
 # Every bench writes bench/results/*.json; copies land in $OUT. One failing bench does not stop the others.
 set -u
-stage=${1:?stage1|stage2|peers|stage2inv|stage3|stage4|drafters|specbench-all|specbench-t1|walk|decode-train}
+stage=${1:?stage1|stage2|peers|stage2inv|check-invariant|stage3|stage4|drafters|specbench-all|specbench-t1|walk|decode-train}
 FT=/tmp/ft
 mkdir -p "$FT" "${OUT:=/tmp/out}"
 export PYTHONPATH=$PWD:${PYTHONPATH:-} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -138,6 +138,14 @@ with open('$FT/e2e_chat.jsonl', 'w') as f:
   run walk-export 60 python3 -m flashtune export-heads --heads "$FT/eagle3" --format vllm --out "$FT/export-vllm"
   run gpu-check "${CHECK_SECS:-200}" make gpu-check PY=python3
   ls -R "$FT/walk-eagle3/export" "$FT/export-vllm" > "$OUT/walk-files.txt" 2>&1; ls -la "$OUT" ;;
+check-invariant)  # after stage1 (carry .model/gguf.part01 .whl .data): make gpu-check, then MTP and Medusa with the
+  # batch-invariant kernels against the invariant plain engine and the default one, in the same run
+  join_model
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  run gpu-check "${CHECK_SECS:-200}" make gpu-check PY=python3
+  run mtp-invariant "${MTP_SECS:-220}" python3 bench/mtp.py --device cuda --budget 190 --depth 2 --invariant \
+      --out bench/results/mtp-invariant.json
+  cp bench/results/mtp-invariant.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 decode-train)  # the plain decoding rows on the 1.1B shape with the GEMV column and both peers, then the LoRA
   # training bench with the PEFT + Liger peer (carry .whl .data)
   cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"

@@ -293,6 +293,15 @@ def main() -> int:
         result["rows"].append({"method": "plain", "batch": bsz, "seconds": t_plain, "tokens": n_tok,
                                "tokens_per_s": n_tok / t_plain, "speedup": 1.0})
         log(f"batch {bsz} plain: {n_tok / t_plain:.0f} tok/s")
+        t_fast = rate_fast = None
+        if args.invariant:  # the fastest plain engine (default kernels) in the same run: what invariance costs
+            fast = Engine(model, tok, max_batch_size=bsz, max_seq_len=args.max_seq, device=device, dtype=dtype)
+            toks_fast, t_fast, _ = timed(fast, groups, None, args, stop, device)
+            del fast
+            rate_fast = sum(len(t) for t in toks_fast) / t_fast  # bf16: its tokens may differ near ties
+            result["rows"].append({"method": "plain-default-kernels", "batch": bsz, "seconds": t_fast,
+                                   "tokens_per_s": rate_fast, "speedup": rate_fast / (n_tok / t_plain)})
+            log(f"batch {bsz} plain with the default kernels: {rate_fast:.0f} tok/s")
         specs = [("mtp", k, 1) for k in ks] + [("mtp", max(ks), 2)]  # the last: a tree, top-2 per depth
         specs += [("medusa", None, None)] if medusa is not None else []
         for method, k, width in specs:
@@ -308,6 +317,8 @@ def main() -> int:
                     toks, t, per_step = timed(engine, groups, spec, args, stop, device)
                 if caught:
                     row["warnings"] = sorted({str(w.message)[:300] for w in caught})
+                if t_fast is not None:
+                    row["speedup_vs_default_plain"] = (n_tok / t) / rate_fast
                 row.update(seconds=t, tokens_per_s=n_tok / t, speedup=t_plain / t, tokens_per_step=per_step,
                            identical_to_plain=toks == plain,
                            identical_sequences=sum(a == b for a, b in zip(toks, plain)) / len(plain))

@@ -8,13 +8,18 @@ The reference itself is checked against torch's scaled_dot_product_attention in 
 
 import os
 
+import pytest
+import torch
+
+if torch.cuda.is_available():  # the interpreter would be switched on for the kernels of every module in the run
+    pytest.skip("Triton-interpreter tests (CPU machines: make test); on a GPU the kernels are checked natively by "
+                "make gpu-check (bench/attention.py --check)", allow_module_level=True)
+
 _PREV = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels are decorated as interpreted
 
 import math  # noqa: E402
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from flashtune.attention import attention_reference, flash_attention  # noqa: E402

@@ -4,11 +4,16 @@ Triton's CPU interpreter (float32, exact IEEE products), so this checks the kern
 
 import os
 
+import pytest
+import torch
+
+if torch.cuda.is_available():  # the interpreter would be switched on for the kernels of every module in the run
+    pytest.skip("Triton-interpreter tests (CPU machines: make test); on a GPU the kernels are checked natively by "
+                "make gpu-check (bench/attention.py --check)", allow_module_level=True)
+
 _PREV = os.environ.get("TRITON_INTERPRET")
 os.environ["TRITON_INTERPRET"] = "1"
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
 
 from flashtune.attention import hf, ops, register  # noqa: E402
 from tiny import DECODER_ARCHS, random_ids, tiny_config, tiny_model  # noqa: E402
