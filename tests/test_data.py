@@ -240,3 +240,48 @@ def test_head_training_prompt_files_are_checked_at_the_edge(tmp_path):
     with pytest.raises(FlashtuneError, match="not UTF-8") as exc:
         head_training_prompts(str(tmp_path / "l1.txt"), 5, 0, tok)
     assert "l1.txt" in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_head_training_prompts_from_chat_and_prompt_data(tmp_path):
+    """Drafters train on the prompts of the data people keep: the first user turn of chat `messages` (with or
+    without answers), `prompt` strings or conversational prompts, from JSONL or CSV; plain text, a missing
+    file and an unreachable Hub name are one clear line each."""
+    import json
+
+    from flashtune.data import head_training_prompts
+
+    tok = char_tokenizer()
+
+    def asked(q):
+        s = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+        return tok(s, add_special_tokens=False)["input_ids"]
+
+    rows = [{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": " hi there "},
+                          {"role": "assistant", "content": "hello"}, {"role": "user", "content": "later turn"}]},
+            {"messages": [{"role": "user", "content": "no answer yet"}]},
+            {"messages": [{"role": "assistant", "content": "no user turn"}]},
+            {"messages": "not a list"}]
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    assert head_training_prompts(str(chat), 10, 0, tok) == ([asked("hi there"), asked("no answer yet")], None)
+    assert head_training_prompts(str(chat), 1, 0, tok)[0] == [asked("hi there")]
+    conv = tmp_path / "conv.jsonl"
+    conv.write_text(json.dumps({"prompt": [{"role": "user", "content": "q1"}],
+                                "completion": [{"role": "assistant", "content": "a"}]}) + "\n"
+                    + json.dumps({"prompt": "q2"}) + "\n", encoding="utf-8")
+    assert head_training_prompts(str(conv), 10, 0, tok)[0] == [asked("q1"), asked("q2")]
+    csv = tmp_path / "p.csv"
+    csv.write_text("prompt,completion\nwhat is up,x\n,\nhow so,y\n", encoding="utf-8")
+    assert head_training_prompts(str(csv), 10, 0, tok)[0] == [asked("what is up"), asked("how so")]
+    text = tmp_path / "t.jsonl"
+    text.write_text(json.dumps({"text": "a document"}) + "\n", encoding="utf-8")
+    for bad, match in ((text, "no 'messages' or 'prompt' column .*text"), (tmp_path / "gone.jsonl", "does not exist"),
+                       ("someone/some-dataset", "not reachable")):
+        with pytest.raises(FlashtuneError, match=match) as exc:
+            head_training_prompts(str(bad), 10, 0, tok)
+        assert "\n" not in str(exc.value)
+    empty = tmp_path / "e.jsonl"
+    empty.write_text(json.dumps({"messages": [{"role": "assistant", "content": "x"}]}) + "\n", encoding="utf-8")
+    with pytest.raises(FlashtuneError, match="no user turn"):
+        head_training_prompts(str(empty), 10, 0, tok)
+

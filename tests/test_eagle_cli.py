@@ -4,6 +4,8 @@ reads back to the same weights."""
 
 from __future__ import annotations
 
+import json
+
 import torch
 from safetensors.torch import load_file
 
@@ -34,3 +36,28 @@ def test_eagle3_from_the_command_line(model_dir, tmp_path, capsys):
     assert a.keys() == b.keys()
     for k in a:   # the served layout is bf16: the round trip keeps the weights to bf16 rounding
         torch.testing.assert_close(b[k].float(), a[k].float().to(torch.bfloat16).float(), rtol=0, atol=0)
+
+
+def test_drafters_train_on_a_chat_jsonl(model_dir, tmp_path, capsys):
+    """`--data` takes the chat files people keep: EAGLE-3 and Medusa learn the target's own answers to each
+    conversation's first user turn; a file without prompts is refused in one line, exit 2, nothing written."""
+    chat = tmp_path / "chats.jsonl"
+    chat.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"the cafe number {i} is"},
+                                                     {"role": "assistant", "content": "cheap"}]}) + "\n"
+                            for i in range(20)), encoding="utf-8")
+    common = ["--model", model_dir, "--steps", "2", "--batch-size", "4", "--max-new-tokens", "6", "--device", "cpu"]
+    out = tmp_path / "e3"
+    assert main(["train-heads", "--method", "eagle3", "--out", str(out), "--data", str(chat), *common]) == 0
+    report = json.loads((out / "eagle3_report.json").read_text())
+    assert report["records"] == 20 and report["data"] == str(chat)
+    assert main(["train-heads", "--method", "medusa", "--out", str(tmp_path / "m"), "--data", str(chat),
+                 *common]) == 0
+    capsys.readouterr()
+    text = tmp_path / "notes.jsonl"
+    text.write_text(json.dumps({"text": "a document"}) + "\n", encoding="utf-8")
+    assert main(["train-heads", "--method", "eagle3", "--out", str(tmp_path / "bad"), "--data", str(text),
+                 *common]) == 2
+    err = [ln for ln in capsys.readouterr().err.strip().splitlines() if not ln.startswith("Loading weights")]
+    assert len(err) == 1 and "no 'messages' or 'prompt' column" in err[0]  # (the model loads first)
+    assert not (tmp_path / "bad" / "eagle3.safetensors").exists()
+

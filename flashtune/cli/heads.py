@@ -30,8 +30,9 @@ def register(subparsers) -> None:
     p.add_argument("--num-layers", type=int, default=1, help="ResBlocks per head")
     p.add_argument("--no-self-distill", action="store_true", help="train on the data's references instead")
     p.add_argument("--data", default="synthetic",
-                   help="'synthetic' (E2E-style MRs), a text file of prompts, or the data.jsonl an eagle3 run wrote; eagle3: 'magpie' (prompts the model "
-                        "writes itself, the default there), a synth .jsonl or a text file of prompts")
+                   help="'synthetic' (E2E-style MRs; eagle3: 'magpie', prompts the model writes itself), a .txt file "
+                        "of prompts, a chat / prompt data file (.jsonl .json .csv .parquet: first user turns) or a "
+                        "Hub dataset name, or the data.jsonl an eagle3 run wrote; the target answers every prompt")
     p.add_argument("--num-prompts", type=int, default=512)
     p.add_argument("--max-new-tokens", type=int, default=96, help="length of self-distilled answers")
     p.add_argument("--steps", type=int, default=300)

@@ -38,9 +38,13 @@ def encode_prompt(tokenizer, mr: str) -> list[int]:
 
 
 def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[list[list[int]], list | None]:
-    """Prompts that speculative-decoding heads are trained on: `source` "synthetic" gives `n` generated
-    E2E-style inputs (token ids and their examples); otherwise it is a text file with one prompt a line, each
-    asked as a one-turn chat (token ids, and None for the examples)."""
+    """Up to `n` prompts that drafters (heads, EAGLE-3) are trained on, as token ids, and their E2E examples
+    where they have references (else None).
+
+    `source`: "synthetic" (generated E2E-style inputs), a .txt file (one prompt a line), or a data file
+    (.jsonl/.json/.csv/.tsv/.parquet) or Hub dataset name: each row's first user turn (`messages`, or a
+    conversational `prompt`) or its `prompt` string, asked as a one-turn chat; E2E rows (mr + ref) give their
+    MRs in the E2E prompt. Answers in the data are not used (drafters learn the target's own answers)."""
     from pathlib import Path
 
     from flashtune.data.synth import generate_e2e_style
@@ -49,12 +53,44 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
         examples = generate_e2e_style(n=n, seed=seed)
         return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
     from flashtune.data.files import read_text_file
+    from flashtune.data.formats import load_records, read_table
 
-    path = Path(source)
-    if not path.is_file():
-        raise ConfigError(f"data={source!r} is neither 'synthetic' nor a text file; give a file of prompts")
-    lines = [ln.strip() for ln in read_text_file(path, "prompts file").splitlines() if ln.strip()][:n]
-    return [chat_prompt_ids(tokenizer, ln) for ln in lines], None
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".txt":
+        lines = [ln.strip() for ln in read_text_file(path, "prompts file").splitlines() if ln.strip()][:n]
+        return [chat_prompt_ids(tokenizer, ln) for ln in lines], None
+    table = read_table(source)
+    cols = set(table.columns)
+    if "messages" not in cols and "prompt" not in cols:
+        if {"mr", "ref"} <= cols:  # E2E rows: their MRs in the E2E prompt, with their references
+            records = load_records(source, "e2e")[0][:n]
+            return [encode_prompt(tokenizer, ex.mr) for ex in records], records
+        raise ConfigError(f"{table.source} has no 'messages' or 'prompt' column (its columns: "
+                          f"{', '.join(map(str, table.columns)) or 'none'}); drafters learn from the model's answers "
+                          f"to prompts: give chat messages, prompt rows, or a .txt file with one prompt a line")
+    texts = []
+    for row in table.rows:
+        msgs = row.get("messages")
+        turn = first_user_turn(msgs) if isinstance(msgs, list) else first_user_turn(row.get("prompt"))
+        if turn:
+            texts.append(turn)
+        if len(texts) == n:
+            break
+    if not texts:
+        raise ConfigError(f"{table.source} has no user turn or prompt text to train drafters on; give chat "
+                          f"messages with a user turn, or prompt strings")
+    return [chat_prompt_ids(tokenizer, t) for t in texts], None
+
+
+def first_user_turn(value) -> str | None:
+    """A prompt's text: a non-empty string as is, or the first user message of a list of chat messages."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, list):
+        for m in value:
+            if isinstance(m, dict) and m.get("role") == "user" and isinstance(m.get("content"), str):
+                return m["content"].strip() or None
+    return None
 
 
 def chat_prompt_ids(tokenizer, text: str) -> list[int]:

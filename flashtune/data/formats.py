@@ -55,14 +55,9 @@ def load_records(path_or_name, format: str | None = None):
         check_choice("format", format, FORMATS)
     source = str(path_or_name)
     p = Path(source).expanduser()
-    if p.exists():
-        if p.is_file() and SUFFIXES.get(p.suffix.lower()) == "text":
-            return _text_file_records(p, format), "text"
-        table = read_rows(p)
-    elif p.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
-        raise FlashtuneError(f"data file {source!r} does not exist; check the path")
-    else:
-        table = read_hub(source)
+    if p.is_file() and SUFFIXES.get(p.suffix.lower()) == "text":
+        return _text_file_records(p, format), "text"
+    table = read_table(source)
     fmt = format or detect_format(table)
     missing = [c for c in COLUMNS[fmt] if c not in table.columns]
     if missing:
@@ -84,6 +79,18 @@ def load_records(path_or_name, format: str | None = None):
     if not records:
         raise FlashtuneError(f"{table.source} holds no {fmt} examples (every row is empty); give it some data")
     return records, fmt
+
+
+def read_table(path_or_name) -> Rows:
+    """The rows of a data file (.jsonl/.json/.csv/.tsv/.parquet) or of a Hub dataset's train split; one line
+    naming the problem when a path does not exist or the Hub cannot be reached."""
+    source = str(path_or_name)
+    p = Path(source).expanduser()
+    if p.exists():
+        return read_rows(p)
+    if p.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise FlashtuneError(f"data file {source!r} does not exist; check the path")
+    return read_hub(source)
 
 
 def detect_format(table: Rows) -> str:

@@ -161,7 +161,9 @@ def _examples(recipe: HeadsTraining, model, tokenizer, device) -> list[dict]:
     from flashtune.data import head_training_prompts, make_lm_dataset, stop_token_ids
     from flashtune.decoding import Engine
 
-    if recipe.data.endswith(".jsonl"):  # Magpie prompts with the target's own answers (eagle/synth.py)
+    from flashtune.decoding.drafters.eagle.synth import is_synthesised
+
+    if is_synthesised(recipe.data):  # Magpie prompts with the target's own answers (eagle/synth.py)
         return _synthesised_examples(recipe)
     prompts, examples = head_training_prompts(recipe.data, recipe.num_prompts, recipe.seed, tokenizer)
     if len(prompts) < 4:

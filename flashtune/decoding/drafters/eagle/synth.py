@@ -119,16 +119,18 @@ def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int
     return found[:n]
 
 
-def self_distill(engine, tokenizer, prompts: list[str], max_new_tokens: int = 128, batch_size: int = 8) -> list[dict]:
-    """The target's own greedy answers: records {"prompt", "prompt_ids", "answer_ids"}."""
+def self_distill(engine, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8) -> list[dict]:
+    """The target's own greedy answers: records {"prompt", "prompt_ids", "answer_ids"}. prompts: texts (asked
+    as one-turn chats) or token-id lists (used as they are)."""
     stop = end_of_turn_ids(tokenizer)
     records = []
     for s in range(0, len(prompts), batch_size):
         chunk = prompts[s: s + batch_size]
-        ids = [chat_prompt_ids(tokenizer, p) for p in chunk]
+        ids = [chat_prompt_ids(tokenizer, p) if isinstance(p, str) else list(p) for p in chunk]
         out = engine.generate(ids, max_new_tokens=max_new_tokens, stop_tokens=stop)
         for p, pid, ans in zip(chunk, ids, out.tokens):
-            records.append({"prompt": p, "prompt_ids": pid, "answer_ids": list(ans)})
+            text = p if isinstance(p, str) else tokenizer.decode(pid, skip_special_tokens=True)
+            records.append({"prompt": text, "prompt_ids": pid, "answer_ids": list(ans)})
     return records
 
 
@@ -150,6 +152,20 @@ def synthesize(model, tokenizer, n: int, out_path, seed: int = 0, prompt_tokens:
     lines = [json.dumps(head)] + [json.dumps(r) for r in records]
     atomic_write_bytes(Path(out_path), "\n".join(lines) + "\n")
     return records
+
+
+def is_synthesised(path) -> bool:
+    """Whether `path` is a file `synthesize` wrote (a JSON-lines file whose first line is the recipe)."""
+    path = Path(path)
+    if not (path.is_file() and path.suffix.lower() == ".jsonl"):
+        return False
+    with path.open("rb") as f:
+        first = f.readline()
+    try:
+        head = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(head, dict) and "recipe" in head
 
 
 def read_records(path) -> tuple[dict, list[dict]]:

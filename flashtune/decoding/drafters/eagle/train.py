@@ -243,16 +243,17 @@ def load_records(cfg: Eagle3TrainConfig, model, tokenizer, device, log=print) ->
                                    prompt_tokens=cfg.prompt_tokens, answer_tokens=cfg.answer_tokens,
                                    batch_size=64 if device.type == "cuda" else 8, device=device)
         return records, str(path)
-    path = Path(cfg.data)
-    if not path.is_file():
-        raise FlashtuneError(f"data={cfg.data!r} is neither 'magpie' nor an existing file; pass a prompts file")
-    if path.suffix == ".jsonl":
-        return synth.read_records(path)[1], str(path)
+    if synth.is_synthesised(cfg.data):
+        return synth.read_records(cfg.data)[1], cfg.data
+    from flashtune.data import head_training_prompts
     from flashtune.decoding import Engine
 
-    prompts = [x.strip() for x in path.read_text().splitlines() if x.strip()][: cfg.num_prompts]
-    engine = Engine(model, tokenizer, max_batch_size=8, device=device, max_seq_len=2048)
-    return synth.self_distill(engine, tokenizer, prompts, cfg.answer_tokens), str(path)
+    # a .txt file of prompts, a chat / prompt data file or a Hub dataset name: the target answers each prompt
+    prompts, _ = head_training_prompts(cfg.data, cfg.num_prompts, cfg.seed, tokenizer)
+    longest = max(len(p) for p in prompts)
+    batch = 64 if device.type == "cuda" else 8
+    engine = Engine(model, tokenizer, max_batch_size=batch, device=device, max_seq_len=longest + cfg.answer_tokens + 8)
+    return synth.self_distill(engine, tokenizer, prompts, cfg.answer_tokens, batch), cfg.data
 
 
 def train_eagle3(cfg: Eagle3TrainConfig, model=None, tokenizer=None, log=print) -> dict:
