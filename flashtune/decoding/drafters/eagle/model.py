@@ -22,18 +22,16 @@ vLLM and SGLang load (`fc`, `midlayer.*`, `norm`, `lm_head`, `d2t`, `t2d`); expo
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flashtune.decoding.drafters.base import check_state
+from flashtune.decoding.drafters.base import DraftConfig, check_state, read_heads, write_heads
 from flashtune.errors import ConfigError, FlashtuneError, check_range
-from flashtune.fileio import atomic_save_safetensors, atomic_write_json
 
 CONFIG_NAME = "eagle3_config.json"
 WEIGHTS_NAME = "eagle3.safetensors"
@@ -48,7 +46,7 @@ def default_aux_layers(num_layers: int) -> tuple[int, int, int]:
 
 
 @dataclass
-class Eagle3Config:
+class Eagle3Config(DraftConfig):
     """The draft layer's shape (the target's attention/MLP sizes) and the target it reads.
 
     aux_layers: ids of the three target layers whose *inputs* are concatenated (vLLM's
@@ -102,17 +100,6 @@ class Eagle3Config:
                    min(draft_vocab_size, c.vocab_size),
                    list(aux_layers) if aux_layers is not None else list(default_aux_layers(n)), n, c.model_type,
                    c.hidden_act, float(theta), c.max_position_embeddings)
-
-    def to_dict(self) -> dict:
-        return {"method": "eagle3", **asdict(self)}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "Eagle3Config":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names - {"method"}
-        if unknown:
-            raise ConfigError(f"unknown EAGLE-3 config field(s) {sorted(unknown)}; allowed: {sorted(names)}")
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 class RMSNorm(nn.Module):
@@ -325,22 +312,12 @@ class Eagle3Draft(nn.Module):
         return {k: v.detach().contiguous() for k, v in self.state_dict().items()}
 
     def save(self, directory) -> Path:
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors(directory / WEIGHTS_NAME, self.served_state_dict(), {"format": "pt"})
-        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
-        return directory
+        return write_heads(directory, self.served_state_dict(), self.config, CONFIG_NAME, WEIGHTS_NAME)
 
     @classmethod
     def load(cls, directory, model) -> "Eagle3Draft":
-        from safetensors.torch import load_file
-
-        directory = Path(directory)
-        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
-            raise FlashtuneError(f"{directory} holds no EAGLE-3 draft ({CONFIG_NAME} + {WEIGHTS_NAME}); train one "
-                                 f"with `flashtune train-heads --method eagle3`")
-        config = Eagle3Config.from_dict(json.loads((directory / CONFIG_NAME).read_text()))
-        return cls.from_tensors(config, load_file(str(directory / WEIGHTS_NAME)), model, directory / WEIGHTS_NAME)
+        config, tensors = read_heads(directory, Eagle3Config, "EAGLE-3 draft", CONFIG_NAME, WEIGHTS_NAME, model)
+        return cls.from_tensors(config, tensors, model, Path(directory) / WEIGHTS_NAME)
 
     @classmethod
     def from_tensors(cls, config: Eagle3Config, tensors: dict, model, source="EAGLE-3 weights") -> "Eagle3Draft":

@@ -14,7 +14,6 @@ data (Magpie self-synthesis by default, synth.py), draft vocabulary, training, h
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch
 from flashtune.decoding.drafters.eagle.model import Eagle3Draft
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 from flashtune.fileio import atomic_write_json
+from flashtune.training.trainer import lr_multiplier
 
 
 @dataclasses.dataclass
@@ -143,13 +143,6 @@ def ttt_loss(draft: Eagle3Draft, model, batch: dict, steps: int, decay: float = 
     return loss, accs, counts
 
 
-def _schedule(step: int, total: int, warmup: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    frac = (step - warmup) / max(1, total - warmup)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, frac)))
-
-
 def new_draft(model, records: list[dict], cfg: Eagle3TrainConfig) -> Eagle3Draft:
     """A draft for `model` over the records' draft vocabulary; its norm and LM head start as the target's
     final norm and LM-head rows (the draft's output space starts as the target's)."""
@@ -179,7 +172,7 @@ def fit_draft(model, draft: Eagle3Draft, records: list[dict], cfg: Eagle3TrainCo
         batch = batch_of([records[i] for i in order[pos: pos + cfg.batch_size]], device)
         pos += cfg.batch_size
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * _schedule(step, cfg.steps, cfg.warmup)
+            g["lr"] = cfg.lr * lr_multiplier(step, cfg.warmup, cfg.steps, "cosine", min_ratio=0.1)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
             loss, accs, _ = ttt_loss(draft, model, batch, cfg.ttt_steps, cfg.step_decay)
         opt.zero_grad(set_to_none=True)
