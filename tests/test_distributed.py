@@ -165,7 +165,15 @@ def _run_all(root: Path) -> list:
     _train(root / "single_lossfn", "ddp", accum=4, loss_fn=_mean_ce)
     _train(root / "single_accum", "ddp", accum=4)
     shutil.copytree(root / "killed", root / "killed1")             # for the resume on one process
+    shutil.copytree(root / "killed", root / "twice1")              # for two resumes on one process
     _train(root / "killed1", "ddp", accum=1)                     # 2 -> 1: grad_accum becomes 2 from the checkpoint
+    # 2 -> 1 stopped at step 3 (SIGTERM in its first micro-batch), then 1 -> 1 with the same user's grad_accum=1.
+    assert _train(root / "twice1", "ddp", accum=1, kill_at=1, signum=signal.SIGTERM) is None
+    from flashtune.errors import ConfigError
+    try:
+        _train(root / "twice1", "ddp", accum=1)
+    except ConfigError as exc:                                     # recorded for the test, not the fixture's end
+        (root / "twice1" / "refused.txt").write_text(str(exc))
     # The 1 -> 2 case: one process stopped (SIGTERM: the step finishes and is saved) at step 3.
     assert _train(root / "from1", "ddp", accum=2, kill_at=6, signum=signal.SIGTERM) is None
     rc2, log2, _ = _torchrun("resume", root)
@@ -254,6 +262,23 @@ def test_resume_on_two_ranks_is_bitwise_and_across_world_sizes_is_close(runs):
     _close(_state(root / "from1"), _state(root / "ddp"), 1e-6)   # one process -> FSDP2 shards on 2 ranks
     for out in ("killed1", "from1"):
         assert [r["step"] for r in _rows(root / out)] == list(range(1, STEPS + 1))
+
+
+def test_resume_twice_after_a_world_size_change(runs):
+    """2 ranks -> 1 (grad_accum recomputed 1 -> 2) stopped at step 3, then 1 -> 1 again with the user's
+    grad_accum=1: accepted, and bitwise the single 2 -> 1 resume. The checkpoints keep the user's config."""
+    root, _ = runs
+    refused = root / "twice1" / "refused.txt"
+    assert not refused.exists(), refused.read_text()
+    ours, ref = _state(root / "twice1"), _state(root / "killed1")
+    assert ours.keys() == ref.keys()
+    for k in ref:
+        assert torch.equal(ours[k], ref[k]), k
+    assert _rows(root / "twice1") == _rows(root / "killed1")
+    for step in (STEPS - SAVE_EVERY, STEPS):                           # (step 3's was pruned; resumed from)
+        state = json.loads((root / "twice1" / "checkpoints" / f"step-{step:06d}" / "state.json").read_text())
+        assert state["config"]["grad_accum"] == 1                          # what the user asked for
+        assert state["distributed"]["world"] == 1 and state["distributed"]["global_batch"] == 2 * BATCH
 
 
 def test_take_shard_keeps_the_global_order():

@@ -171,7 +171,9 @@ def check_resume_config(saved: dict | None, config: TrainConfig, checkpoint, wor
     """ConfigError naming every field of RESUME_MUST_MATCH whose value differs from the checkpoint's.
 
     world_changed: the checkpoint was written by another number of ranks; then grad_accum is not compared,
-    since the distributed runtime recomputes it to keep the checkpoint's global batch."""
+    since the distributed runtime recomputes it to keep the checkpoint's global batch. `saved` is the config
+    the caller passed to `fit` (not the recomputed one), so a run resumes any number of times on any world size
+    with the same values."""
     if not isinstance(saved, dict):
         return                                        # a checkpoint written without its config: nothing to compare
     diffs = [f"{k}={getattr(config, k)!r} (the checkpoint has {saved[k]!r})" for k in RESUME_MUST_MATCH
@@ -322,6 +324,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         check_resume_config(saved.get("config"), config, existing, world_changed=saved_world != rt.world)
     if rt.main:
         ckpt.remove_stale(out_dir)                       # issue 13: temp folders of a crashed writer
+    # The checkpoints store the caller's config, not the adapted one: a later resume compares the user's values
+    # (a stored recomputed grad_accum would refuse the user's own on the next resume at this world size).
+    requested = config
     config = rt.adapt_config(config, saved)           # [distributed] keep the global batch across world sizes
 
     seed_everything(config.seed)
@@ -377,7 +382,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
         # issue 13: never save non-finite weights over a good checkpoint (e.g. the last step of lr=inf).
         if not all(bool(torch.isfinite(p).all()) for p in params):
             raise NonFiniteTraining(step, "the trainable weights are not finite (NaN or inf)", path, config)
-        extra = {"position": list(position), "config": config.to_dict(),
+        extra = {"position": list(position), "config": requested.to_dict(),
                  "log_acc": {**acc, "loss": float(loss_acc)}}
         return rt.save(out_dir, step, trainable, optimizer, scheduler, policy.scaler, extra,   # [distributed]
                        keep=config.keep_checkpoints, config=config)
