@@ -347,6 +347,37 @@ def test_capture_warmup_leaves_a_stateful_drafter_where_it_was(target, make):
     torch.testing.assert_close(runs[0][3], runs[1][3], rtol=1e-4, atol=1e-5)  # (the graphed prefill is padded)
 
 
+def test_sampled_steps_are_captured_whole_and_replay_what_eager_draws(target):
+    """Sampling steps (plain, EAGLE-3 chain with sampled drafts, EAGLE-3 tree, MTP with sampled drafts,
+    Medusa's typical acceptance) run whole in the CUDA-graph cache: their random numbers are read from the
+    step noise that the engine refills outside the graph. With the same seed, an engine whose cache captures
+    (a CPU stand-in that runs warm-ups, then replays) gives exactly the tokens of one without graphs."""
+    from flashtune.decoding import MedusaConfig, MedusaHeads
+    from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules
+    from flashtune.decoding.engine import _GraphCache
+
+    torch.manual_seed(5)
+    mtp = MTPModules.build(target, depth=1)
+    medusa = MedusaHeads(MedusaConfig(hidden_size=target.config.hidden_size, vocab_size=VOCAB, num_heads=2, topk=3))
+    cases = [(None, "lossless"), (Eagle3Drafter(random_draft(target, seed=4), depth=3, temperature=1.0), "lossless"),
+             (Eagle3Drafter(random_draft(target, seed=4), depth=2, topk=3, nodes=5), "lossless"),
+             (MTPDrafter(mtp, k=2, temperature=1.0), "lossless"), (medusa, "typical")]
+    for drafter, acceptance in cases:
+        outs, keys = [], None
+        for graphs in (False, True):
+            engine = Engine(target, max_batch_size=4, max_seq_len=96)
+            if graphs:
+                engine._graphs = _GraphCache(True)
+                engine._graphs._capture = _WarmupGraphs.capture
+            out = engine.generate(ragged_prompts(), max_new_tokens=10, temperature=1.0, top_k=20, seed=11,
+                                  stop_tokens=[], speculative=drafter, acceptance=acceptance)
+            outs.append(out.tokens)
+            keys = list(engine._graphs.graphs)
+        name = type(drafter).__name__
+        assert outs[0] == outs[1], name
+        assert any(k[0] == "step" and "sample" in k or "typical" in k for k in keys), (name, keys)
+
+
 def test_a_failed_capture_leaves_every_other_step_on_its_graph():
     """One step whose capture fails (a host copy, say) runs eagerly, with a warning naming the line; the
     other keys keep capturing and replaying (before, one failure sent the whole engine eager)."""

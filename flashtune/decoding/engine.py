@@ -13,14 +13,17 @@ One decoding step, for every sequence b of the batch (all tensors, no host round
     commit        move the K/V of the accepted path to slots [L_b, L_b + a + 1), L_b += a + 1, emit the a
                   accepted drafts and `next`; `next` is the new root, hidden[node] the new hidden_last
 
-With greedy decoding and a stateless drafter (Medusa heads, or none) the whole step is captured in one CUDA
-graph. The host never waits for the step it just launched: each step's "any row active" flag is copied to
+With a stateless drafter (Medusa heads, MTP modules, EAGLE-3 drafts, or none) the whole step is captured in
+one CUDA graph, greedy or sampling: a sampling step's random numbers are uniforms drawn from the call's
+generator before each step, outside the graph (sampling.StepNoise, one launch), and read from fixed slots by
+the captured step. The host never waits for the step it just launched: each step's "any row active" flag is copied to
 pinned memory behind it, and the host reads the flag of the step `stop_lag` steps back (so at most `stop_lag`
 steps run after the last row stops, and the GPU never idles waiting for the host). The prefill is graphed too,
 its prompt length padded up to a multiple of `prefill_bucket` (one graph per batch size and bucket).
 
 The drafter protocol (start, propose, accept; tree, stateless, trunk, graph_version) is written down in
-drafters/base.py; `self.generator` is the generator of the call in progress (None when greedy).
+drafters/base.py; `self.generator` is the generator of the call in progress and `self.noise` its step noise
+(both None when greedy).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from flashtune.decoding import verify
 from flashtune.decoding.cache import KVCache
 from flashtune.decoding.drafters.base import Drafter
 from flashtune.decoding.model import BACKENDS, DecoderModel, SlotMask, hf_state_and_prefix
-from flashtune.decoding.sampling import SamplingParams, probs
+from flashtune.decoding.sampling import SamplingParams, StepNoise, probs
 from flashtune.decoding.tree import TreeBuffers, tree_buffers
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 
@@ -211,7 +214,9 @@ class Engine:
         self._stop = torch.full((_MAX_STOP,), -1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(max_batch_size, max_seq_len + 2, dtype=torch.long, device=self.device)
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
-        self.generator: torch.Generator | None = None  # the call in progress's (drafters draw from it)
+        self.generator: torch.Generator | None = None  # the call in progress's
+        self.noise: StepNoise | None = None  # its step noise (sampling calls): drafters that sample draw from it
+        self._noise: StepNoise | None = None  # the buffer, kept between calls (captured steps read it)
 
     def _pick_backend(self, attention: str) -> str:
         """On CUDA the fused Triton kernels of kernels.py (rotary + cache write, attention over each row's
@@ -283,8 +288,10 @@ class Engine:
         return feats, self.model.lm_head(last)
 
     # ---------------------------------------------------------------- one step
-    def _step(self, tree, drafter, rule, params, gen, root, hidden_last, lengths, active, n_out, n_steps,
+    def _step(self, tree, drafter, rule, params, noise, root, hidden_last, lengths, active, n_out, n_steps,
               max_new, graph_forward=False):
+        if noise is not None:
+            noise.start()  # the same slots, in the same order, on every run of the step
         tree_tokens, q = (root[:, None], None) if drafter is None else drafter.propose(hidden_last, root)
         trunk = getattr(drafter, "trunk", False)  # the drafter reads the last layer's input, not the output
         if graph_forward:  # the target pass alone in a CUDA graph (sampling, stateful drafters)
@@ -301,15 +308,15 @@ class Engine:
         elif rule == "greedy":
             acc = verify.greedy_tree(logits, tree_tokens, tree)
         elif rule == "typical":
-            acc = verify.typical_tree(logits, tree_tokens, tree, params.temperature, generator=gen)
+            acc = verify.typical_tree(logits, tree_tokens, tree, params.temperature, noise=noise)
         else:
             p = probs(logits, params)
             if q is not None and tree.num_leaves == 1:
-                a, nxt = verify.chain_speculative(p, tree_tokens[:, 1:], q, generator=gen)
+                a, nxt = verify.chain_speculative(p, tree_tokens[:, 1:], q, noise=noise)
                 best = torch.zeros_like(a)
                 acc = verify.Acceptance(best, a, tree.retrieve[best, a], nxt)
             else:
-                acc = verify.sample_tree(p, tree_tokens, tree, generator=gen)
+                acc = verify.sample_tree(p, tree_tokens, tree, noise=noise)
         bsz = root.shape[0]
         ar = torch.arange(bsz, device=root.device)
         path = tree.retrieve[acc.best]  # [B, D+1] node indices, root first
@@ -409,6 +416,7 @@ class Engine:
             gen.manual_seed(seed if seed is not None else torch.seed())
         rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
         self.generator = gen
+        self.noise = None if gen is None else self._step_noise(tree)
 
         hidden, logits, tokens, lens = self._prefill_prompts(prompts, getattr(drafter, "trunk", False))
         lengths = lens + self.cache.prefix_len
@@ -427,19 +435,23 @@ class Engine:
         sent = [0] * bsz
         if stream:
             yield self._new_tokens(bsz, sent, stop, max_new_tokens, n_out)
-        whole_graph = rule == "greedy" and (drafter is None or getattr(drafter, "stateless", False))
+        whole_graph = drafter is None or getattr(drafter, "stateless", False)
+        noise = self.noise
         lag = self.stop_lag if self.device.type == "cuda" and not stream else 0
         if lag:  # ring of (pinned flag, event): step i's "any active" lands in flags[i % (lag + 1)]
             flags, events = self._stop_ring(lag)
-        key = ("step", bsz, id(tree), id(drafter), _params_key(drafter))
-        fn = lambda *s: self._step(tree, drafter, rule, params, gen, *s)  # noqa: E731
+        key = ("step", bsz, id(tree), id(drafter), _params_key(drafter), rule, params,
+               None if noise is None else id(noise.buf))
+        fn = lambda *s: self._step(tree, drafter, rule, params, noise, *s)  # noqa: E731
         keep = _graph_state(drafter)  # what a capture's warm-ups must leave as it was
         steps = 0
         while steps < max_new_tokens - 1:
-            if whole_graph:
+            if noise is not None:
+                noise.refill(gen)  # this step's random numbers, from the call's generator, outside any graph
+            if whole_graph and key not in self._graphs.failed:
                 state = self._graphs(key, fn, *state, max_new, keep=keep)
-            else:
-                state = self._step(tree, drafter, rule, params, gen, *state, max_new,
+            else:  # (a step whose whole capture failed keeps at least its forward pass in a graph)
+                state = self._step(tree, drafter, rule, params, noise, *state, max_new,
                                    graph_forward=self._graphs.enabled)
             steps += 1
             if stream:
@@ -462,6 +474,15 @@ class Engine:
             stats["tokens_per_step"] = float((state[4] - 1).sum()) / max(1.0, float(state[5].sum()))
         if not stream:
             yield final
+
+    def _step_noise(self, tree: TreeBuffers) -> StepNoise:
+        """The step-noise buffer, large enough for any batch with `tree`: per row at most N draws at the nodes,
+        k + 1 for a chain's acceptance test and residual, and a drafter's N - 1 sampled drafts. Kept between
+        calls (a new one only when a larger tree needs it: graphs are keyed by the buffer)."""
+        size = self.max_batch_size * (3 * tree.num_nodes + 8)
+        if self._noise is None or self._noise.buf.numel() < size:
+            self._noise = StepNoise(size, self.device)
+        return self._noise
 
     def _stop_ring(self, lag: int):
         """(pinned bool [lag + 1], lag + 1 CUDA events), allocated once per engine (pinned memory is slow

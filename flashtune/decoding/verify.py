@@ -93,14 +93,24 @@ def greedy_tree_from_pred(pred: torch.Tensor, tree_tokens: torch.Tensor, tree: T
     return Acceptance(best, accepted, node, _at(pred, node))
 
 
+def _draw(p: torch.Tensor, generator, noise) -> torch.Tensor:
+    """One draw from every row of p [..., V] -> long [...]: from the step's noise (sampling.StepNoise) when
+    given, else torch.multinomial with `generator`."""
+    if noise is not None:
+        return noise.categorical(p)
+    return torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
+
+
 def sample_tree(p: torch.Tensor, tree_tokens: torch.Tensor, tree: TreeBuffers,
-                generator: torch.Generator | None = None, draws: torch.Tensor | None = None) -> Acceptance:
+                generator: torch.Generator | None = None, draws: torch.Tensor | None = None,
+                noise=None) -> Acceptance:
     """Lossless tree sampling ("sample and descend"): draw y ~ p at every node (one draw per node, shared by
     all paths through it); from the root, move to the child whose token is y; stop where no child matches
     and emit that node's y as the next root (at a leaf, y is the bonus token). Every emitted token is a
-    direct draw from the target distribution. `draws` [B, N] may be given instead of drawing (for tests)."""
+    direct draw from the target distribution. `draws` [B, N] may be given instead of drawing (for tests);
+    `noise` (sampling.StepNoise) supplies the randomness instead of `generator` (the engine's CUDA-graph path)."""
     if draws is None:
-        draws = torch.multinomial(p.reshape(-1, p.shape[-1]), 1, generator=generator).view(p.shape[:-1])
+        draws = _draw(p, generator, noise)
     cart, valid = _paths(tree_tokens, tree)
     y_path = draws[:, tree.retrieve]  # [B, n_leaves, D+1]
     match = (cart[:, :, 1:] == y_path[:, :, :-1]) & valid
@@ -110,7 +120,7 @@ def sample_tree(p: torch.Tensor, tree_tokens: torch.Tensor, tree: TreeBuffers,
 
 def typical_tree(logits: torch.Tensor, tree_tokens: torch.Tensor, tree: TreeBuffers, temperature: float,
                  epsilon: float = 0.09, delta: float = 0.3,
-                 generator: torch.Generator | None = None) -> Acceptance:
+                 generator: torch.Generator | None = None, noise=None) -> Acceptance:
     """Medusa's typical acceptance (LOSSY): with p = softmax(logits / T) and H its entropy, a child x is
     accepted iff p(x) > min(epsilon, delta * exp(-H)). Among the longest accepted paths the one with the
     largest sum of log p wins. The next root is drawn from p at the last accepted node."""
@@ -124,8 +134,7 @@ def typical_tree(logits: torch.Tensor, tree_tokens: torch.Tensor, tree: TreeBuff
     match = (p_child > threshold[:, parents]) & valid
     logp = torch.log(p_child.clamp_min(1e-30)) * torch.cumprod(match.to(p.dtype), dim=-1)
     best, accepted, node = _choose(match, tree, score=logp.sum(-1))
-    nxt = torch.multinomial(_at(p, node), 1, generator=generator)[:, 0]
-    return Acceptance(best, accepted, node, nxt)
+    return Acceptance(best, accepted, node, _draw(_at(p, node), generator, noise))
 
 
 def emitted_tokens(tree_tokens: torch.Tensor, tree: TreeBuffers, acc: Acceptance) -> torch.Tensor:
@@ -135,7 +144,7 @@ def emitted_tokens(tree_tokens: torch.Tensor, tree: TreeBuffers, acc: Acceptance
 
 def chain_speculative(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | None = None,
                       generator: torch.Generator | None = None,
-                      uniforms: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      uniforms: torch.Tensor | None = None, noise=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Speculative sampling over a chain of k drafted tokens (Leviathan et al. Algorithm 1, batched).
 
     p      [B, k+1, V]  target probabilities: p[:, j] is the distribution of draft j (p[:, k]: the bonus)
@@ -155,7 +164,8 @@ def chain_speculative(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | No
         q_draft = q.gather(-1, draft[..., None])[..., 0]
         ratio = p_draft / q_draft.clamp_min(1e-30)
     if uniforms is None:
-        uniforms = torch.rand(bsz, k, generator=generator, device=p.device)
+        uniforms = noise.uniform(bsz, k) if noise is not None else torch.rand(bsz, k, generator=generator,
+                                                                            device=p.device)
     ok = uniforms < ratio.clamp(max=1.0)  # strict <: a token with p = 0 is never accepted
     accepted = torch.cumprod(ok.to(torch.int64), dim=-1).sum(-1)  # [B]
     if q is None:
@@ -167,8 +177,7 @@ def chain_speculative(p: torch.Tensor, draft: torch.Tensor, q: torch.Tensor | No
     mass = res.sum(-1, keepdim=True)
     # p == q exactly leaves no residual mass, but then a rejection had probability 0; fall back to p.
     res = torch.where(mass > 0, res / mass.clamp_min(1e-30), p[torch.arange(bsz, device=p.device), accepted])
-    nxt = torch.multinomial(res, 1, generator=generator)[:, 0]
-    return accepted, nxt
+    return accepted, _draw(res, generator, noise)
 
 
 def chain_greedy(logits: torch.Tensor, draft: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

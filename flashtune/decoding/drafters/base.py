@@ -7,8 +7,9 @@ candidate trees. The methods live beside this file, one folder each: medusa/, mt
 The protocol (`Drafter`), as the engine (engine.py) calls it once per `generate` / `stream` call:
 
     tree: TreeBuffers          the shape of every proposal (a chain: tree_buffers(chain_paths(k)))
-    stateless: bool            True if a greedy step (propose, verify, accept) may be captured whole in a CUDA
-                               graph: all state in preallocated tensors updated in place, no host reads
+    stateless: bool            True if a step (propose, verify, accept), greedy or sampling, may be captured
+                               whole in a CUDA graph: all state in preallocated tensors updated in place, no
+                               host reads, randomness only from `engine.noise`
     trunk: bool (optional)     True: every `hidden` below is the input of the target's last decoder layer
                                instead of its final (normed) output (parallel heads draft from it); a tuple
                                of layer ids: the concatenated inputs of those layers, [..., len(ids) * d]
@@ -21,9 +22,12 @@ The protocol (`Drafter`), as the engine (engine.py) calls it once per `generate`
     start(engine, hidden [B, T, d], tokens [B, T], lengths [B], root [B]) -> None
                                after the prompt's prefill: its hidden states, its tokens (right-padded), true
                                lengths (prefix excluded) and the first generated token (the first step's root).
-                               `engine.generator` is the call's own torch.Generator (None for greedy calls):
-                               a drafter that samples must draw from it, never from a generator of its own, so
-                               that every call's draft randomness is fresh (and reproducible from its seed).
+                               `engine.noise` is the call's step noise (sampling.StepNoise, None for greedy
+                               calls): a drafter that samples draws from it (`noise.categorical(q)` in
+                               `propose`), never from a generator of its own, so that every call's draft
+                               randomness is fresh, reproducible from its seed, and the step stays capturable
+                               in a CUDA graph (the engine refills the noise from the call's generator before
+                               each step).
     propose(hidden [B, d], root [B]) -> (tree_tokens [B, N], q [B, N-1, V] | None)
                                hidden: the target's state at the last accepted node (the one whose logits gave
                                `root`). q: the distribution each non-root token was drawn from (sampling chain
@@ -372,9 +376,9 @@ def engine_norm(norm: nn.Module, engine) -> nn.Module:
     return out.to(device=engine.device, dtype=engine.dtype).eval()
 
 
-def call_generator(engine) -> torch.Generator | None:
-    """The generator of the engine's current call (None for greedy calls or an engine that predates it)."""
-    return getattr(engine, "generator", None)
+def call_noise(engine):
+    """The engine's step noise for the current call (sampling.StepNoise; None for greedy calls)."""
+    return getattr(engine, "noise", None)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from the target's own features, exactly as training's step 0 saw it. After a ver
 output at the last one (whose token is the new root) gives the next step's first draft (`_pending`).
 
 Chain (`topk=1`): `depth` drafts, each step feeding the layer its own previous output and the token it drafted
-(argmax, or drawn from softmax(logits / temperature) with the call's generator, handed to speculative
+(argmax, or drawn from softmax(logits / temperature) with the call's step noise, handed to speculative
 sampling as q).
 
 Dynamic tree (`topk=K > 1`), EAGLE-2: level 1 holds the root's top-K children; at each further level the K
@@ -23,8 +23,8 @@ is rewritten in place in the engine's `TreeBuffers` every step (fixed sizes: `no
 row per node), so verification and its CUDA graph stay static. Within a batch all rows share one shape (chosen
 by the mean confidence over the rows; at batch 1 this is exactly EAGLE-2), each row with its own tokens.
 
-No host synchronisation on CUDA: a greedy step (propose, verify, accept) is captured whole in the engine's
-CUDA graph (`stateless` = graph-safe, as for the MTP drafter). On the engine's Triton backend (the CUDA default)
+No host synchronisation on CUDA: a step (propose, verify, accept), greedy or sampling, is captured whole in
+the engine's CUDA graph (`stateless` = graph-safe, as for the MTP drafter). On the engine's Triton backend (the CUDA default)
 the layer runs through fused.FusedLayer (the engine's kernels, attention over the live slots only); elsewhere,
 or with `kernels = False`, through the PyTorch layer with a dense mask over the static cache.
 """
@@ -36,7 +36,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from flashtune.decoding.drafters.base import CatchUpState
+from flashtune.decoding.drafters.base import CatchUpState, call_noise
 from flashtune.decoding.drafters.eagle.model import Eagle3Draft
 from flashtune.decoding.tree import TreeBuffers, chain_paths, tree_buffers
 from flashtune.errors import ConfigError, check_range
@@ -188,7 +188,7 @@ class Eagle3Drafter(CatchUpState):
         if bsz > self.L.shape[0]:
             raise ConfigError(f"batch of {bsz} exceeds the engine's max_batch_size={self.L.shape[0]}")
         self.first = engine.cache.prefix_len
-        self.gen = getattr(engine, "generator", None)
+        self.noise = call_noise(engine)  # None when greedy: drafts are then argmax tokens
         self.L[:bsz].copy_(lengths + self.first)
         stream = torch.cat([tokens[:, 1:], tokens.new_zeros(bsz, 1)], dim=1)  # t_{i+1} at i
         stream.scatter_(1, (lengths - 1)[:, None], root[:, None])
@@ -212,11 +212,11 @@ class Eagle3Drafter(CatchUpState):
                 slot = (L + j - 1)[:, None]  # draft j+1 sits at position L - 1 + j; earlier drafts at L .. L + j - 2
                 out = self._causal_run(out, tok[:, None], slot)
             logits = self._logits(out[:, 0]).float()  # [B, Vd]
-            if self.temperature is None:
+            if self.temperature is None or self.noise is None:
                 tok = self.draft_to_target[torch.argmax(logits, dim=-1)]
             else:
                 qd = torch.softmax(logits / self.temperature, dim=-1)
-                pick = torch.multinomial(qd, 1, generator=self.gen)[:, 0]
+                pick = self.noise.categorical(qd)
                 tok = self.draft_to_target[pick]
                 q = torch.zeros(bsz, self._engine.model.args.vocab_size, device=qd.device)
                 qs.append(q.index_copy_(1, self.draft_to_target, qd))  # the draft distribution over target ids

@@ -11,7 +11,7 @@ import copy
 import torch
 
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.drafters.base import (CatchUpState, call_generator, check_engine, compact_block,
+from flashtune.decoding.drafters.base import (CatchUpState, call_noise, check_engine, compact_block,
                                               engine_norm)
 from flashtune.decoding.drafters.mtp.modules import MTPModules
 from flashtune.decoding.model import RMSNorm, SlotMask, prepare_mask
@@ -26,9 +26,9 @@ class MTPDrafter(CatchUpState):
     k: drafted tokens per step. tree_width: 1 drafts a chain; c > 1 also offers the top-c candidates of every
     step as siblings of the chain's node (a tree verified by the tree rules; the chain continues from the top-1).
     temperature: None drafts argmax tokens (one-hot q); a number samples drafts from softmax(logits / T) and
-    hands that q to speculative sampling (chain only). The draws come from the engine's generator for the
-    call (`engine.generator`, seeded by the call's `seed`), so every call draws fresh draft randomness; a greedy
-    call (no generator) drafts argmax tokens, since only matches with the argmax are accepted there.
+    hands that q to speculative sampling (chain only). The draws come from the engine's step noise for the
+    call (`engine.noise`, drawn from the generator seeded by the call's `seed`), so every call draws fresh draft
+    randomness; a greedy call (no noise) drafts argmax tokens, since only matches with the argmax are accepted.
 
     The modules keep their own static KV cache (the engine's KVCache class, one layer per module, slot =
     position). After each verification the accepted positions are fed through the modules again ("catch-up"),
@@ -37,8 +37,8 @@ class MTPDrafter(CatchUpState):
     first draft: it is kept (`_pending`) and the next `propose` starts from it instead of running module 1
     again (one module pass per step saved).
     Modules 2..D are caught up on the same positions with the tokens then known (exact where t_{i+m} was
-    accepted). All state lives in preallocated tensors updated in place, so a greedy step (propose, verify,
-    accept) is captured whole in the engine's CUDA graph; `stateless` is therefore True (graph-safe).
+    accepted). All state lives in preallocated tensors updated in place, so a step (propose, verify, accept),
+    greedy or sampling, is captured whole in the engine's CUDA graph; `stateless` is therefore True.
     """
 
 
@@ -53,7 +53,7 @@ class MTPDrafter(CatchUpState):
         paths = [[0] * (j - 1) + [i] for j in range(1, k + 1) for i in range(tree_width)]
         self.tree = tree_buffers(paths, topk=tree_width)  # node 1 + (j-1)*c + i: rank i at depth j
         self._engine = None
-        self._gen = None  # the current call's generator (set by `start`)
+        self._noise = None  # the current call's step noise (set by `start`; None when greedy)
         self.trace: list | None = None  # set to [] to record each step's first-draft q/logits and acceptance
 
     # ---- setup ---------------------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class MTPDrafter(CatchUpState):
         check_engine(self.mtp.config.to_dict(), engine, "these MTP modules")
         if self._engine is not engine:
             self._setup(engine)
-        self._gen = call_generator(engine)
+        self._noise = call_noise(engine)
         bsz, t = tokens.shape
         self.first = engine.cache.prefix_len
         if bsz > self.L.shape[0]:
@@ -166,9 +166,9 @@ class MTPDrafter(CatchUpState):
                 out = self._module(m, h, tok[:, None], slot, mask)
             normed = self.head_norm[m](out)
             logits = self._engine.model.lm_head(normed)[:, 0]  # [B, V]
-            if self.temperature is not None and self._gen is not None:
+            if self.temperature is not None and self._noise is not None:
                 q = torch.softmax(logits.float() / self.temperature, dim=-1)
-                tok = torch.multinomial(q, 1, generator=self._gen)[:, 0]
+                tok = self._noise.categorical(q)
                 qs.append(q)
                 nodes.append(tok[:, None])
                 if self.trace is not None and j == 0:
