@@ -137,8 +137,23 @@ class Eagle3Drafter(CatchUpState):
         self.v = torch.zeros_like(self.k)
         self.L = torch.zeros(bmax, dtype=torch.long, device=dev)  # = the engine's committed lengths
         self._pending = torch.zeros(bmax, c.hidden_size, dtype=dt, device=dev)
+        self._tc = self._tree_constants(dev) if self.topk > 1 else None
         self._engine = engine
         self.graph_version = getattr(self, "graph_version", 0) + 1  # graphs of older buffers are stale
+
+    def _tree_constants(self, dev) -> dict:
+        """The tensors every tree proposal uses that depend only on the drafter's shape (made once, not as
+        fill kernels in every step)."""
+        K, D = self.topk, self.depth
+        ar = torch.arange(K, device=dev)
+        return {"ar": ar, "no_parent": torch.full((K,), -1, dtype=torch.long, device=dev),
+                "own": [(level - 1) * K + ar for level in range(1, D)],  # draft slots - L of level's frontier
+                "anc": torch.zeros(K, max((D - 1) * K, 1), dtype=torch.bool, device=dev),
+                "true": torch.ones((), dtype=torch.bool, device=dev),  # (a Python True is a host copy in capture)
+                "levels": torch.cat([torch.ones(K, dtype=torch.long, device=dev)] + [
+                    torch.full((K * K,), lv + 1, dtype=torch.long, device=dev) for lv in range(1, D)]),
+                "node_ids": torch.arange(1, self.nodes + 1, device=dev),
+                "zero": torch.zeros(1, dtype=torch.long, device=dev)}
 
     def _span(self, bsz: int) -> int:
         """Cache slots the attention reads: all of them on CUDA (static shapes), the live ones on the CPU."""
@@ -234,19 +249,18 @@ class Eagle3Drafter(CatchUpState):
             context = (keys[None] >= self.first) & (keys[None] < L[:, None])  # [B, S]
         lp = torch.log_softmax(self._logits(self._pending[:bsz]).float(), dim=-1)  # [B, Vd]
         score, tok = torch.topk(lp, K, dim=-1)  # [B, K]: level 1 = the root's children
+        tc = self._tc
         cand_tok, cand_score = [tok], [score]
-        cand_parent = [torch.full((K,), -1, dtype=torch.long, device=dev)]  # candidate index of the parent
-        fr_idx = torch.arange(K, device=dev)  # the frontier's candidate indices
+        cand_parent = [tc["no_parent"]]  # candidate index of the parent
+        fr_idx = tc["ar"]  # the frontier's candidate indices
         fr_out = self._pending[:bsz, None].expand(bsz, K, -1)  # [B, K, H]: the state each frontier node read
         fr_tok, fr_score = tok, score
         n_draft = (D - 1) * K  # draft slots L + level * K + f for the frontier of level + 1
-        anc = torch.zeros(K, max(n_draft, 1), dtype=torch.bool, device=dev)  # frontier -> visible draft slots
+        anc = tc["anc"].clone()  # [K, n_draft]: frontier -> visible draft slots (a new tensor at every level)
         offset = K  # candidates so far
         for level in range(1, D):
-            own = (level - 1) * K + torch.arange(K, device=dev)
-            anc = anc.clone()
-            # the value as a device tensor: a Python True would be copied from the host, which a CUDA graph refuses
-            anc[torch.arange(K, device=dev), own] = torch.ones((), dtype=torch.bool, device=dev)
+            own = tc["own"][level - 1]
+            anc[tc["ar"], own] = tc["true"]
             slots = L[:, None] + own[None]  # [B, K]
             positions = (L - 1 + level)[:, None].expand(bsz, K)
             if self.fused is not None:  # the draft slots so far as a block of level * K rows from L
@@ -278,14 +292,13 @@ class Eagle3Drafter(CatchUpState):
         scores = torch.cat(cand_score, dim=1)  # [B, C]
         tokens = torch.cat(cand_tok, dim=1)
         parents = torch.cat(cand_parent)
-        levels = torch.cat([torch.ones(K, dtype=torch.long, device=dev)]
-                           + [torch.full((K * K,), lv + 1, dtype=torch.long, device=dev) for lv in range(1, D)])
+        levels = tc["levels"]
         order = torch.sort(scores.exp().mean(0), descending=True, stable=True).indices  # ties: parent first
         chosen = torch.sort(order[: self.nodes]).values  # [n]: level-major, so parents precede children
         node_of = torch.zeros(scores.shape[1] + 1, dtype=torch.long, device=dev)  # candidate + 1 -> node (root 0)
-        node_of[chosen + 1] = torch.arange(1, self.nodes + 1, device=dev)
-        parent = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), node_of[parents[chosen] + 1]])
-        depth = torch.cat([torch.zeros(1, dtype=torch.long, device=dev), levels[chosen]])
+        node_of[chosen + 1] = tc["node_ids"]
+        parent = torch.cat([tc["zero"], node_of[parents[chosen] + 1]])
+        depth = torch.cat([tc["zero"], levels[chosen]])
         self._set_tree(parent, depth)
         drafted = self.draft_to_target[tokens[:, chosen]]  # [B, n]
         return torch.cat([root[:, None], drafted], dim=1), None
