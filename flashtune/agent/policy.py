@@ -5,9 +5,9 @@ is checked here before anything is executed:
 - actions: only the action space of the chosen template and model version (see ACTION_SPACES);
 - URLs (`navigate`): http and https only; a missing scheme becomes https; never file:, javascript:, data:,
   chrome: or any other scheme, never link-local or cloud metadata addresses, loopback only when the start URL
-  is itself local, other private addresses only when allowed by name (the browser's request guard applies
-  these rules to the addresses a name resolves to as well); hosts limited by an allow-list (default: the start
-  URL's host and public hosts);
+  is itself local, other private addresses only when allowed by name (the browser executor's request guard and
+  egress proxy apply these rules to the addresses a name resolves to as well); hosts limited by an allow-list
+  (default: the start URL's host and public hosts);
 - keys: names from the fixed list of `keys.py`; chords that open OS or browser dialogs (file chooser, save,
   print, address bar, new windows, devtools, OS launcher ...) are refused, also when built from held keys;
 - text: at most `max_type_chars` characters, no control characters, nothing typed while ctrl/alt/meta is held;
@@ -209,8 +209,10 @@ class Policy:
         navigation=False (a page's own sub-resource) skips the allow-list of public hosts but keeps every
         other rule. resolve=True (the browser's request guard) also applies the address rules to every address
         the host name resolves to now, so that a name pointing at a metadata, loopback or private address is
-        refused like the address itself. A name whose answers change between this lookup and the browser's
-        own (DNS rebinding with a zero TTL) is not caught by this."""
+        refused early, like the address itself. That lookup is not the one the connection uses: a name whose
+        answers change between the two (DNS rebinding) is stopped by the browser executor's egress proxy
+        (executors/egress.py), which resolves once per connection, checks every address of that answer with
+        `check_address` and connects only to one of them."""
         shown = repr(url if len(url) <= 80 else url[:80] + "...")
         u = url.strip()
         if not u or len(u) > 2048 or re.search(r"[\s\\\x00-\x1f\x7f]", u):
@@ -235,27 +237,41 @@ class Policy:
             kind = None
         if kind is None:
             raise PolicyError(f"refused URL {shown}: not a valid URL (no host, or a malformed host or port)")
-        is_start = self.start_host is not None and _host_matches(host, self.start_host)
-        listed = any(_host_matches(host, p) for p in self.allow_hosts)
-        self._check_address(kind, host, shown, is_start or listed)
-        if kind == "public" and navigation and self.allow_hosts and not (is_start or listed):
+        allowed = self._allowed(host)
+        self._check_address(kind, host, f"URL {shown}", allowed)
+        if kind == "public" and navigation and self.allow_hosts and not allowed:
             raise PolicyError(f"refused URL {shown}: {host} is not in the allowed hosts "
                               f"({', '.join(self.allow_hosts)})")
         if resolve and kind != "never":
             for address in resolve_host(host):  # a public-looking name may point inside: check where it goes
-                self._check_address(host_class(address), host, f"{shown} ({host} resolves to {address})",
-                                    is_start or listed)
+                self.check_address(host, address, f"URL {shown} ({host} resolves to {address})")
         return u
 
-    def _check_address(self, kind: str, host: str, shown: str, allowed: bool) -> None:
-        """The address rules: never metadata / link-local; loopback only for a local start URL; other private
-        addresses only for the start URL's host or an allowed one."""
+    def _allowed(self, host: str) -> bool:
+        """Whether `host` is the start URL's host or in the allow-list (which lets private addresses through)."""
+        return (self.start_host is not None and _host_matches(host, self.start_host)) or \
+            any(_host_matches(host, p) for p in self.allow_hosts)
+
+    def check_address(self, host: str, address: str | None = None, what: str | None = None) -> None:
+        """Raise PolicyError when a connection to `host` (a name or an IP literal) breaks the address rules,
+        or, given `address` (one that `host` resolved to), when that address does: never metadata / link-local;
+        loopback only for a local start URL; other private addresses only for the start URL's host or an
+        allowed one. The allow-list of public hosts is not applied here (it is for navigations). `what` names
+        the request in the message (default: 'connection to HOST')."""
+        what = what or f"connection to {host}"
+        try:
+            kind = host_class(address if address is not None else host)
+        except ValueError:
+            raise PolicyError(f"refused {what}: not a valid host or address") from None
+        self._check_address(kind, host, what, self._allowed(host))
+
+    def _check_address(self, kind: str, host: str, what: str, allowed: bool) -> None:
         if kind == "never":
-            raise PolicyError(f"refused URL {shown}: link-local and cloud metadata addresses are never opened")
+            raise PolicyError(f"refused {what}: link-local and cloud metadata addresses are never opened")
         if kind == "loopback" and not self.start_is_local:
-            raise PolicyError(f"refused URL {shown}: localhost is opened only when the start URL is local")
+            raise PolicyError(f"refused {what}: localhost is opened only when the start URL is local")
         if kind == "private" and not allowed:
-            raise PolicyError(f"refused URL {shown}: {host} is a private address; allow it with --allow-host {host}")
+            raise PolicyError(f"refused {what}: {host} is a private address; allow it with --allow-host {host}")
 
     # -- keys -------------------------------------------------------------------------------------------------
     def _check_chord(self, keys: frozenset, what: str) -> None:

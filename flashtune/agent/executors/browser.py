@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+from urllib.parse import urlsplit
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
 from flashtune.agent.executors.base import SCROLL_CLICKS, ActionError, check_supported, perform
+from flashtune.agent.executors.egress import HEADER as EGRESS_HEADER
+from flashtune.agent.executors.egress import EgressProxy
 from flashtune.errors import FlashtuneError, MissingDependencyError
 
 CHROMIUM_ARGS = [
@@ -98,15 +101,21 @@ class BrowserExecutor:
 
     With a `policy` (policy.Policy), every request the page makes is checked against its URL rules: a
     navigation outside them (a link, a redirect, a script) is aborted, and so is any request to a metadata,
-    link-local or (unless the start URL is local) loopback address. `blocked` lists what was stopped.
+    link-local or (unless the start URL is local) loopback address. `launch` also sends all of Chromium's
+    traffic through an egress proxy (egress.py, passed as `proxy`) that resolves each host once and connects
+    only to addresses the policy allows, so a name whose DNS answer changes after the guard's check is stopped
+    there. `blocked` lists what was stopped: URLs, or host:port for a refused tunnel (https).
     """
 
-    def __init__(self, page, *, owned=None, policy=None, sandbox: dict | None = None):
+    def __init__(self, page, *, owned=None, policy=None, sandbox: dict | None = None, proxy=None):
         self.page = page
         self._owned = owned  # (playwright context manager, browser) when we launched them
         self.sandbox = sandbox
+        self.proxy = proxy
         self.blocked: list[str] = []
         self.errors: list[str] = []
+        if proxy is not None:
+            proxy.on_refused = lambda target, reason: self.blocked.append(target[:200])
         if policy is not None:
             self.guard(policy)
 
@@ -127,22 +136,30 @@ class BrowserExecutor:
 
     @classmethod
     def launch(cls, start_url: str | None = None, width: int = 1280, height: int = 720,
-               scale_factor: float = 1.0, headless: bool = True, policy=None) -> "BrowserExecutor":
+               scale_factor: float = 1.0, headless: bool = True, policy=None, resolver=None) -> "BrowserExecutor":
+        """Launch Chromium and open `start_url`. With a `policy`, behind the request guard and an egress proxy
+        (`resolver`: the proxy's name lookup, egress.system_resolver by default)."""
         try:
             from playwright.sync_api import sync_playwright
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise MissingDependencyError("the browser executor needs playwright: pip install 'flashtune[agent]'") \
                 from exc
         sandbox = sandbox_status()
-        pw = sync_playwright().start()
+        proxy = EgressProxy(policy, resolver=resolver) if policy is not None else None
+        pw = None
         try:
-            browser = launch_chromium(pw, headless=headless, sandbox=sandbox)
+            pw = sync_playwright().start()
+            browser = launch_chromium(pw, headless=headless, sandbox=sandbox,
+                                      args=proxy.chromium_args() if proxy else ())
             page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor)
-            ex = cls(page, owned=(pw, browser), policy=policy, sandbox=sandbox)
+            ex = cls(page, owned=(pw, browser), policy=policy, sandbox=sandbox, proxy=proxy)
             if start_url:
                 ex.open_start_url(start_url)
-        except Exception:
-            pw.stop()
+        except BaseException:
+            if pw is not None:
+                pw.stop()
+            if proxy is not None:
+                proxy.close()
             raise
         return ex
 
@@ -175,11 +192,17 @@ class BrowserExecutor:
         perform(action, mapper, self, scroll_clicks)
 
     def close(self) -> None:
-        if self._owned:
-            pw, browser = self._owned
-            browser.close()
-            pw.stop()
-            self._owned = None
+        try:
+            if self._owned:
+                pw, browser = self._owned
+                self._owned = None
+                try:
+                    browser.close()
+                finally:
+                    pw.stop()
+        finally:
+            if self.proxy is not None:
+                self.proxy.close()
 
     # -- primitives (CSS pixels) -----------------------------------------------------------------------------
     def click(self, x: float, y: float, button: str = "left", count: int = 1) -> None:
@@ -227,25 +250,26 @@ class BrowserExecutor:
     def open_start_url(self, url: str) -> None:
         """Open the run's start URL; one that does not load is the user's to fix (FlashtuneError)."""
         try:
-            self._load(lambda: self.page.goto(url), "start URL")
+            self._load(lambda: self.page.goto(url), "start URL", url)
         except ActionError as exc:
             raise FlashtuneError(f"cannot open the start URL: {exc}; check the address and that the site is "
                                  "up") from None
 
     def navigate(self, url: str) -> None:
         """Open `url` (already checked by the policy). A page that cannot be loaded (refused, unknown host,
-        blocked by the request guard, too slow) is the model's to handle: ActionError, sent back to it."""
-        self._load(lambda: self.page.goto(url), f"navigate(content='{url[:200]}')")
+        blocked by the request guard or the egress proxy, too slow) is the model's to handle: ActionError, sent
+        back to it."""
+        self._load(lambda: self.page.goto(url), f"navigate(content='{url[:200]}')", url)
 
     def go_back(self) -> None:
         self._load(self.page.go_back, "navigate_back()")
 
-    def _load(self, go, what: str) -> None:
+    def _load(self, go, what: str, url: str | None = None) -> None:
         from playwright.sync_api import Error as PlaywrightError
         from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
         try:
-            go()
+            response = go()
         except PlaywrightError as exc:
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             self.errors.append(f"{what}: {first}")
@@ -255,5 +279,31 @@ class BrowserExecutor:
                 self.page.wait_for_load_state(timeout=5000)
             except PlaywrightError:
                 pass
-            why = " (stopped by the navigation policy)" if "ERR_BLOCKED_BY_CLIENT" in first else ""
-            raise ActionError(f"the page did not load: {first.split(': ', 1)[-1]}{why}") from None
+            error, reason = first.split(": ", 1)[-1], ""
+            failure = self._tunnel_failure(url) if "ERR_TUNNEL_CONNECTION_FAILED" in error else None
+            if failure:  # Chromium names every refused CONNECT so: the proxy knows why
+                error, reason = f"{failure[0]} at {url[:200]}", failure[1]
+            raise ActionError(f"the page did not load: {error}{_why(error, reason)}") from None
+        egress = response.headers.get(EGRESS_HEADER.lower()) if response is not None else None
+        if egress:  # the egress proxy's own answer to a plain-http request it could not or would not pass on
+            net_error, _, reason = egress.partition("; ")
+            self.errors.append(f"{what}: {net_error} (egress proxy)")
+            error = f"{net_error} at {response.url[:200]}"
+            raise ActionError(f"the page did not load: {error}{_why(error, reason)}")
+
+    def _tunnel_failure(self, url: str | None):
+        """(net::ERR_..., reason) of the egress proxy's last failure for `url`'s host and port, or None."""
+        if self.proxy is None or not url:
+            return None
+        parts = urlsplit(url)
+        try:
+            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
+        except ValueError:
+            return None
+        return self.proxy.failures.get(f"{parts.hostname}:{port}")
+
+
+def _why(error: str, reason: str) -> str:
+    if "ERR_BLOCKED_BY_CLIENT" not in error:
+        return ""
+    return f" (stopped by the navigation policy: {reason})" if reason else " (stopped by the navigation policy)"
