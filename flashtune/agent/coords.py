@@ -81,6 +81,7 @@ class CoordinateMapper:
         """(width, height) of the frame a coordinate of `dialect` is written in. The dialect does not change
         the frame: UI-TARS-1.5 writes `<point>` in its own resized-image frame too (the official 1.5 templates
         use `<point>`; `ui_tars` and UI-TARS-desktop read it so), v1 and Doubao write 0-1000."""
+        # `dialect` unused on purpose: the frame is the version's in every dialect (test_agent_reference pins it)
         return self.model_size
 
     def clamp(self, x: float, y: float) -> tuple[float, float]:
