@@ -132,6 +132,38 @@ def test_executor_crash_still_writes_the_files(tmp_path, crash_on):
     assert ("RuntimeError" if crash_on == "click" else "OSError") in record["error"]
 
 
+class OnDiskExecutor(Executor):
+    """Reads trajectory.json before each screenshot: what a crash at that moment would leave."""
+
+    def __init__(self, out_dir):
+        super().__init__()
+        self.out_dir, self.on_disk = out_dir, []
+
+    def screenshot(self):
+        path = self.out_dir / "trajectory.json"
+        self.on_disk.append(json.loads(path.read_text())["steps"] if path.exists() else None)
+        return super().screenshot()
+
+
+def test_trajectory_is_written_once_per_step(tmp_path, monkeypatch):
+    from flashtune.agent import loop
+
+    writes = []  # how many steps each write of the record holds
+    real = loop.write_record
+    monkeypatch.setattr(loop, "write_record", lambda out_dir, record: (writes.append(len(record["steps"])),
+                                                                       real(out_dir, record)))
+    ex = OnDiskExecutor(tmp_path)
+    record, _, _ = run(tmp_path, ["Action: click(start_box='(10,10)')", "Action: type(content='hi')",
+                                  "Action: click(start_box='(20,20)')"], executor=ex, max_steps=3)
+    assert record["status"] == "max_steps" and len(ex.done) == 3
+    assert writes == [1, 2, 3, 3]  # once per step, then once at the end of the run
+    # before step N the file holds the N steps before it, each with what it executed
+    assert ex.on_disk[0] is None
+    assert [[s["executed"] for s in steps] for steps in ex.on_disk[1:]] == [
+        [["click(start_box='(10,10)')"]],
+        [["click(start_box='(10,10)')"], ["type(content='hi')"]]]
+
+
 def test_held_keys_are_released_at_the_end_of_each_step(tmp_path):
     record, ex, _ = run(tmp_path, ["Action: press(key='shift')\n\nclick(start_box='(10,10)')",
                                    "Action: keydown(key='ctrl')\n\nkeyup(key='ctrl')", "Action: finished()"])

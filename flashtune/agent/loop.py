@@ -260,7 +260,6 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
         annotated = f"step_{index:03d}_annotated.png"
         write_atomic(os.path.join(out_dir, annotated), annotate(png, actions, mapper))
         entry["annotated"] = annotated
-        write_record(out_dir, record)
         terminal = step.terminal
         if terminal:
             record["answer"] = next(a for a in actions if a.name == terminal).text
@@ -290,6 +289,8 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
         except FlashtuneError as exc:  # the machine's fault: xdotool failures, a lost display ...
             entry["error"] = str(exc)
             return "error"
+        # once per step, when it is whole (a step that ends the run is written by run_agent); atomic, so a
+        # crash leaves every step before this one readable
         write_record(out_dir, record)
         if config.settle_seconds:
             sleep(config.settle_seconds)
