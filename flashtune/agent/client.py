@@ -1,7 +1,7 @@
 """A small OpenAI-compatible chat client for UI-TARS servers (vLLM, TGI, ...), standard library only.
 
 Retries connection errors, timeouts, 429 and 5xx answers with exponential backoff; other 4xx answers are a
-user error. `predict` resamples at temperature 1 when an answer does not parse (as OSWorld's agent does).
+user error. Answers that do not parse are asked again by the loop (`loop.run_agent`), at temperature 1.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
 
-from flashtune.agent.actions import Step
-from flashtune.agent.parser import ActionParseError, parse_response
 from flashtune.errors import ConfigError, FlashtuneError, check_range
 
 
@@ -104,22 +102,3 @@ class ChatClient:
             except (KeyError, IndexError, TypeError):
                 raise EndpointError(f"{self.url} answered without choices[0].message.content") from None
         raise EndpointError(f"{self.url} failed {self.retries + 1} times; last error: {last}")
-
-    def predict(self, messages: list[dict], resamples: int = 2) -> tuple[Step, list[str]]:
-        """Ask for a step; after a parse failure, ask again at temperature 1 up to `resamples` times.
-
-        Returns the parsed step and every raw answer received (the failed ones first). Raises the last
-        ActionParseError when no answer parses.
-        """
-        answers: list[str] = []
-        error: ActionParseError | None = None
-        for attempt in range(resamples + 1):
-            text = self.complete(messages, **({"temperature": 1.0} if attempt else {}))
-            answers.append(text)
-            try:
-                return parse_response(text), answers
-            except ActionParseError as exc:
-                error = exc
-        assert error is not None
-        error.answers = answers
-        raise error
