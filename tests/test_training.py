@@ -311,3 +311,19 @@ def test_resume_with_decay_and_no_decay_groups_matches_an_uninterrupted_run(tmp_
     fit(model, data, TrainConfig(out_dir=str(tmp_path / "run"), resume=True, **cfg), _collate, progress=False)
     for (n, a), b in zip(_trainable(ref).items(), _trainable(model).values()):
         assert torch.equal(a, b), n
+
+
+def test_each_metrics_row_is_made_strict_once(tmp_path, monkeypatch):
+    """_finite_row runs once per row: the row in history and the line in metrics.jsonl are the same result."""
+    from flashtune.training import trainer
+
+    calls = []
+    real = trainer._finite_row
+    monkeypatch.setattr(trainer, "_finite_row", lambda row: calls.append(row["step"]) or real(row))
+    model = _subset_trainable(tiny_model("llama"))
+    res = fit(model, _dataset(8), TrainConfig(out_dir=str(tmp_path), max_steps=3, batch_size=4, log_every=1,
+                                              eval_every=2), _collate,
+              eval_fn=lambda m: {"x": float("nan")}, progress=False)
+    assert calls == [r["step"] for r in res.history] == [1, 2, 3, 3]      # 3 training rows, the final evaluation
+    on_disk = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert on_disk == res.history and res.history[1]["eval_x"] is None

@@ -490,8 +490,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     row = {**(row or {"step": step}), **last_eval}
                     t_log = time.perf_counter()
                 if row is not None:
-                    history.append(_finite_row(row))
-                    metrics_file.write(json.dumps(_finite_row(row), allow_nan=False) + "\n")
+                    row = _finite_row(row)           # once: the same strict row for history and the file
+                    history.append(row)
+                    metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
                     metrics_file.flush()
                 bar.update(1)
                 if config.save_every and step % config.save_every == 0:
@@ -503,9 +504,9 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
             train_time = time.perf_counter() - t_start
             if eval_fn is not None and last_eval_step != step:
                 last_eval = run_eval()
-                row = {"step": step, **last_eval}
-                history.append(_finite_row(row))
-                metrics_file.write(json.dumps(_finite_row(row), allow_nan=False) + "\n")
+                row = _finite_row({"step": step, **last_eval})
+                history.append(row)
+                metrics_file.write(json.dumps(row, allow_nan=False) + "\n")
             if path is None or not str(path).endswith(f"step-{step:06d}"):
                 path = checkpoint_now()
     finally:
