@@ -239,6 +239,87 @@ def test_pruning_orders_by_step_number_past_999999(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path).name == "step-1000000"
 
 
+def _host_bytes(t):
+    return t.detach().contiguous().cpu().reshape(-1).view(torch.uint8)
+
+
+def test_to_host_packs_every_dtype_and_shape_into_one_transfer_with_the_same_bytes(monkeypatch):
+    """checkpoint.to_host: `.contiguous().cpu()` of each tensor, byte for byte, in one copy per max_bytes.
+    Tensors on the CPU take the packed path here (_on_host forced False), as a GPU's would."""
+    from flashtune.training import checkpoint as ckpt
+
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 5, generator=g)
+    tensors = [base, base.t(), base[:, 1:4], torch.tensor(3.0), torch.empty(0, 4), torch.tensor([float("nan"), -0.0]),
+               base.to(torch.bfloat16), base.half(), torch.arange(7), base > 0, torch.randn(3, generator=g).double(),
+               torch.randint(0, 255, (5,), dtype=torch.uint8, generator=g)]
+    calls = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(self.numel()) or real_cpu(self, *a, **k))
+    ckpt.to_host(tensors)
+    assert calls == []                                # on the host: nothing moves
+    monkeypatch.setattr(ckpt, "_on_host", lambda t: False)
+    for max_bytes, transfers in ((1 << 30, 1), (64, None)):
+        calls.clear()
+        out = ckpt.to_host(tensors, max_bytes=max_bytes)
+        assert len(calls) == transfers if transfers else len(calls) > 2
+        for t, h in zip(tensors, out):
+            assert h.dtype == t.dtype and h.shape == t.shape and h.is_contiguous() and h.device.type == "cpu"
+            assert torch.equal(_host_bytes(h), _host_bytes(t))
+
+
+def test_checkpoint_files_are_the_same_bytes_with_one_transfer(tmp_path, monkeypatch):
+    """save_checkpoint brings the weights and AdamW state to the host in one transfer (it was one `.cpu()`
+    per tensor) and writes exactly the bytes of the per-tensor `.contiguous().cpu()` files."""
+    from safetensors.torch import save_file
+
+    from flashtune.training import checkpoint as ckpt
+
+    ps = [torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5)),
+          torch.nn.Parameter(torch.randn(3, 2).t())]                       # a non-contiguous one too
+    trainable = [(f"p{i}", p) for i, p in enumerate(ps)]
+    opt = torch.optim.AdamW(ps, lr=0.1)
+    sum((p ** 2).sum() for p in ps).backward()
+    opt.step()
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    extra = {"position": [0, 0], "log_acc": {}}
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(ref / "trainable.safetensors"))
+    flat, _ = ckpt._optimizer_to_flat(opt, ckpt._optimizer_indices(opt, trainable))
+    save_file({k: v.contiguous().cpu() for k, v in flat.items()}, str(ref / "optimizer.safetensors"))
+
+    calls = []
+    real_cpu = torch.Tensor.cpu
+    monkeypatch.setattr(torch.Tensor, "cpu", lambda self, *a, **k: calls.append(1) or real_cpu(self, *a, **k))
+    plain = ckpt.save_checkpoint(tmp_path / "plain", 1, trainable, opt, sched, scaler, extra)
+    assert calls == []                                # CPU tensors: written as they are
+    monkeypatch.setattr(ckpt, "_on_host", lambda t: False)
+    packed = ckpt.save_checkpoint(tmp_path / "packed", 1, trainable, opt, sched, scaler, extra)
+    assert len(calls) == 1                            # a device's tensors: one transfer for both files
+    for name in ("trainable.safetensors", "optimizer.safetensors"):
+        assert (plain / name).read_bytes() == (packed / name).read_bytes() == (ref / name).read_bytes(), name
+
+
+def test_finite_weights_check_reads_the_device_once(monkeypatch):
+    """Before a checkpoint the trainable weights are checked to be finite: one host read for all of them."""
+    from flashtune.training.trainer import _all_finite
+
+    tensors = [torch.randn(3, 3) for _ in range(12)]
+    reads = []
+    for name in ("__bool__", "item"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _real=real: reads.append(1) or _real(self))
+    assert _all_finite(tensors) is True and len(reads) == 1
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        broken = [t.clone() for t in tensors]
+        broken[-1][2, 1] = bad
+        reads.clear()
+        assert _all_finite(broken) is False and len(reads) == 1
+    assert _all_finite([]) is True
+
+
 def test_stale_temp_folders_are_removed_when_a_run_starts(tmp_path):
     stale = tmp_path / "checkpoints" / ".step-000003-x1y2"
     stale.mkdir(parents=True)

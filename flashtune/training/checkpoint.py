@@ -89,6 +89,55 @@ def set_rng_state(tensors: dict[str, torch.Tensor], meta: dict) -> None:
     random.setstate((version, tuple(py_state), gauss))
 
 
+# One device-to-host copy holds at most this many bytes: the packing buffer is extra device memory for a moment.
+HOST_COPY_BYTES = 1 << 30
+_ALIGN = 64                       # every tensor starts at a multiple of this in the packed buffer
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu"
+
+
+def to_host(tensors: list[torch.Tensor], max_bytes: int = HOST_COPY_BYTES) -> list[torch.Tensor]:
+    """Contiguous CPU tensors holding the bytes of `.contiguous().cpu()` of each, with one device-to-host
+    copy (one wait for the device) per `max_bytes` of each device's tensors instead of one per tensor.
+
+    The tensors of a device are copied as bytes into one buffer there (device-side copies, no wait), the buffer
+    comes to the host in one transfer, and each tensor is a view of its own aligned, disjoint slice of it
+    (safetensors writes views that do not overlap). A tensor of `max_bytes` or more is copied on its own.
+    """
+    out: list = [None] * len(tensors)
+    buckets: dict = {}                 # device -> its transfers
+    for i, t in enumerate(tensors):
+        t = t.detach()
+        if _on_host(t):
+            out[i] = t.contiguous()
+            continue
+        nbytes = t.numel() * t.element_size()
+        if nbytes >= max_bytes:
+            out[i] = t.contiguous().cpu()
+            continue
+        bins = buckets.setdefault(t.device, [[0, []]])      # [padded bytes, tensor indices] per transfer
+        if bins[-1][0] + nbytes > max_bytes:
+            bins.append([0, []])
+        bins[-1][0] += -(-nbytes // _ALIGN) * _ALIGN
+        bins[-1][1].append(i)
+    for dev, bins in buckets.items():
+        for size, members in bins:
+            buf = torch.empty(size, dtype=torch.uint8, device=dev)
+            spans, off = [], 0
+            for i in members:
+                t = tensors[i].detach()
+                n = t.numel() * t.element_size()
+                buf[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+                spans.append((i, off, n))
+                off += -(-n // _ALIGN) * _ALIGN
+            host = buf.cpu()
+            for i, off, n in spans:
+                out[i] = host[off:off + n].view(tensors[i].dtype).view(tensors[i].shape)
+    return out
+
+
 def _optimizer_indices(optimizer: torch.optim.Optimizer, trainable: list) -> dict[int, str]:
     """state_dict index -> parameter name (state_dict numbers parameters group after group)."""
     by_id = {id(p): n for n, p in trainable}
@@ -140,9 +189,11 @@ def save_checkpoint(out_dir, step: int, trainable: list, optimizer, scheduler, s
                              f"free disk space or fix the folder's permissions, then resume") from None
     tmp.chmod(dir_mode())          # mkdtemp makes 0700; the checkpoint folder gets the umask's usual mode
     try:
-        save_file({n: p.detach().contiguous().cpu() for n, p in trainable}, str(tmp / "trainable.safetensors"))
         opt_tensors, groups = _optimizer_to_flat(optimizer, _optimizer_indices(optimizer, trainable))
-        save_file({k: v.contiguous().cpu() for k, v in opt_tensors.items()}, str(tmp / "optimizer.safetensors"))
+        # the weights and the optimizer state come to the host together: one transfer, not one per tensor
+        host = to_host([p for _, p in trainable] + list(opt_tensors.values()))
+        save_file(dict(zip([n for n, _ in trainable], host)), str(tmp / "trainable.safetensors"))
+        save_file(dict(zip(opt_tensors, host[len(trainable):])), str(tmp / "optimizer.safetensors"))
         rng_tensors, rng_meta = rng_state()
         save_file(rng_tensors, str(tmp / "rng.safetensors"))
         sched = scheduler.state_dict()   # LambdaLR over a plain function: lr_lambdas is [None], JSON-able

@@ -147,6 +147,16 @@ def _finite_row(row: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
 
 
+def _all_finite(tensors: list) -> bool:
+    """Whether every element of every tensor is finite, read with one wait for the device, not one per tensor.
+
+    Sharded parameters (FSDP2's DTensors, whose flags are collectives of their own) are read one by one."""
+    flags = [torch.isfinite(t).all() for t in tensors]
+    if flags and all(type(f) is torch.Tensor for f in flags) and len({f.device for f in flags}) == 1:
+        return bool(torch.stack(flags).all())
+    return all(bool(f) for f in flags)
+
+
 class TrainingInterrupted(FlashtuneError):
     """SIGINT/SIGTERM arrived; the current step finished and a checkpoint was saved."""
 
@@ -380,7 +390,7 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
     def checkpoint_now():
         settle()
         # issue 13: never save non-finite weights over a good checkpoint (e.g. the last step of lr=inf).
-        if not all(bool(torch.isfinite(p).all()) for p in params):
+        if not _all_finite(params):
             raise NonFiniteTraining(step, "the trainable weights are not finite (NaN or inf)", path, config)
         extra = {"position": list(position), "config": requested.to_dict(),
                  "log_acc": {**acc, "loss": float(loss_acc)}}
