@@ -194,6 +194,29 @@ def test_non_finite_step_is_caught_one_step_later_at_most(tmp_path):
     assert not (tmp_path / "checkpoints").exists() and _strict_rows(tmp_path) == []
 
 
+@pytest.mark.parametrize("max_grad_norm", [0.0, 1.0])
+def test_non_finite_gradient_of_a_finite_loss_stops_training_with_or_without_clipping(tmp_path, max_grad_norm):
+    """The gradient norm is what finds a NaN gradient under a finite loss: it is computed on every step
+    (fp32/bf16) even when clipping is off (max_grad_norm=0), where nothing else reads it."""
+    from flashtune.training.loss import causal_lm_loss_sum, count_targets
+    from flashtune.training.trainer import NonFiniteTraining
+
+    calls = {"n": 0}
+
+    def loss_fn(model, batch):
+        calls["n"] += 1
+        loss = causal_lm_loss_sum(model, batch) / count_targets(batch)
+        if calls["n"] >= 3:          # forward: + 0; backward: 0 * d sqrt(-1) = NaN into a trainable weight
+            w = next(p for p in model.parameters() if p.requires_grad)
+            loss = loss + torch.where(torch.tensor(False), torch.sqrt(w.sum() * 0 - 1), torch.zeros(()))
+        return loss
+
+    with pytest.raises(NonFiniteTraining) as exc:
+        _small_fit(tmp_path, loss_fn=loss_fn, max_grad_norm=max_grad_norm)
+    assert "step 3: the gradient norm is nan" in str(exc.value) and "step-000002" in str(exc.value)
+    assert [r["step"] for r in _strict_rows(tmp_path)] == [1, 2]
+
+
 def test_huge_learning_rate_never_reaches_a_checkpoint_or_the_log(tmp_path):
     from flashtune.training.trainer import NonFiniteTraining
 

@@ -448,7 +448,8 @@ def fit(model: torch.nn.Module, train_dataset: Sequence, config: TrainConfig,
                     grad_norm = rt.clip(params, config.max_grad_norm)     # [distributed] FSDP2: sharded norm
                 # issue 13: without a loss scaler, a non-finite loss or gradient stops training. The flag
                 # is read one step later (settle), when the GPU is long past it, so it never stalls the
-                # pipeline; fp16 counts the scaler's skips below.
+                # pipeline; fp16 counts the scaler's skips below. With clipping off the norm is computed for this
+                # check alone (one fused pass over the gradients): a NaN gradient can come with a finite loss.
                 if not policy.scaler.is_enabled():
                     norm = grad_norm if grad_norm is not None else torch.nn.utils.get_total_norm(
                         [p.grad for p in params if p.grad is not None])
