@@ -215,7 +215,7 @@ def main(argv=None):
     engine = new_engine()
     trained = None
     if args.train_eagle and args.eagle and not (Path(args.eagle) / "eagle3.safetensors").is_file():
-        from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
+        from flashtune.recipes.eagle import Eagle3TrainConfig, train_eagle3
 
         fields = {"out_dir": args.eagle, "precision": "bf16" if cuda else "fp32", **json.loads(args.train_eagle)}
         trained = train_eagle3(Eagle3TrainConfig(**fields), model, tok)

@@ -12,10 +12,10 @@ from scipy.stats import chisquare
 
 from flashtune.decoding import Engine
 from flashtune.decoding.drafters.eagle import Eagle3Draft, Eagle3Drafter
-from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, fit_draft, heldout_accuracy, new_draft
-from flashtune.decoding.drafters.eagle.train import measure_acceptance, ttt_loss, batch_of
+from flashtune.recipes.eagle import Eagle3TrainConfig, fit_draft, heldout_accuracy, new_draft
+from flashtune.recipes.eagle import measure_acceptance, ttt_loss, batch_of
 from flashtune.errors import ConfigError
-from tiny import VOCAB, ragged_prompts, random_ids, tiny_model
+from tiny import VOCAB, ragged_prompts, random_ids, record_proposals, tiny_model
 
 LAYERS = 4
 
@@ -103,15 +103,7 @@ def test_chain_drafts_follow_the_training_forward(target, engine, trained):
     hidden states as features): drafting and the training-time test see the same states."""
     _, draft, held = trained
     drafter = Eagle3Drafter(draft, depth=4)
-    seen = []
-    propose = drafter.propose
-
-    def record(h, root):
-        tokens, q = propose(h, root)
-        seen.append((int(drafter.L[0]), tokens[0].tolist()))
-        return tokens, q
-
-    drafter.propose = record
+    seen = record_proposals(drafter, lambda d, tokens: (int(d.L[0]), tokens[0].tolist()))
     prompt = held[0]["prompt_ids"]
     out = engine.generate([prompt], max_new_tokens=20, stop_tokens=[], speculative=drafter)
     seq = prompt + out.tokens[0]
@@ -134,16 +126,8 @@ def test_tree_children_are_top_k_of_their_parent(target, engine, trained):
     _, draft, held = trained
     K = 3
     drafter = Eagle3Drafter(draft, depth=3, topk=K, nodes=9)
-    seen = []
-    propose = drafter.propose
-
-    def record(h, root):
-        tokens, q = propose(h, root)
-        t = drafter.tree
-        seen.append((int(drafter.L[0]), tokens[0].tolist(), t.parent.tolist(), t.depth.tolist()))
-        return tokens, q
-
-    drafter.propose = record
+    seen = record_proposals(drafter, lambda d, tokens: (int(d.L[0]), tokens[0].tolist(), d.tree.parent.tolist(),
+                                                        d.tree.depth.tolist()))
     prompt = held[1]["prompt_ids"]
     out = engine.generate([prompt], max_new_tokens=12, stop_tokens=[], speculative=drafter)
     seq = prompt + out.tokens[0]
@@ -177,14 +161,7 @@ def test_fused_layer_drafts_what_the_pytorch_layer_drafts(target, engine, traine
         for kernels in (True, False):
             d = Eagle3Drafter(draft, **kw)
             d.kernels = kernels
-            seen = []
-
-            def record(h, r, inner=d.propose, d=d, seen=seen):
-                tokens, q = inner(h, r)
-                seen.append((tokens.clone(), d.tree.parent.clone()))
-                return tokens, q
-
-            d.propose = record
+            seen = record_proposals(d, lambda d, tokens: (tokens.clone(), d.tree.parent.clone()))
             out = triton_engine.generate(prompts, max_new_tokens=8, stop_tokens=[], speculative=d)
             assert out.tokens == ref.tokens, kw
             assert (d.fused is not None) == kernels
@@ -329,14 +306,7 @@ def test_capture_warmup_leaves_a_stateful_drafter_where_it_was(target, make):
             engine._graphs = _GraphCache(True)
             engine._graphs._capture = _WarmupGraphs.capture
         d = drafter()
-        proposals = []
-
-        def record(h, r, inner=d.propose, proposals=proposals):
-            tokens, q = inner(h, r)
-            proposals.append(tokens.clone())
-            return tokens, q
-
-        d.propose = record
+        proposals = record_proposals(d)
         out = engine.generate(ragged_prompts(), max_new_tokens=12, stop_tokens=[], speculative=d)
         # the replayed steps' drafts (the warm-ups record 3 extra at the start), and where the drafter ended
         runs.append((out.tokens, proposals[-8:], d.L.clone(), d._pending.clone()))

@@ -16,7 +16,7 @@ from flashtune.decoding.drafters.eagle import Eagle3Draft, Eagle3Drafter
 from flashtune.decoding.drafters.eagle import synth
 from flashtune.decoding.drafters.eagle.export import export_eagle3, import_eagle3
 from flashtune.errors import FlashtuneError
-from tiny import VOCAB, ragged_prompts, tiny_model
+from tiny import VOCAB, ragged_prompts, record_proposals, tiny_model
 
 LAYERS = 6
 
@@ -65,14 +65,7 @@ def test_export_import_round_trip_reproduces_drafts(target, draft, tmp_path, eng
     seen = []
     for d in (draft, back):
         drafter = Eagle3Drafter(d, depth=3, topk=2, nodes=5)
-        props = []
-
-        def record(h, r, inner=drafter.propose, props=props):
-            tokens, q = inner(h, r)
-            props.append(tokens.clone())
-            return tokens, q
-
-        drafter.propose = record
+        props = record_proposals(drafter)
         engine.generate(ragged_prompts(), max_new_tokens=6, stop_tokens=[], speculative=drafter)
         seen.append(torch.stack(props))
     assert torch.equal(seen[0], seen[1])
@@ -179,7 +172,7 @@ def test_self_distill_answers_are_the_targets_greedy_output(target, monkeypatch)
 def test_train_eagle3_recipe_writes_a_loadable_draft(target, tmp_path):
     """The whole recipe on a synthesised-data file: draft, report and data path on disk; the draft loads and
     drafts losslessly; a config error names its field."""
-    from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
+    from flashtune.recipes.eagle import Eagle3TrainConfig, train_eagle3
     from flashtune.errors import ConfigError
     from tiny import random_ids
 

@@ -71,3 +71,17 @@ def snapshot(root) -> dict:
     from pathlib import Path
 
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def record_proposals(drafter, what=lambda d, tokens: tokens.clone()) -> list:
+    """Wrap `drafter.propose` so that each proposal appends what(drafter, tree tokens) to the list returned."""
+    seen, inner = [], drafter.propose
+
+    def propose(hidden, root):
+        tokens, q = inner(hidden, root)
+        seen.append(what(drafter, tokens))
+        return tokens, q
+
+    drafter.propose = propose
+    return seen
+

@@ -93,7 +93,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _train_eagle3(args: argparse.Namespace) -> int:
-    from flashtune.decoding.drafters.eagle.train import Eagle3TrainConfig, train_eagle3
+    from flashtune.recipes.eagle import Eagle3TrainConfig, train_eagle3
 
     cfg = Eagle3TrainConfig(out_dir=args.out, model=args.model, device=args.device,
                             data="magpie" if args.data == "synthetic" else args.data, num_prompts=args.num_prompts,

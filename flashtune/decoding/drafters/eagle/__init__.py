@@ -1,5 +1,6 @@
 """EAGLE-3 drafters (Li et al., arXiv 2503.01840): the draft model, drafting (chain or EAGLE-2's dynamic tree),
-training with the training-time test, self-synthesised training data (Magpie) and the served layouts.
+self-synthesised training data (Magpie) and the served layouts. Training with the training-time test is a recipe:
+flashtune/recipes/eagle.py.
 
     from flashtune.decoding.drafters.eagle import Eagle3Draft, Eagle3Drafter
     engine.generate(prompts, speculative=Eagle3Drafter(Eagle3Draft.load(dir, model), depth=6, topk=8))

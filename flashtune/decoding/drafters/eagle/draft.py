@@ -24,9 +24,10 @@ row per node), so verification and its CUDA graph stay static. Within a batch al
 by the mean confidence over the rows; at batch 1 this is exactly EAGLE-2), each row with its own tokens.
 
 No host synchronisation on CUDA: a step (propose, verify, accept), greedy or sampling, is captured whole in
-the engine's CUDA graph (`stateless` = graph-safe, as for the MTP drafter). On the engine's Triton backend (the CUDA default)
-the layer runs through fused.FusedLayer (the engine's kernels, attention over the live slots only); elsewhere,
-or with `kernels = False`, through the PyTorch layer with a dense mask over the static cache.
+the engine's CUDA graph (`stateless` = graph-safe, as for the MTP drafter). On the engine's Triton backend
+(the CUDA default) the layer runs through fused.FusedLayer (the engine's kernels, attention over the live
+slots only); elsewhere, or with `kernels = False`, through the PyTorch layer with a dense mask over the
+static cache.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ At target position i the draft reads g_i = [h^low_i; h^mid_i; h^high_i], the inp
     P_i   = softmax(lm_head(norm(out_i)))             over the draft vocabulary, predicts t_{i+2}
 
 For the next draft step the layer's own out_i replaces fc(g_i) (the target's features are unknown there) and
-the token is the one just drafted; training feeds those outputs back the same way (train.py: training-time
+the token is the one just drafted; training feeds those outputs back the same way (recipes/eagle.py: training-time
 test). Emb is the target's embedding (bound, not saved). The LM head covers a reduced draft vocabulary (the
 most frequent target tokens of the training data); draft token j is target token j + d2t[j], and t2d marks the
 target tokens that have a draft id. Tensor names are the ones of the `LlamaForCausalLMEagle3` checkpoints that
