@@ -57,6 +57,25 @@ def smoke_model(max_positions: int = 512):
     return tf.LlamaForCausalLM(cfg).eval(), tok
 
 
+class ColdWeights:
+    """Copies of an [n, k] bf16 weight, together over 200 MB (at least `least`), so that each call of a timed
+    function reads its own from HBM as a decoding step does: one matrix reused 50 times would sit in the 50 MB L2
+    and flatter every kernel. `cold(fn)` -> a no-argument call of fn(next copy); `.first` is the copy to check
+    results against. One copy off the GPU."""
+
+    def __init__(self, n: int, k: int, device, least: int = 2):
+        count = 1 if torch.device(device).type == "cpu" else max(least, -(-200_000_000 // (2 * n * k)))
+        self.copies = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k ** 0.5 for _ in range(count)]
+        self.first = self.copies[0]
+        self.turn = 0
+
+    def cold(self, fn):
+        def call():
+            self.turn = (self.turn + 1) % len(self.copies)
+            return fn(self.copies[self.turn])
+        return call
+
+
 def events_ms(fn, reps: int) -> float:
     """GPU time of one fn() in ms: CUDA events around `reps` calls, after one warm-up call."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -29,7 +29,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, graph_us  # noqa: E402
+from common import ColdWeights, environment, graph_us  # noqa: E402
 
 from flashtune.decoding.gemv import GemvConfig, config_for, gemv  # noqa: E402
 from flashtune.fileio import atomic_write_json  # noqa: E402
@@ -84,19 +84,10 @@ def candidates(n, k, sweep):
 
 
 def measure(n, k, m, dev, timer, sweep, deadline):
-    weight_bytes = 2 * n * k
-    count = 1 if dev.type == "cpu" else max(2, -(-200_000_000 // weight_bytes))  # > 200 MB of copies
-    copies = [torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k ** 0.5 for _ in range(count)]
+    weights = ColdWeights(n, k, dev)
     x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
-    ref = F.linear(x.float(), copies[0].float())
-    moved = weight_bytes + 2 * m * k + 2 * m * n
-    turn = [0]
-
-    def cold(fn):
-        def call():
-            turn[0] = (turn[0] + 1) % len(copies)
-            return fn(copies[turn[0]])
-        return call
+    ref = F.linear(x.float(), weights.first.float())
+    moved = 2 * n * k + 2 * m * k + 2 * m * n
 
     def row(label, fn, cfg=None):
         r = {"n": n, "k": k, "m": m, "kernel": label}
@@ -105,9 +96,9 @@ def measure(n, k, m, dev, timer, sweep, deadline):
         if time.monotonic() > deadline:
             return {**r, "error": "skipped: time budget"}
         try:
-            r["max_abs_err"] = float((fn(copies[0]).float() - ref).abs().max())
+            r["max_abs_err"] = float((fn(weights.first).float() - ref).abs().max())
             r["ok"] = r["max_abs_err"] <= 1e-2 * float(ref.abs().max()) + 1e-3  # bf16 output rounding
-            us = timer(cold(fn))
+            us = timer(weights.cold(fn))
             r.update(us=round(us, 3), tb_s=round(moved / us / 1e6, 3))
         except Exception as exc:  # noqa: BLE001 - one bad configuration must not end the run
             r["error"] = f"{type(exc).__name__}: {exc}"[:300]
@@ -116,7 +107,7 @@ def measure(n, k, m, dev, timer, sweep, deadline):
     rows = [row("cublas", lambda w: F.linear(x, w))]
     for cfg, label in candidates(n, k, sweep).items():
         rows.append(row(label, lambda w, c=cfg: gemv(x, w, None, c), cfg))
-    copies.clear()  # the closures hold the list: empty it to free the copies
+    weights.copies.clear()  # the closures hold the object: empty its list to free the copies
     if dev.type == "cuda":
         torch.cuda.empty_cache()
     return rows

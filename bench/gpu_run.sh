@@ -29,6 +29,19 @@ join_model() {  # the default model's GGUF from its two halves (part00 parked by
   md5sum "$FLASHTUNE_GGUF"
 }
 
+chat_jsonl() {  # the E2E development CSV (carried in .data) as a chat JSONL, the data a user brings: $FT/e2e_chat.jsonl
+  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
+  python3 -c "
+import csv, json
+rows = list(csv.DictReader(open('$FLASHTUNE_E2E_DATA', encoding='utf-8')))
+with open('$FT/e2e_chat.jsonl', 'w') as f:
+    for r in rows:
+        msgs = [{'role': 'user', 'content': 'Describe this restaurant in plain English: ' + r['mr']},
+                {'role': 'assistant', 'content': r['ref']}]
+        f.write(json.dumps({'messages': msgs}) + '\\n')
+print(len(rows), 'chat rows')"
+}
+
 run() {  # run NAME SECONDS CMD...: time-boxed, logged to $OUT, never fatal
   local name=$1 secs=$2; shift 2
   echo "=== $name (limit ${secs}s) $(date +%T)"
@@ -67,16 +80,7 @@ stage2inv)  # like stage2, for the batch-invariant kernels: GPU tests, then Medu
   cp bench/results/decode-invariant.json bench/results/mtp-invariant.json "$OUT/" 2>/dev/null; ls -la "$OUT" ;;
 stage4)  # the fine-tuning path: `finetune --data chats.jsonl` with no device flag, the TRL peer, the E2E recipe
   join_model
-  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
-  python3 -c "
-import csv, json, sys
-rows = list(csv.DictReader(open('$FLASHTUNE_E2E_DATA', encoding='utf-8')))
-with open('$FT/e2e_chat.jsonl', 'w') as f:
-    for r in rows:
-        msgs = [{'role': 'user', 'content': 'Describe this restaurant in plain English: ' + r['mr']},
-                {'role': 'assistant', 'content': r['ref']}]
-        f.write(json.dumps({'messages': msgs}) + '\n')
-print(len(rows), 'chat rows')"
+  chat_jsonl
   # STAGE4_SECS="jsonl bench e2e" seconds for each part (0 skips it), to fit what is left of the device time
   read -r s_jsonl s_bench s_e2e <<< "${STAGE4_SECS:-100 210 230}"
   [ "$s_jsonl" -gt 0 ] && run finetune-jsonl "$s_jsonl" python3 -m flashtune finetune --data "$FT/e2e_chat.jsonl" \
@@ -118,14 +122,7 @@ walk)  # a user's path through the CLI on the GPU (no device flags): fine-tune o
   # adapter; train an EAGLE-3 draft and export it; generate with the big draft from `drafters` (chain and tree);
   # export it for vLLM; then `make gpu-check` (GPU tests, native kernel tests, attention check)
   join_model
-  cp .data/devel-fixed.no-ol.csv "$FLASHTUNE_E2E_DATA"
-  python3 -c "
-import csv, json
-rows = list(csv.DictReader(open('$FLASHTUNE_E2E_DATA', encoding='utf-8')))
-with open('$FT/e2e_chat.jsonl', 'w') as f:
-    for r in rows:
-        f.write(json.dumps({'messages': [{'role': 'user', 'content': 'Describe this restaurant in plain English: ' + r['mr']},
-                                         {'role': 'assistant', 'content': r['ref']}]}) + '\n')"
+  chat_jsonl
   Q='Explain in two sentences why the sky is blue.'
   run walk-finetune 150 python3 -m flashtune finetune --data "$FT/e2e_chat.jsonl" --out "$FT/walk-ft" --max-steps 60 \
       --batch-size 32 --set eval.max_inputs=0

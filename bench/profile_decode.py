@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import events_ms, graph_us  # noqa: E402
+from common import ColdWeights, events_ms, graph_us  # noqa: E402
 from flashtune.decoding import Engine, MedusaHeads  # noqa: E402
 from flashtune.decoding.drafters.mtp import MTPDrafter, MTPModules  # noqa: E402
 from flashtune.decoding.tree import default_tree  # noqa: E402
@@ -367,18 +367,8 @@ def gemm_sweep():
     rows = []
     for shape, nks in shapes_nk.items():
         for n, k in nks:
-            # enough copies of the weight (> 200 MB) that each call reads its own from HBM, as a decoding step
-            # does: one matrix reused 50 times would sit in the 50 MB L2 and flatter every kernel
-            copies = [torch.randn(n, k, device="cuda", dtype=torch.bfloat16) / k ** 0.5
-                      for _ in range(max(4, -(-200_000_000 // (2 * n * k))))]
-            w = copies[0]
-            turn = [0]
-
-            def cold(fn):
-                def call():
-                    turn[0] = (turn[0] + 1) % len(copies)
-                    return fn(copies[turn[0]])
-                return call
+            weights = ColdWeights(n, k, "cuda", least=4)  # each call reads its own copy from HBM
+            w, cold = weights.first, weights.cold
 
             for m in (1, 8):
                 x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -403,7 +393,7 @@ def gemm_sweep():
                       f"best {best['us']:6.2f} (bn {best['block_n']} bk {best['block_k']} w {best['warps']} "
                       f"s {best['stages']}) err {best['max_err']:.1e}", flush=True)
                 rows.append(row)
-            del copies
+            del weights, cold, w
             torch.cuda.empty_cache()
     return rows
 

@@ -63,7 +63,7 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     cols = set(table.columns)
     if "messages" not in cols and "prompt" not in cols:
         if {"mr", "ref"} <= cols:  # E2E rows: their MRs in the E2E prompt, with their references
-            records = load_records(source, "e2e")[0][:n]
+            records = load_records(source, "e2e")[0][:n]  # (checks the rows' types; reads the file again)
             return [encode_prompt(tokenizer, ex.mr) for ex in records], records
         raise ConfigError(f"{table.source} has no 'messages' or 'prompt' column (its columns: "
                           f"{', '.join(map(str, table.columns)) or 'none'}); drafters learn from the model's answers "
@@ -71,7 +71,7 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     texts = []
     for row in table.rows:
         msgs = row.get("messages")
-        turn = first_user_turn(msgs) if isinstance(msgs, list) else first_user_turn(row.get("prompt"))
+        turn = _first_user_turn(msgs) if isinstance(msgs, list) else _first_user_turn(row.get("prompt"))
         if turn:
             texts.append(turn)
         if len(texts) == n:
@@ -82,7 +82,7 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     return [chat_prompt_ids(tokenizer, t) for t in texts], None
 
 
-def first_user_turn(value) -> str | None:
+def _first_user_turn(value) -> str | None:
     """A prompt's text: a non-empty string as is, or the first user message of a list of chat messages."""
     if isinstance(value, str):
         return value.strip() or None

@@ -16,8 +16,8 @@ One decoding step, for every sequence b of the batch (all tensors, no host round
 With a stateless drafter (Medusa heads, MTP modules, EAGLE-3 drafts, or none) the whole step is captured in
 one CUDA graph, greedy or sampling: a sampling step's random numbers are uniforms drawn from the call's
 generator before each step, outside the graph (sampling.StepNoise, one launch), and read from fixed slots by
-the captured step. The host never waits for the step it just launched: each step's "any row active" flag is copied to
-pinned memory behind it, and the host reads the flag of the step `stop_lag` steps back (so at most `stop_lag`
+the captured step. The host never waits for the step it just launched: each step's "any row active" flag is
+copied to pinned memory behind it, and the host reads the flag of the step `stop_lag` steps back (so at most `stop_lag`
 steps run after the last row stops, and the GPU never idles waiting for the host). The prefill is graphed too,
 its prompt length padded up to a multiple of `prefill_bucket` (one graph per batch size and bucket).
 

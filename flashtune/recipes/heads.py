@@ -160,7 +160,6 @@ def _synthesised_examples(recipe: HeadsTraining) -> list[dict]:
 def _examples(recipe: HeadsTraining, model, tokenizer, device) -> list[dict]:
     from flashtune.data import head_training_prompts, make_lm_dataset, stop_token_ids
     from flashtune.decoding import Engine
-
     from flashtune.decoding.drafters.eagle.synth import is_synthesised
 
     if is_synthesised(recipe.data):  # Magpie prompts with the target's own answers (eagle/synth.py)
