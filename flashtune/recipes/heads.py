@@ -134,14 +134,10 @@ def self_distill_examples(engine, prompts: list[list[int]], max_new_tokens: int 
                           temperature: float = 0.0, seed: int = 0, stop_tokens=None) -> list[dict]:
     """Let the model answer `prompts` itself (with the engine) and return training examples:
     {"input_ids": prompt + answer, "labels": -100 on the prompt, the answer after it}."""
-    out = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s: s + batch_size]
-        gen = engine.generate(chunk, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed + s,
-                              stop_tokens=stop_tokens)
-        for p, ans in zip(chunk, gen.tokens):
-            out.append({"input_ids": list(p) + list(ans), "labels": [IGNORE] * len(p) + list(ans)})
-    return out
+    from flashtune.decoding.drafters.eagle.synth import answers
+
+    got = answers(engine, prompts, max_new_tokens, batch_size, stop_tokens, temperature, seed)
+    return [{"input_ids": list(p) + ans, "labels": [IGNORE] * len(p) + ans} for p, ans in zip(prompts, got)]
 
 
 def _synthesised_examples(recipe: HeadsTraining) -> list[dict]:

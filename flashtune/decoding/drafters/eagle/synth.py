@@ -119,19 +119,23 @@ def magpie_prompts(engine, tokenizer, n: int, seed: int = 0, max_new_tokens: int
     return found[:n]
 
 
+def answers(engine, prompt_ids: list[list[int]], max_new_tokens: int, batch_size: int, stop_tokens,
+            temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """The engine's answer to every prompt (token ids), `batch_size` prompts a call (seeds seed + offset)."""
+    out = []
+    for s in range(0, len(prompt_ids), batch_size):
+        out += engine.generate(prompt_ids[s: s + batch_size], max_new_tokens=max_new_tokens, temperature=temperature,
+                               seed=seed + s, stop_tokens=stop_tokens).tokens
+    return [list(a) for a in out]
+
+
 def self_distill(engine, tokenizer, prompts: list, max_new_tokens: int = 128, batch_size: int = 8) -> list[dict]:
     """The target's own greedy answers: records {"prompt", "prompt_ids", "answer_ids"}. prompts: texts (asked
     as one-turn chats) or token-id lists (used as they are)."""
-    stop = end_of_turn_ids(tokenizer)
-    records = []
-    for s in range(0, len(prompts), batch_size):
-        chunk = prompts[s: s + batch_size]
-        ids = [chat_prompt_ids(tokenizer, p) if isinstance(p, str) else list(p) for p in chunk]
-        out = engine.generate(ids, max_new_tokens=max_new_tokens, stop_tokens=stop)
-        for p, pid, ans in zip(chunk, ids, out.tokens):
-            text = p if isinstance(p, str) else tokenizer.decode(pid, skip_special_tokens=True)
-            records.append({"prompt": text, "prompt_ids": pid, "answer_ids": list(ans)})
-    return records
+    ids = [chat_prompt_ids(tokenizer, p) if isinstance(p, str) else list(p) for p in prompts]
+    got = answers(engine, ids, max_new_tokens, batch_size, end_of_turn_ids(tokenizer))
+    return [{"prompt": p if isinstance(p, str) else tokenizer.decode(pid, skip_special_tokens=True),
+             "prompt_ids": pid, "answer_ids": ans} for p, pid, ans in zip(prompts, ids, got)]
 
 
 def synthesize(model, tokenizer, n: int, out_path, seed: int = 0, prompt_tokens: int = 64, answer_tokens: int = 128,
