@@ -228,7 +228,7 @@ def x11(pages):
         page.goto(server.url())
         page.wait_for_function("window.state !== undefined")
         ex = X11Executor(vd.display)
-        ex.origin = find_marker(ex.screenshot())  # where the page's (0, 0) is on the screen
+        ex.origin = find_marker(ex.screenshot)  # where the page's (0, 0) is on the screen
         yield ex, page, server.url()
         browser.close()
     finally:

@@ -40,9 +40,9 @@ def desk():
 class Desk:
     def __init__(self, page, ex, version, dialect):
         self.page, self.ex, self.dialect = page, ex, dialect
+        self.origin = find_marker(ex.screenshot)
         png = ex.screenshot()
         assert png_size(png) == SCREEN
-        self.origin = find_marker(png)
         self.mapper = ex.mapper(*png_size(png), version=version)
 
     def center(self, selector, dx=0.0, dy=0.0):

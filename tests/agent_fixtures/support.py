@@ -6,6 +6,7 @@ import functools
 import io
 import os
 import threading
+import time
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,8 +41,7 @@ def png_size(png: bytes) -> tuple[int, int]:
         return im.size
 
 
-def find_marker(png: bytes, rgb=(255, 0, 255)) -> tuple[int, int]:
-    """Top-left pixel of the page's magenta marker in a screenshot: where the page's (0,0) is on screen."""
+def _marker(png: bytes, rgb) -> tuple[int, int] | None:
     from PIL import Image
 
     im = Image.open(io.BytesIO(png)).convert("RGB")
@@ -51,7 +51,32 @@ def find_marker(png: bytes, rgb=(255, 0, 255)) -> tuple[int, int]:
         for x in range(w):
             if px[x, y] == rgb:
                 return x, y
-    raise AssertionError("marker not found in the screenshot")
+    return None
+
+
+def _colours(png: bytes, top: int = 5) -> list:
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        return sorted(im.convert("RGB").getcolors(maxcolors=1 << 20), reverse=True)[:top]
+
+
+def find_marker(screenshot, rgb=(255, 0, 255), timeout: float = 30.0) -> tuple[int, int]:
+    """Top-left pixel of the page's magenta marker on screen: where the page's (0,0) is.
+
+    `screenshot` grabs the screen; it is called again until the marker shows, since a loaded page can
+    reach the X display some frames later on a busy machine.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        png = screenshot()
+        found = _marker(png, rgb)
+        if found is not None:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"marker not on screen after {timeout:.0f} s; the screen's commonest colours "
+                                 f"(count, rgb): {_colours(png)}")
+        time.sleep(0.2)
 
 
 def coord_text(dialect: str, mapper, x: float, y: float, half: float = 3.0) -> tuple[str, str]:
