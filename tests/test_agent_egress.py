@@ -7,8 +7,10 @@ Socket-level tests talk to the proxy with http.client; the last ones drive a rea
 from __future__ import annotations
 
 import http.client
+import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -25,17 +27,19 @@ PAGE = b"<html><body><h1 id='t'>local page</h1></body></html>"
 class Server:
     """A loopback HTTP server that counts requests and keeps their Connection headers."""
 
-    def __init__(self, host: str = "127.0.0.1"):
+    def __init__(self, host: str = "127.0.0.1", pages: dict | None = None):
         seen = self.seen = []
+        pages = pages or {}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):
                 seen.append((self.path, self.headers.get("Connection", "")))
+                body = pages.get(self.path, PAGE)
                 self.send_response(200)
                 self.send_header("Content-Type", "text/html")
-                self.send_header("Content-Length", str(len(PAGE)))
+                self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
-                self.wfile.write(PAGE)
+                self.wfile.write(body)
 
             def log_message(self, *args):
                 pass
@@ -396,3 +400,74 @@ def test_browser_webrtc_sends_no_udp_around_the_proxy():
     finally:
         ex.close()
         udp.close()
+
+
+# -- the X11 executor's kiosk window ---------------------------------------------------------------------
+def wait_for(condition, timeout=20.0):
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return condition()
+
+
+@pytest.fixture(scope="module")
+def display():
+    from flashtune.agent.executors.x11 import VirtualDisplay
+
+    vd = VirtualDisplay(640, 480)
+    yield vd.display
+    vd.stop()
+
+
+def test_x11_window_traffic_goes_through_the_proxy(display):
+    """The kiosk window's pages reach only what the address rules allow: the start page (local, so loopback is
+    allowed) loads through the proxy, and its redirect to a name answering the metadata address is refused."""
+    from flashtune.agent.executors.x11 import ChromiumWindow
+
+    pages = {"/": b"<html><head><meta http-equiv='refresh' content='0; url=/hop'></head><body>start</body></html>"}
+    server = Server(pages=pages)
+    secret = f"http://meta.test:{server.port}/secret"
+    pages["/hop"] = f"<html><head><meta http-equiv='refresh' content='0; url={secret}'></head></html>".encode()
+    dns = Resolver(meta_test=[["169.254.169.254"]])
+    start = f"http://127.0.0.1:{server.port}/"
+    window = ChromiumWindow(display, start, 640, 480, policy=Policy(template="computer", start_url=start),
+                            resolver=dns)
+    try:
+        assert wait_for(lambda: secret in window.blocked), (window.blocked, server.seen)
+        assert [p for p, _ in server.seen if p != "/favicon.ico"] == ["/", "/hop"]
+        assert all(conn == "close" for _, conn in server.seen)  # sent on by the proxy, not by Chromium directly
+        assert "meta.test" in dns.calls  # (Chromium's own background requests go through it too)
+    finally:
+        window.close()
+        server.close()
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", window.proxy.port), timeout=2)
+
+
+def test_x11_window_loopback_refused_for_a_public_start(display, server):
+    from flashtune.agent.executors.x11 import ChromiumWindow
+
+    window = ChromiumWindow(display, server.url(), 640, 480, policy=Policy(template="computer",
+                                                                           start_url=PUBLIC_START))
+    try:
+        assert wait_for(lambda: server.url() in window.blocked), window.blocked
+        assert server.seen == []
+    finally:
+        window.close()
+
+
+def test_x11_start_url_check_uses_the_proxy_rules(server, no_system_dns):
+    from flashtune.agent.executors.x11 import check_start_url
+    from flashtune.errors import FlashtuneError
+
+    local = Policy(template="computer", start_url=server.url())
+    check_start_url(server.url(), policy=local)
+    assert server.seen == [("/page.html", "close")]  # fetched through the proxy
+    dns = Resolver(meta_test=[["169.254.169.254"]], app_test=[["127.0.0.1"]])
+    for url, why in (("http://meta.test/", "link-local and cloud metadata addresses are never opened"),
+                     ("https://meta.test/", "link-local and cloud metadata addresses are never opened"),
+                     (server.url("app.test"), "localhost is opened only when the start URL is local"),
+                     ("https://nowhere.test/", "nowhere.test")):
+        with pytest.raises(FlashtuneError, match=f"cannot open the start URL {re.escape(url)}: .*{why}"):
+            check_start_url(url, policy=Policy(template="computer", start_url=url), resolver=dns)
+    assert len(server.seen) == 1

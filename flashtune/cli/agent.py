@@ -96,14 +96,14 @@ def _launch(args, config, closers: list):
     from flashtune.agent.executors.x11 import ChromiumWindow, VirtualDisplay, X11Executor, check_start_url
 
     if args.start_url:  # before any display starts: an address that does not load is one line
-        check_start_url(args.start_url)
+        check_start_url(args.start_url, policy=config.policy())
     display, sandbox = args.display, None
     if display is None:
         vd = VirtualDisplay(width, height)
         closers.append(vd.stop)
         display = vd.display
     if args.start_url:
-        window = ChromiumWindow(display, args.start_url, width, height)
+        window = ChromiumWindow(display, args.start_url, width, height, policy=config.policy())
         closers.append(window.close)
         window.wait_until_drawn(args.startup_seconds)
         sandbox = window.sandbox

@@ -266,41 +266,74 @@ class X11Executor:
         self._run("mousemove", *self._xy(x, y), "sleep", "0.03", "mousedown", "1", "sleep", str(seconds), "mouseup", "1")
 
 
-def check_start_url(url: str, timeout: float = 15.0) -> None:
+def check_start_url(url: str, timeout: float = 15.0, policy=None, resolver=None) -> None:
     """Fetch an http(s) start URL once before the kiosk window opens: a kiosk Chromium shows its own error page
     for an address that does not load, which would look like a task screen. Any HTTP answer counts as loading
-    (the page renders); no answer (refused, unknown host, too slow) is the user's to fix (FlashtuneError)."""
+    (the page renders); no answer (refused, unknown host, too slow) is the user's to fix (FlashtuneError).
+    With a `policy`, the fetch goes through an egress proxy as the window's traffic will (ChromiumWindow), so
+    an address the proxy would refuse is named here too."""
     import urllib.error
     import urllib.request
     from urllib.parse import urlsplit
 
-    if urlsplit(url).scheme not in ("http", "https"):
+    from flashtune.agent.executors.egress import HEADER, EgressProxy
+
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https"):
         return
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # as Chromium reaches it: directly
+    proxy = None if policy is None else EgressProxy(policy, resolver=resolver)
+    route = {} if proxy is None else {"http": proxy.url, "https": proxy.url}
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(route))  # as Chromium reaches it
     try:
         opener.open(urllib.request.Request(url, headers={"User-Agent": "flashtune"}), timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return  # an answer: the page shows it
+    except urllib.error.HTTPError as exc:
+        said = exc.headers.get(HEADER) if proxy is not None else None
+        if said is None:
+            return  # the site's answer: the page shows it
+        reason = said.split("; ", 1)[-1]
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise FlashtuneError(f"cannot open the start URL {url[:200]}: {reason}; check the address and that the "
-                             f"site is up") from None
+        if proxy is not None:  # a refused https tunnel: urllib names only the status
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            reason = proxy.failures.get(f"{parts.hostname}:{port}", (None, reason))[1]
+    else:
+        return
+    finally:
+        if proxy is not None:
+            proxy.close()
+    raise FlashtuneError(f"cannot open the start URL {url[:200]}: {reason}; check the address and that the site is "
+                         f"up")
 
 
 class ChromiumWindow:
-    """A full-screen (kiosk) Chromium showing `url` on an X display, in a throw-away profile."""
+    """A full-screen (kiosk) Chromium showing `url` on an X display, in a throw-away profile.
 
-    def __init__(self, display: str, url: str, width: int, height: int):
+    With a `policy` (policy.Policy), all of the window's traffic goes through an egress proxy (egress.py) that
+    connects only to addresses the policy's address rules allow, as the browser executor's does: a link the
+    model clicks to the metadata service, this machine (unless the start URL is local) or an unlisted private
+    network gets the proxy's one-line refusal as its page. `blocked` lists what was refused (a URL, or host:port
+    for an https tunnel); `resolver` is the proxy's name lookup (egress.system_resolver by default).
+    """
+
+    def __init__(self, display: str, url: str, width: int, height: int, policy=None, resolver=None):
         from flashtune.agent.executors.browser import CHROMIUM_ARGS, find_chromium, sandbox_args, sandbox_status
+        from flashtune.agent.executors.egress import EgressProxy
 
         self.sandbox = sandbox_status()
-        self.profile = tempfile.mkdtemp(prefix="flashtune-chromium-")
-        self.proc = subprocess.Popen(
-            [find_chromium(), *CHROMIUM_ARGS, *sandbox_args(self.sandbox), "--kiosk",
-             f"--user-data-dir={self.profile}",
-             "--window-position=0,0", f"--window-size={width},{height}", "--no-default-browser-check", url],
-            env=dict(os.environ, DISPLAY=display), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.display = display
+        self.blocked: list[str] = []
+        self.proxy = None if policy is None else EgressProxy(
+            policy, resolver=resolver, on_refused=lambda target, reason: self.blocked.append(target[:200]))
+        self.profile = tempfile.mkdtemp(prefix="flashtune-chromium-")
+        try:
+            self.proc = subprocess.Popen(
+                [find_chromium(), *CHROMIUM_ARGS, *sandbox_args(self.sandbox),
+                 *(self.proxy.chromium_args() if self.proxy else ()), "--kiosk", f"--user-data-dir={self.profile}",
+                 "--window-position=0,0", f"--window-size={width},{height}", "--no-default-browser-check", url],
+                env=dict(os.environ, DISPLAY=display), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except BaseException:
+            self._release()
+            raise
 
     def wait_until_drawn(self, timeout: float = 30.0, interval: float = 0.3) -> None:
         """Block until the screen shows more than one colour and two grabs in a row are identical."""
@@ -327,4 +360,9 @@ class ChromiumWindow:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        self._release()
+
+    def _release(self) -> None:
+        if self.proxy is not None:
+            self.proxy.close()
         shutil.rmtree(self.profile, ignore_errors=True)
