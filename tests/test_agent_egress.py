@@ -471,3 +471,27 @@ def test_x11_start_url_check_uses_the_proxy_rules(server, no_system_dns):
         with pytest.raises(FlashtuneError, match=f"cannot open the start URL {re.escape(url)}: .*{why}"):
             check_start_url(url, policy=Policy(template="computer", start_url=url), resolver=dns)
     assert len(server.seen) == 1
+
+
+def test_x11_agent_run_records_what_the_proxy_refused(tmp_path, capsys):
+    """The user's path: `agent run --executor x11` starts the kiosk window behind the proxy, and the trajectory
+    lists what the task page tried to reach (here an image from the metadata address)."""
+    import json
+
+    from flashtune.agent.fake_server import FakeModelServer
+    from flashtune.cli import main
+
+    secret = "http://169.254.169.254/latest/meta-data/x.png"
+    server = Server(pages={"/": f"<html><body><h1>task</h1><img src='{secret}'></body></html>".encode()})
+    try:
+        with FakeModelServer(["Action: wait()", "Action: finished(content='done')"]) as fake:
+            code = main(["agent", "run", "--task", "t", "--endpoint", fake.url, "--executor", "x11",
+                         "--start-url", f"http://127.0.0.1:{server.port}/", "--size", "640x480",
+                         "--out", str(tmp_path)])
+    finally:
+        server.close()
+    record = json.loads((tmp_path / "trajectory.json").read_text())
+    assert code == 0 and record["status"] == "finished", capsys.readouterr()
+    seen = record.get("blocked", []) + [t for step in record["steps"] for t in step.get("blocked", [])]
+    assert secret in seen and record["blocked_total"] == len(seen)
+    assert secret in (tmp_path / "report.html").read_text()

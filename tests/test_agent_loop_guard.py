@@ -164,6 +164,40 @@ def test_trajectory_is_written_once_per_step(tmp_path, monkeypatch):
         [["click(start_box='(10,10)')"], ["type(content='hi')"]]]
 
 
+class BlockingExecutor(Executor):
+    """A sandbox that refuses what the page tries: one request while the start page loads, and `per_click`
+    more for each click (in `blocked`, as the browser executor's request guard and egress proxy list them)."""
+
+    def __init__(self, per_click=1):
+        super().__init__()
+        self.per_click, self.blocked = per_click, ["http://169.254.169.254/start"]
+
+    def execute(self, action, mapper):
+        super().execute(action, mapper)
+        if action.name == "click":
+            n = len(self.blocked)
+            self.blocked.extend(f"http://10.0.0.1/{n + i}" for i in range(self.per_click))
+
+
+def test_sandbox_refusals_are_recorded_on_their_step(tmp_path):
+    from flashtune.agent.loop import BLOCKED_SHOWN
+
+    record, ex, _ = run(tmp_path, ["Action: click(start_box='(10,10)')", "Action: type(content='hi')",
+                                   "Action: click(start_box='(20,20)')", "Action: finished()"],
+                        executor=BlockingExecutor())
+    assert record["status"] == "finished" and record["blocked"] == ["http://169.254.169.254/start"]
+    assert [s.get("blocked") for s in record["steps"]] == [["http://10.0.0.1/1"], None, ["http://10.0.0.1/2"],
+                                                           None]
+    assert record["blocked_total"] == 3
+    report = (tmp_path / "report.html").read_text()
+    assert "http://10.0.0.1/2" in report and "by the start page" in report
+    # a page that fires thousands: the trajectory keeps the first BLOCKED_SHOWN of each step, counts them all
+    record, _, _ = run(tmp_path, ["Action: click(start_box='(10,10)')"], executor=BlockingExecutor(5000),
+                       max_steps=1)
+    assert record["status"] == "max_steps" and record["blocked_total"] == 5001
+    assert record["steps"][0]["blocked"] == [f"http://10.0.0.1/{i}" for i in range(1, BLOCKED_SHOWN + 1)]
+
+
 def test_held_keys_are_released_at_the_end_of_each_step(tmp_path):
     record, ex, _ = run(tmp_path, ["Action: press(key='shift')\n\nclick(start_box='(10,10)')",
                                    "Action: keydown(key='ctrl')\n\nkeyup(key='ctrl')", "Action: finished()"])

@@ -39,6 +39,7 @@ from flashtune.agent.prompts import HISTORY_N, build_messages
 from flashtune.agent.report import annotate, write_atomic, write_record
 from flashtune.errors import ConfigError, FlashtuneError, check_choice, check_range
 
+BLOCKED_SHOWN = 50  # refused requests kept in the trajectory per step
 STATUSES = ("finished", "call_user", "max_steps", "parse_error", "refused", "action_error", "stuck", "error",
             "endpoint_error", "interrupted")
 FEEDBACK_CHARS = 2000  # how much of a rejected answer is repeated back to the model
@@ -195,9 +196,23 @@ def run_agent(task: str, client, executor, out_dir: str, config: AgentConfig | N
         record["error"] = _one_line(exc)
         status = "error"
     finally:
+        _note_blocked(executor, record)
         record["status"] = status
         write_record(out_dir, record)
     return record
+
+
+def _note_blocked(executor, record: dict) -> None:
+    """Requests the executor's sandbox refused (`executor.blocked`: the browser's request guard, the egress
+    proxy) since the last call: onto the step whose actions were running, or the record itself before the
+    first step (the start page). At most BLOCKED_SHOWN a place; `blocked_total` counts them all."""
+    blocked = getattr(executor, "blocked", None) or ()
+    new = blocked[record.get("blocked_total", 0):]
+    if not new:
+        return
+    record["blocked_total"] = len(blocked)
+    place = (record["steps"][-1] if record["steps"] else record).setdefault("blocked", [])
+    place.extend(new[:max(0, BLOCKED_SHOWN - len(place))])
 
 
 def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> str:
@@ -209,6 +224,7 @@ def _episode(task, client, executor, out_dir, config, policy, sleep, record) -> 
     check = getattr(executor, "check", None)  # raises UnsupportedActionError before anything runs
     for index in range(config.max_steps):
         png = executor.screenshot()
+        _note_blocked(executor, record)  # what the last step's actions (or the start page) tried
         shot = f"step_{index:03d}.png"
         write_atomic(os.path.join(out_dir, shot), png)
         image = _decode(png)

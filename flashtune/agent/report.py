@@ -82,12 +82,14 @@ def render_html(record: dict) -> str:
                    f"{e(fail['error'])}</p>"
         if s.get("released"):
             err += f"<p>Released at the end of the step: {e(', '.join(s['released']))}</p>"
+        err += _blocked(s.get("blocked"))
         img = s.get("annotated") or s["screenshot"]
         rows.append(f"""<section><h2>Step {s['index'] + 1}</h2>
 <a href="{e(s['screenshot'])}"><img src="{e(img)}" alt="step {s['index'] + 1}"></a>
 <div><p><b>Thought:</b> {e(s.get('thought', ''))}</p><ul>{actions}</ul>{err}
 <details><summary>raw response</summary><pre>{e(chr(10).join(s.get('responses', [])))}</pre></details></div>
 </section>""")
+    error = f"<p class=err>{e(record['error'])}</p>" if record.get("error") else ""
     return f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>flashtune agent: {e(record['task'])}</title>
 <style>body{{font-family:sans-serif;margin:2em}} img{{max-width:60vw;border:1px solid #999}}
@@ -95,10 +97,17 @@ section{{display:flex;gap:1.5em;margin-bottom:2em}} pre{{white-space:pre-wrap}} 
 </head><body><h1>{e(record['task'])}</h1>
 <p>Status: <b>{e(record['status'])}</b> after {len(record['steps'])} step(s); model version
 {e(record['config']['model_version'])}; executor {e(record.get('executor', ''))}.</p>
-{_sandbox(record)}{f"<p class=err>{e(record['error'])}</p>" if record.get('error') else ''}
+{_sandbox(record)}{_blocked(record.get("blocked"), " by the start page")}{error}
 {''.join(rows)}
 </body></html>
 """
+
+
+def _blocked(targets, by: str = "") -> str:
+    if not targets:
+        return ""
+    items = "".join(f"<li><code>{html.escape(t)}</code></li>" for t in targets)
+    return f"<p class=err>Requests{by} refused by the sandbox:</p><ul>{items}</ul>"
 
 
 def _sandbox(record: dict) -> str:

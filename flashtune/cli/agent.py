@@ -97,7 +97,7 @@ def _launch(args, config, closers: list):
 
     if args.start_url:  # before any display starts: an address that does not load is one line
         check_start_url(args.start_url, policy=config.policy())
-    display, sandbox = args.display, None
+    display, sandbox, blocked = args.display, None, []
     if display is None:
         vd = VirtualDisplay(width, height)
         closers.append(vd.stop)
@@ -106,9 +106,9 @@ def _launch(args, config, closers: list):
         window = ChromiumWindow(display, args.start_url, width, height, policy=config.policy())
         closers.append(window.close)
         window.wait_until_drawn(args.startup_seconds)
-        sandbox = window.sandbox
+        sandbox, blocked = window.sandbox, window.blocked
     executor = X11Executor(display)
-    executor.sandbox = sandbox
+    executor.sandbox, executor.blocked = sandbox, blocked
     return executor
 
 

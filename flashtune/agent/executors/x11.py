@@ -174,10 +174,12 @@ def grab_screen(display: str) -> bytes:
 
 class X11Executor:
     """Drives the mouse and keyboard of an X display through xdotool (screen pixels, scale factor 1).
-    `sandbox` describes the Chromium sandbox of the window it drives, when flashtune started one."""
+    `sandbox` describes the Chromium sandbox of the window it drives, and `blocked` lists what that window's
+    egress proxy refused, when flashtune started one."""
 
     scale_factor = 1.0
     sandbox: dict | None = None
+    blocked: list[str] | tuple = ()  # what its Chromium window's egress proxy refused, when flashtune started one
 
     def __init__(self, display: str | None = None, type_delay_ms: int = 8):
         self.display = display or os.environ.get("DISPLAY")
