@@ -196,6 +196,31 @@ def test_local_start_url_reaches_a_local_server_by_name(server, no_system_dns):
         proxy.close()
 
 
+def test_other_local_ports_are_refused_unless_allowed(server, no_system_dns):
+    """A local start URL opens this machine on its port only: another local service (a second server here;
+    a Docker API or a notebook in life) is refused, by address or by name, until --allow-host names its port."""
+    other = Server()
+    dns = Resolver(app_test=[["127.0.0.1"]])
+    try:
+        proxy, blocked = proxy_for(server.url(), dns)
+        try:
+            status, body, said = get(proxy, other.url(), header=True)
+            assert status == 403 and "opened on the start URL's port" in said
+            assert f"--allow-host 127.0.0.1:{other.port}" in body.decode()
+            assert tunnel(proxy, "app.test", other.port)[0] == 403
+            assert get(proxy, server.url("app.test")) == (200, PAGE)  # the start URL's port, by name
+            assert other.seen == [] and blocked == [other.url(), f"app.test:{other.port}"]
+        finally:
+            proxy.close()
+        proxy, blocked = proxy_for(server.url(), dns, allow_hosts=(f"localhost:{other.port}",))
+        try:
+            assert get(proxy, other.url()) == (200, PAGE) and tunnel(proxy, "app.test", other.port) == (200, PAGE)
+        finally:
+            proxy.close()
+    finally:
+        other.close()
+
+
 @pytest.mark.parametrize("answer", [["169.254.169.254"], ["169.254.7.7"], ["fe80::1"], ["fd00:ec2::254"]])
 def test_metadata_and_link_local_answers_are_refused(server, answer, no_system_dns):
     dns = Resolver(meta_example=[answer])
@@ -240,7 +265,7 @@ def test_one_lookup_per_connection_and_only_its_addresses(no_system_dns):
     which no other lookup of the name (there is none: no_system_dns) could find."""
     other = Server("127.0.0.2")
     dns = Resolver(app_test=[["127.0.0.2"], ["169.254.169.254"]])  # a second lookup would be refused
-    proxy, blocked = proxy_for("http://127.0.0.1:1/", dns)
+    proxy, blocked = proxy_for(f"http://127.0.0.1:{other.port}/", dns)
     try:
         assert get(proxy, other.url("app.test")) == (200, PAGE)
         assert dns.calls == ["app.test"] and blocked == []
@@ -252,7 +277,7 @@ def test_one_lookup_per_connection_and_only_its_addresses(no_system_dns):
 
 
 def test_refuses_itself_and_bad_requests(no_system_dns):
-    proxy, blocked = proxy_for("http://127.0.0.1:1/", Resolver())
+    proxy, blocked = proxy_for("http://127.0.0.1:1/", Resolver(), allow_hosts=("127.0.0.1",))  # any local port
     try:
         assert get(proxy, f"http://127.0.0.1:{proxy.port}/")[0] == 403
         assert get(proxy, "/page.html")[0] == 400  # not an absolute URI
@@ -352,8 +377,11 @@ def test_browser_loopback_goes_through_the_proxy(server):
     from flashtune.agent.executors.browser import BrowserExecutor
 
     dns = Resolver(app_test=[["127.0.0.1"]])
-    ex = BrowserExecutor.launch(server.url(), 640, 480, policy=Policy(template="browser", start_url=server.url()),
-                                resolver=dns)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))  # bound, not listening: refuses connections
+    port = dead.getsockname()[1]
+    ex = BrowserExecutor.launch(server.url(), 640, 480, resolver=dns, policy=Policy(
+        template="browser", start_url=server.url(), allow_hosts=("*.test", f"127.0.0.1:{port}")))
     try:
         assert "local page" in ex.page.content()
         assert server.seen[0] == ("/page.html", "close")  # sent on by the proxy, not by Chromium directly
@@ -365,16 +393,12 @@ def test_browser_loopback_goes_through_the_proxy(server):
             if ex.page.url.startswith("chrome-error://"):
                 break
             ex.page.wait_for_timeout(50)
-        dead = socket.socket()
-        dead.bind(("127.0.0.1", 0))
-        try:
-            with pytest.raises(ActionError, match="net::ERR_CONNECTION_REFUSED at http://127.0.0.1"):
-                ex.navigate(f"http://127.0.0.1:{dead.getsockname()[1]}/")
-        finally:
-            dead.close()
+        with pytest.raises(ActionError, match="net::ERR_CONNECTION_REFUSED at http://127.0.0.1"):
+            ex.navigate(f"http://127.0.0.1:{port}/")  # an allowed port: reached, and refused by the machine
         assert ex.blocked == []
     finally:
         ex.close()
+        dead.close()
 
 
 def test_browser_webrtc_sends_no_udp_around_the_proxy():

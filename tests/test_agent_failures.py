@@ -100,10 +100,11 @@ def test_unsupported_action_retries_are_bounded(page, tmp_path):
 def test_a_page_that_does_not_load_goes_back_to_the_model(page, tmp_path):
     # before: the failed navigation was kept in executor.errors and the model was never told
     ex, p, url = page
-    dead = f"http://127.0.0.1:{closed_port()}/"
+    port = closed_port()
+    dead = f"http://127.0.0.1:{port}/"
     record, requests = run(tmp_path, [f"Action: click(start_box='(20,20)')\n\nnavigate(content='{dead}')",
                                       "Action: finished(content='gave up')"], ex, template="browser",
-                           start_url=url)
+                           start_url=url, allow_hosts=(f"127.0.0.1:{port}",))
     assert record["status"] == "finished"
     first, second = record["steps"]
     assert first["executed"] == ["click(start_box='(20,20)')"]  # the click ran, the navigation failed
@@ -119,9 +120,10 @@ def test_a_page_that_does_not_load_goes_back_to_the_model(page, tmp_path):
 
 def test_failing_steps_in_a_row_are_bounded(page, tmp_path):
     ex, p, url = page
-    dead = f"http://127.0.0.1:{closed_port()}/"
+    port = closed_port()
+    dead = f"http://127.0.0.1:{port}/"
     record, requests = run(tmp_path, [f"Action: navigate(content='{dead}')"] * 5, ex, template="browser",
-                           start_url=url, resamples=1, stuck_after=0)
+                           start_url=url, allow_hosts=(f"127.0.0.1:{port}",), resamples=1, stuck_after=0)
     assert record["status"] == "action_error", (record.get("error"), record["steps"][-1].get("error"))
     assert len(record["steps"]) == 2 and len(requests) == 2
     assert "2 failing steps in a row" in record["steps"][-1]["error"]

@@ -31,6 +31,8 @@ CASES = {
     "localhost-from-public": ("navigate(content='http://localhost:8000/admin')", "browser", PUBLIC_START,
                               "refused"),
     "loopback-from-public": ("navigate(content='http://127.0.0.1:22/')", "browser", PUBLIC_START, "refused"),
+    "local-other-port": ("navigate(content='http://127.0.0.1:2375/containers/json')", "browser", None,
+                         "refused"),  # another service of this machine (here a Docker API) from a local start
     "navigate-not-in-space": ("navigate(content='https://example.com/')", "computer", None, "refused"),
     "ctrl-o": ("hotkey(key='ctrl o')", "computer", None, "refused"),
     "ctrl-s": ("hotkey(key='ctrl s')", "computer", None, "refused"),

@@ -99,8 +99,16 @@ def test_localhost_only_when_the_start_url_is_local():
         with pytest.raises(PolicyError, match="localhost"):
             public.check_url(url)
     local = Policy(template="browser", start_url=LOCAL)
-    assert local.check_url("http://127.0.0.1:9999/x") == "http://127.0.0.1:9999/x"
-    assert local.check_url("localhost:8000/admin") == "https://localhost:8000/admin"
+    assert local.check_url("http://127.0.0.1:8765/x") == "http://127.0.0.1:8765/x"  # the start URL's port
+    assert local.check_url("http://localhost:8765/x")  # every loopback name is this machine
+    for url in ("http://127.0.0.1:9999/x", "localhost:8000/admin", "http://127.0.0.1/", "http://[::1]:2375/"):
+        with pytest.raises(PolicyError, match=r"opened on the start URL's port \(8765\).*--allow-host"):
+            local.check_url(url)
+    ports = Policy(template="browser", start_url=LOCAL, allow_hosts=("localhost:9999", "[::1]:8000"))
+    assert ports.check_url("http://127.0.0.1:9999/x") and ports.check_url("localhost:8000/admin")
+    with pytest.raises(PolicyError, match="allow port 9998 with --allow-host 127.0.0.1:9998"):
+        ports.check_url("http://127.0.0.1:9998/x")
+    assert Policy(template="browser", start_url=LOCAL, allow_hosts=("127.0.0.1",)).check_url("http://[::1]:1/")
     assert Policy(template="browser").check_url("https://example.org/") == "https://example.org/"  # no start URL
     with pytest.raises(PolicyError, match="localhost"):
         Policy(template="browser").check_url("http://localhost/")
@@ -118,9 +126,21 @@ def test_missing_scheme_becomes_https():
 def test_allow_list_and_its_default():
     default = Policy(template="browser", start_url="http://10.1.2.3:8080/app")
     assert default.check_url("https://news.example.net/") == "https://news.example.net/"  # public: yes
-    assert default.check_url("http://10.1.2.3:9000/other")  # the start URL's own (private) host: yes
+    assert default.check_url("http://10.1.2.3:8080/other")  # the start URL's own (private) host and port: yes
+    with pytest.raises(PolicyError, match="10.1.2.3 is opened on the start URL's port"):
+        default.check_url("http://10.1.2.3:9000/other")  # another port of it: no
     with pytest.raises(PolicyError, match="private"):
         default.check_url("http://10.1.2.4/")
+    host = Policy(template="browser", start_url="http://10.1.2.3:8080/app", allow_hosts=("10.1.2.3", "nas.lan:5000"))
+    assert host.check_url("http://10.1.2.3:9000/") and host.check_url("http://nas.lan:5000/")  # any port; 5000
+    with pytest.raises(PolicyError, match="nas.lan is a private address"):  # the entry names port 5000 only
+        host.check_url("http://nas.lan/")
+    port = Policy(template="browser", start_url=PUBLIC, allow_hosts=("docs.python.org:8443",))
+    assert port.check_url("https://docs.python.org:8443/")
+    with pytest.raises(PolicyError, match="not in the allowed hosts"):
+        port.check_url("https://docs.python.org/")
+    with pytest.raises(ConfigError, match="outside 1-65535"):
+        Policy(allow_hosts=("example.com:70000",))
     listed = Policy(template="browser", start_url=PUBLIC, allow_hosts=("*.example.org", "docs.python.org"))
     assert listed.check_url("https://a.b.example.org/") and listed.check_url("https://docs.python.org/3/")
     assert listed.check_url("https://shop.example.com/cart")  # the start host stays allowed
@@ -267,4 +287,6 @@ def test_names_that_resolve_inside_are_refused_like_the_addresses(monkeypatch):
     allowed = Policy(template="browser", start_url="https://start.example/", allow_hosts=("lan.example",))
     allowed.check_url("http://lan.example/", resolve=True)  # a private address behind a host allowed by name
     local = Policy(template="browser", start_url=LOCAL)
-    local.check_url("http://loop.example/", resolve=True)  # loopback is fine when the start URL is local
+    local.check_url("http://loop.example:8765/", resolve=True)  # loopback is fine when the start URL is local
+    with pytest.raises(PolicyError, match="loop.example resolves to 127.0.0.1.*start URL's port"):
+        local.check_url("http://loop.example/", resolve=True)  # on its port

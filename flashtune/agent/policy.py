@@ -5,9 +5,10 @@ is checked here before anything is executed:
 - actions: only the action space of the chosen template and model version (see ACTION_SPACES);
 - URLs (`navigate`): http and https only; a missing scheme becomes https; never file:, javascript:, data:,
   chrome: or any other scheme, never link-local or cloud metadata addresses, loopback only when the start URL
-  is itself local, other private addresses only when allowed by name (the browser executor's request guard and
-  egress proxy apply these rules to the addresses a name resolves to as well); hosts limited by an allow-list
-  (default: the start URL's host and public hosts);
+  is itself local, other private addresses only when allowed by name, and loopback or private addresses on the
+  start URL's port or an allowed one only (the browser executor's request guard and egress proxy apply these
+  rules to the addresses a name resolves to as well); hosts limited by an allow-list (default: the start URL's
+  host and public hosts);
 - keys: names from the fixed list of `keys.py`; chords that open OS or browser dialogs (file chooser, save,
   print, address bar, new windows, devtools, OS launcher ...) are refused, also when built from held keys;
 - text: at most `max_type_chars` characters, no control characters, nothing typed while ctrl/alt/meta is held;
@@ -153,6 +154,25 @@ def resolve_host(host: str) -> tuple[str, ...]:
     return _RESOLVED[h]
 
 
+DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _allow_entry(entry: str) -> tuple[str, int | None]:
+    """An --allow-host entry as (host pattern, port or None): 'example.com', '*.example.com', '10.0.0.5:8080',
+    '[::1]:9000'; an IPv6 address without brackets has no port."""
+    m = re.fullmatch(r"\[([^\]]*)\](?::(\d+))?|([^:]*):(\d+)", entry)
+    if m is None:
+        return entry, None
+    host, port = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    if port is not None and not 0 < int(port) < 65536:
+        raise ConfigError(f"allow host {entry!r} has port {port}, outside 1-65535")
+    return host, int(port) if port is not None else None
+
+
+def _with_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def _host_matches(host: str, pattern: str) -> bool:
     host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
     if pattern.startswith("*."):
@@ -179,7 +199,9 @@ class Policy:
         check_range("max_type_chars", self.max_type_chars, 1, integer=True)
         for h in self.allow_hosts:
             if not isinstance(h, str) or not re.fullmatch(r"(\*\.)?[A-Za-z0-9.:\[\]-]+", h):
-                raise ConfigError(f"allow host {h!r} is not a host name; write e.g. example.com or *.example.com")
+                raise ConfigError(f"allow host {h!r} is not a host name; write e.g. example.com, *.example.com "
+                                  "or 127.0.0.1:9000")
+            _allow_entry(h)
         if self.start_url is not None:
             scheme = urlsplit(self.start_url.strip()).scheme.lower()
             if scheme not in SCHEMES or not urlsplit(self.start_url.strip()).hostname:
@@ -193,6 +215,13 @@ class Policy:
     @property
     def start_host(self) -> str | None:
         return urlsplit(self.start_url.strip()).hostname if self.start_url else None
+
+    @property
+    def start_port(self) -> int | None:
+        if not self.start_url:
+            return None
+        parts = urlsplit(self.start_url.strip())
+        return parts.port or DEFAULT_PORTS[parts.scheme.lower()]
 
     @property
     def start_is_local(self) -> bool:
@@ -231,47 +260,72 @@ class Policy:
             raise PolicyError(f"refused URL {shown}: URLs with a user name or password are not opened")
         try:
             host = parts.hostname
-            parts.port  # noqa: B018 - raises on a bad port
+            port = parts.port or DEFAULT_PORTS[scheme]  # raises on a bad port
             kind = host_class(host) if host else None
         except ValueError:
             kind = None
         if kind is None:
             raise PolicyError(f"refused URL {shown}: not a valid URL (no host, or a malformed host or port)")
-        allowed = self._allowed(host)
-        self._check_address(kind, host, f"URL {shown}", allowed)
+        allowed = self._allowed(host, port)
+        self._check_address(kind, host, port, f"URL {shown}", allowed)
         if kind == "public" and navigation and self.allow_hosts and not allowed:
             raise PolicyError(f"refused URL {shown}: {host} is not in the allowed hosts "
                               f"({', '.join(self.allow_hosts)})")
         if resolve and kind != "never":
             for address in resolve_host(host):  # a public-looking name may point inside: check where it goes
-                self.check_address(host, address, f"URL {shown} ({host} resolves to {address})")
+                self.check_address(host, address, f"URL {shown} ({host} resolves to {address})", port)
         return u
 
-    def _allowed(self, host: str) -> bool:
-        """Whether `host` is the start URL's host or in the allow-list (which lets private addresses through)."""
+    def _allowed(self, host: str, port: int | None = None) -> bool:
+        """Whether `host` is the start URL's host or in the allow-list (which lets private addresses through);
+        an allow-list entry with a port (`host:9000`) names that port only."""
         return (self.start_host is not None and _host_matches(host, self.start_host)) or \
-            any(_host_matches(host, p) for p in self.allow_hosts)
+            any(_host_matches(host, h) and p in (None, port) for h, p in map(_allow_entry, self.allow_hosts))
 
-    def check_address(self, host: str, address: str | None = None, what: str | None = None) -> None:
-        """Raise PolicyError when a connection to `host` (a name or an IP literal) breaks the address rules,
-        or, given `address` (one that `host` resolved to), when that address does: never metadata / link-local;
-        loopback only for a local start URL; other private addresses only for the start URL's host or an
-        allowed one. The allow-list of public hosts is not applied here (it is for navigations). `what` names
-        the request in the message (default: 'connection to HOST')."""
+    def check_address(self, host: str, address: str | None = None, what: str | None = None,
+                      port: int | None = None) -> None:
+        """Raise PolicyError when a connection to `host` (a name or an IP literal) on `port` breaks the address
+        rules, or, given `address` (one that `host` resolved to), when that address does: never metadata /
+        link-local; loopback only for a local start URL; other private addresses only for the start URL's host
+        or an allowed one; and loopback or private addresses only on the start URL's port or an allowed one
+        (see `_port_allowed`; port None skips that rule). The allow-list of public hosts is not applied here (it
+        is for navigations). `what` names the request in the message (default: 'connection to HOST')."""
         what = what or f"connection to {host}"
         try:
             kind = host_class(address if address is not None else host)
         except ValueError:
             raise PolicyError(f"refused {what}: not a valid host or address") from None
-        self._check_address(kind, host, what, self._allowed(host))
+        self._check_address(kind, host, port, what, self._allowed(host, port))
 
-    def _check_address(self, kind: str, host: str, what: str, allowed: bool) -> None:
+    def _check_address(self, kind: str, host: str, port: int | None, what: str, allowed: bool) -> None:
         if kind == "never":
             raise PolicyError(f"refused {what}: link-local and cloud metadata addresses are never opened")
         if kind == "loopback" and not self.start_is_local:
             raise PolicyError(f"refused {what}: localhost is opened only when the start URL is local")
         if kind == "private" and not allowed:
             raise PolicyError(f"refused {what}: {host} is a private address; allow it with --allow-host {host}")
+        if kind in ("loopback", "private") and port is not None and not self._port_allowed(kind, host, port):
+            where = "this machine" if kind == "loopback" else host
+            raise PolicyError(f"refused {what}: {where} is opened on the start URL's port ({self.start_port}) and "
+                              f"the allowed ones only; allow port {port} with --allow-host "
+                              f"{_with_port(host, port)}")
+
+    def _port_allowed(self, kind: str, host: str, port: int) -> bool:
+        """Inside addresses (loopback, private) are opened on the start URL's port of its host, on a port the
+        allow-list names for that host (`--allow-host 127.0.0.1:9000`), or on any port of a host it names without
+        one. Every loopback name is one machine: localhost:8000 is the start URL's port when that is
+        127.0.0.1:8000, and an entry naming one loopback host holds for all of them."""
+        def names(pattern: str) -> bool:
+            if _host_matches(host, pattern):
+                return True
+            try:
+                return kind == "loopback" and host_class(pattern) == "loopback"
+            except ValueError:
+                return False
+
+        if self.start_host is not None and names(self.start_host) and port == self.start_port:
+            return True
+        return any(names(h) and p in (None, port) for h, p in map(_allow_entry, self.allow_hosts))
 
     # -- keys -------------------------------------------------------------------------------------------------
     def _check_chord(self, keys: frozenset, what: str) -> None:

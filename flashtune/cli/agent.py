@@ -198,8 +198,10 @@ def register(subparsers) -> None:
                    help="action space offered and allowed: computer (desktop), mobile, or browser (computer + "
                         "navigate/navigate_back)")
     r.add_argument("--allow-host", action="append", metavar="HOST",
-                   help="navigation allow-list (repeatable; example.com or *.example.com); default: the start "
-                        "URL's host and any public host. Metadata and link-local addresses are never allowed")
+                   help="navigation allow-list (repeatable; example.com, *.example.com, or HOST:PORT for one "
+                        "port); default: the start URL's host and any public host. This machine and private "
+                        "networks are opened on the start URL's port and listed ports only (127.0.0.1:9000). "
+                        "Metadata and link-local addresses are never allowed")
     r.add_argument("--stuck-after", type=int, default=3,
                    help="end with status 'stuck' when the same action is proposed on an unchanged screenshot "
                         "this many times in a row (default 3; 0 turns the guard off)")

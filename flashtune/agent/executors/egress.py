@@ -164,7 +164,7 @@ class EgressProxy:
         """A socket connected to an address of `host` that the policy allows; one lookup, every address checked."""
         what = f"connection to {host}:{port}"
         try:
-            self.policy.check_address(host, what=what)  # the name itself: metadata names, localhost ...
+            self.policy.check_address(host, what=what, port=port)  # the name itself: metadata names, localhost
             try:
                 addresses = [str(ipaddress.ip_address(host))]
             except ValueError:
@@ -175,7 +175,7 @@ class EgressProxy:
             if not addresses:
                 raise _Reply(502, f"cannot resolve {host}: no addresses", "net::ERR_NAME_NOT_RESOLVED")
             for a in addresses:
-                self.policy.check_address(host, a, f"{what} ({host} resolves to {a})")
+                self.policy.check_address(host, a, f"{what} ({host} resolves to {a})", port)
                 if port == self.port and ipaddress.ip_address(a).is_loopback:
                     raise PolicyError(f"refused {what}: that is the egress proxy itself")
         except PolicyError as exc:
