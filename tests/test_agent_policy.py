@@ -74,6 +74,11 @@ def test_action_spaces_follow_the_templates():
     ("http://metadata.google.internal/computeMetadata/v1/", "metadata"),
     ("http://METADATA.google.internal./", "metadata"),
     ("http://100.100.100.200/latest/meta-data/", "metadata"),
+    ("http://169.254.169.%32%35%34/", "metadata"),  # Chromium decodes escapes in the host
+    ("http://\uff11\uff16\uff19.\uff12\uff15\uff14.\uff11\uff16\uff19.\uff12\uff15\uff14/", "metadata"),  # full-width digits
+    ("http://169\u3002254\u3002169\u3002254/", "metadata"),  # ideographic full stops
+    ("http://127.0.0.%31:9/", "start URL's port"),
+    ("http://\uff11\uff12\uff17.0.0.1:9/", "--allow-host 127.0.0.1:9"),
     ("http://10.0.0.5/admin", "private"),
     ("http://192.168.1.1/", "private"),
     ("http://router.lan/", "private"),
@@ -169,7 +174,7 @@ def test_host_class_agrees_with_ipaddress():
 @pytest.mark.parametrize("keys", ["ctrl o", "ctrl s", "ctrl p", "alt f4", "ctrl l", "alt d", "f6", "ctrl n",
                                   "ctrl shift n", "ctrl t", "ctrl w", "ctrl q", "ctrl shift i", "f12", "ctrl j",
                                   "ctrl alt t", "ctrl alt f2", "super", "meta r", "win d", "cmd space", "alt f2",
-                                  "O ctrl", "Control o", "f10"])
+                                  "O ctrl", "Control o", "f10", "shift escape", "f1", "f7"])
 def test_dialog_chords_refused(keys):
     with pytest.raises(PolicyError, match="refused hotkey"):
         check(f"Action: hotkey(key='{keys}')")
@@ -184,6 +189,18 @@ def test_chords_built_from_held_keys_are_refused():
         check("Action: press(key='alt')\n\npress(key='f4')")
     # released before: fine
     assert len(check("Action: press(key='ctrl')\n\nrelease(key='ctrl')\n\nhotkey(key='o')")) == 3
+
+
+@pytest.mark.parametrize("key", ["shift", "alt", "Option"])
+@pytest.mark.parametrize("act", ["click(start_box='(10,10)')", "left_double(start_box='(10,10)')",
+                                 "right_single(start_box='(10,10)')",
+                                 "drag(start_box='(10,10)', end_box='(20,20)')"])
+def test_clicks_with_shift_or_alt_held_are_refused(key, act):
+    """In a browser they open the link in a new window (with an address bar) or download it."""
+    with pytest.raises(PolicyError, match="new browser window or downloads"):
+        check(f"Action: keydown(key='{key}')\n\n{act}")
+    assert len(check(f"Action: keydown(key='{key}')\n\nkeyup(key='{key}')\n\n{act}")) == 3
+    assert len(check(f"Action: keydown(key='ctrl')\n\n{act}\n\nkeyup(key='ctrl')")) == 3  # ctrl+click selects
 
 
 @pytest.mark.parametrize("keys", ["ctrl c", "ctrl v", "ctrl a", "ctrl z", "ctrl shift z", "enter", "tab",

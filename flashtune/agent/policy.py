@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import re
+import unicodedata
 from dataclasses import dataclass, field, replace
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from flashtune.agent.actions import Action
 from flashtune.agent.keys import MODIFIERS, normalize_key
@@ -62,7 +63,13 @@ REFUSED_CHORDS = frozenset(_chord(c) for c in (
     "ctrl j", "ctrl u", "ctrl d", "ctrl shift o", "ctrl shift b", "ctrl shift delete", "ctrl shift i",
     "ctrl shift j", "ctrl shift c", "f12", "f10", "alt e", "alt f", "alt f1", "alt f2", "alt home",
     "ctrl escape", "ctrl shift escape", "ctrl alt t", "ctrl alt delete", "ctrl alt backspace", "ctrl alt l",
-    "ctrl alt escape", *(f"ctrl alt f{i}" for i in range(1, 13))))
+    "ctrl alt escape", *(f"ctrl alt f{i}" for i in range(1, 13)),
+    "shift escape",  # Chromium's task manager (it can end the page's or the browser's process)
+    "f1",  # a help tab on a host nobody asked for
+    "f7"))  # the caret-browsing dialog
+# A click while one of these is held opens the link in a new browser window (shift) or downloads it (alt).
+CLICK_MODIFIERS_REFUSED = frozenset({"shift", "alt"})
+_CLICKS = frozenset({"click", "left_single", "left_double", "right_single", "drag", "long_press"})
 
 
 class PolicyError(FlashtuneError):
@@ -99,9 +106,17 @@ def _whatwg_ipv4(host: str):
     return ipaddress.IPv4Address(value)
 
 
+def canonical_host(host: str) -> str:
+    """`host` as a browser reads it before deciding what it is: percent escapes decoded, full-width and other
+    compatibility characters mapped (NFKC: '１２７．０．０．１' is 127.0.0.1), ideographic full stops as dots,
+    lower case, no trailing dot."""
+    h = unicodedata.normalize("NFKC", unquote(host)).replace("\u3002", ".").replace("\uff61", ".")
+    return h.lower().rstrip(".")
+
+
 def host_class(host: str) -> str:
     """'never' (metadata, link-local, multicast, reserved), 'loopback', 'private' or 'public'."""
-    h = host.lower().rstrip(".")
+    h = canonical_host(host)
     if h.startswith("[") and h.endswith("]"):
         h = h[1:-1]
     try:
@@ -135,7 +150,7 @@ _RESOLVED: dict[str, tuple[str, ...]] = {}
 def resolve_host(host: str) -> tuple[str, ...]:
     """The addresses `host` resolves to on this machine (none for an IP literal, or when it does not resolve:
     the browser, using the same resolver, cannot reach it either). Cached for the process."""
-    h = host.lower().rstrip(".").strip("[]")
+    h = canonical_host(host).strip("[]")
     try:
         ipaddress.ip_address(h)
         return ()
@@ -174,7 +189,7 @@ def _with_port(host: str, port: int) -> str:
 
 
 def _host_matches(host: str, pattern: str) -> bool:
-    host, pattern = host.lower().rstrip("."), pattern.lower().rstrip(".")
+    host, pattern = canonical_host(host), canonical_host(pattern)
     if pattern.startswith("*."):
         return host.endswith(pattern[1:])
     return host == pattern
@@ -308,7 +323,7 @@ class Policy:
             where = "this machine" if kind == "loopback" else host
             raise PolicyError(f"refused {what}: {where} is opened on the start URL's port ({self.start_port}) and "
                               f"the allowed ones only; allow port {port} with --allow-host "
-                              f"{_with_port(host, port)}")
+                              f"{_with_port(canonical_host(host), port)}")
 
     def _port_allowed(self, kind: str, host: str, port: int) -> bool:
         """Inside addresses (loopback, private) are opened on the start URL's port of its host, on a port the
@@ -355,6 +370,9 @@ class Policy:
                     if not (0 <= x <= fw and 0 <= y <= fh):
                         raise PolicyError(f"refused {what}: ({x:g}, {y:g}) is outside the screenshot, whose "
                                           f"frame is {fw:g}x{fh:g}")
+            if a.name in _CLICKS and held & CLICK_MODIFIERS_REFUSED:
+                raise PolicyError(f"refused {what}: a click while {'+'.join(sorted(held))} is held opens a new "
+                                  "browser window or downloads the link; release the key first")
             if a.name in ("hotkey", "press", "keydown", "release", "keyup"):
                 keys = frozenset(normalize_key(k) for k in a.keys)
                 if a.name in ("release", "keyup"):

@@ -151,7 +151,8 @@ class BrowserExecutor:
             pw = sync_playwright().start()
             browser = launch_chromium(pw, headless=headless, sandbox=sandbox,
                                       args=proxy.chromium_args() if proxy else ())
-            page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor)
+            page = browser.new_page(viewport={"width": width, "height": height}, device_scale_factor=scale_factor,
+                                    accept_downloads=False)  # a page can start one without any click
             ex = cls(page, owned=(pw, browser), policy=policy, sandbox=sandbox, proxy=proxy)
             if start_url:
                 ex.open_start_url(start_url)

@@ -268,6 +268,22 @@ class X11Executor:
         self._run("mousemove", *self._xy(x, y), "sleep", "0.03", "mousedown", "1", "sleep", str(seconds), "mouseup", "1")
 
 
+def _lock_profile(profile: str) -> None:
+    """Preferences for the kiosk window's throw-away profile that keep pages off this machine's disk: no file
+    chooser (an <input type=file> click would open a dialog browsing the home folder), no downloads (a page
+    can start one without any click, into ~/Downloads), and a download folder inside the profile regardless."""
+    import json
+
+    downloads = os.path.join(profile, "Downloads")
+    os.makedirs(os.path.join(profile, "Default"))
+    with open(os.path.join(profile, "Local State"), "w") as f:
+        json.dump({"select_file_dialogs": {"allowed": False}}, f)
+    with open(os.path.join(profile, "Default", "Preferences"), "w") as f:
+        json.dump({"download_restrictions": 3,  # 3: block every download
+                   "download": {"default_directory": downloads, "prompt_for_download": False},
+                   "savefile": {"default_directory": downloads}}, f)
+
+
 def check_start_url(url: str, timeout: float = 15.0, policy=None, resolver=None) -> None:
     """Fetch an http(s) start URL once before the kiosk window opens: a kiosk Chromium shows its own error page
     for an address that does not load, which would look like a task screen. Any HTTP answer counts as loading
@@ -328,6 +344,7 @@ class ChromiumWindow:
             policy, resolver=resolver, on_refused=lambda target, reason: self.blocked.append(target[:200]))
         self.profile = tempfile.mkdtemp(prefix="flashtune-chromium-")
         try:
+            _lock_profile(self.profile)
             self.proc = subprocess.Popen(
                 [find_chromium(), *CHROMIUM_ARGS, *sandbox_args(self.sandbox),
                  *(self.proxy.chromium_args() if self.proxy else ()), "--kiosk", f"--user-data-dir={self.profile}",
