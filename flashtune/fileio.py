@@ -75,3 +75,31 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
 
     cpu = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata or {}))
+
+
+def output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Create the output folder `path` (and its parents) now, before any work: one that cannot be made or written
+    (a file in the way, a read-only file system, no permission) is a FlashtuneError naming `option`."""
+    from flashtune.errors import FlashtuneError
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".flashtune-probe-")  # mode bits lie to root
+        probe.close()
+    except OSError as exc:
+        raise FlashtuneError(f"cannot write to {option} {str(p)!r}: {exc.strerror or exc}; choose a folder you can "
+                             f"write to") from None
+    return p
+
+
+def output_file(path: str | os.PathLike, option: str = "--out") -> Path:
+    """Check now, before any work, that the file `path` can be written (its folder is made if missing); a folder
+    at `path` or an unwritable place is a FlashtuneError naming `option`."""
+    from flashtune.errors import FlashtuneError
+
+    p = Path(path)
+    if p.is_dir():
+        raise FlashtuneError(f"{option} {str(p)!r} is a folder; give a file name, e.g. {str(p / 'result.json')!r}")
+    output_dir(p.parent if str(p.parent) else ".", option=f"the folder of {option}")
+    return p

@@ -52,6 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("flashtune: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.filename is None:  # not about a path the user gave: a bug, keep its traceback
+            raise
+        # a path the commands did not check first (a read-only folder, a file where a folder should be ...)
+        print(f"flashtune: error: {exc.strerror or exc}: {exc.filename}; check the path and that you can "
+              f"read or write it", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover
