@@ -24,6 +24,16 @@ MAX_RATIO = 200
 VERSIONS = ("1.5", "1.0", "doubao")
 
 
+def check_pixels(min_pixels, max_pixels, names: tuple[str, str] = ("min_pixels", "max_pixels")) -> None:
+    """The one rule for a processor's pixel budget: whole numbers, 1 <= min_pixels <= max_pixels. `names`: how
+    the caller calls them (the CLI passes its options). ConfigError otherwise."""
+    check_range(names[0], min_pixels, 1, integer=True)
+    check_range(names[1], max_pixels, 1, integer=True)
+    if min_pixels > max_pixels:
+        raise ConfigError(f"{names[0]}={min_pixels} is larger than {names[1]}={max_pixels}; give the server "
+                          f"processor's values (defaults {MIN_PIXELS} and {MAX_PIXELS})")
+
+
 def smart_resize(height: int, width: int, factor: int = FACTOR, min_pixels: int = MIN_PIXELS,
                  max_pixels: int = MAX_PIXELS) -> tuple[int, int]:
     """The size (height, width) Qwen2-VL's image processor resizes an image to: both sides multiples of
@@ -68,6 +78,7 @@ class CoordinateMapper:
         check_range("width", self.width, 1, integer=True)
         check_range("height", self.height, 1, integer=True)
         check_range("scale_factor", self.scale_factor, 0, low_open=True)
+        check_pixels(self.min_pixels, self.max_pixels)
 
     @property
     def model_size(self) -> tuple[int, int]:

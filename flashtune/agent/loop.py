@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 from flashtune.agent.actions import Action
 from flashtune.agent.client import EndpointError
-from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS, smart_resize
+from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS, check_pixels, smart_resize
 from flashtune.agent.executors.base import ActionError, UnsupportedActionError
 from flashtune.agent.parser import ActionParseError, parse_response
 from flashtune.agent.policy import ACTION_SPACES, Policy, PolicyError
@@ -72,8 +72,7 @@ class AgentConfig:
         check_range("wait_seconds", self.wait_seconds, 0)
         check_range("settle_seconds", self.settle_seconds, 0)
         check_range("resamples", self.resamples, 0, integer=True)
-        check_range("min_pixels", self.min_pixels, 1, integer=True)
-        check_range("max_pixels", self.max_pixels, self.min_pixels, integer=True)
+        check_pixels(self.min_pixels, self.max_pixels)
         check_range("stuck_after", self.stuck_after, 0, integer=True)
         if self.stuck_after == 1:
             raise ConfigError("stuck_after=1 would stop at the first action; use 2 or more, or 0 to turn it off")
@@ -156,20 +155,31 @@ def first_line(exc: BaseException) -> str:
     return text if isinstance(exc, FlashtuneError) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
+def check_new_run_dir(out_dir: str, option: str = "--out") -> None:
+    """Refuse a run folder that already holds a run (trajectory.json): a new run, or one that fails to start,
+    would replace its trajectory, report and screenshots. Call before anything is written."""
+    if os.path.exists(os.path.join(out_dir, "trajectory.json")):
+        raise FlashtuneError(f"{option} {out_dir!r} already holds a run (trajectory.json); choose a new {option} "
+                             "or remove the old run")
+
+
 def record_failed_start(task: str, out_dir: str, exc: BaseException, config: AgentConfig | None = None,
                         executor_name: str = "", sandbox: dict | None = None) -> LaunchError:
     """For a run that failed before its first step (Chromium or Xvfb missing, a start URL that did not load):
     write out_dir/trajectory.json (status "error", or "interrupted" on ctrl-c, with the reason) and report.html,
     and return the one-line LaunchError to raise (exit code 2 for the user's input, 3 for a missing dependency,
-    1 for anything else)."""
+    1 for anything else). A folder that already holds a run is left as it is (see `check_new_run_dir`)."""
     config = config or AgentConfig()
     record = _new_record(task, config, config.policy(), executor_name, sandbox)
     interrupted = isinstance(exc, KeyboardInterrupt)
     reason = "interrupted while starting" if interrupted else first_line(exc)
     record.update(status="interrupted" if interrupted else "error", stage="launch", error=reason)
+    code = exc.exit_code if isinstance(exc, FlashtuneError) else 1
+    if os.path.exists(os.path.join(out_dir, "trajectory.json")):  # another run's: keep it
+        return LaunchError(f"the run could not start: {reason} (nothing written: {out_dir} holds another run)",
+                           exit_code=code)
     os.makedirs(out_dir, exist_ok=True)
     write_record(out_dir, record)
-    code = exc.exit_code if isinstance(exc, FlashtuneError) else 1
     return LaunchError(f"the run could not start: {reason} (the run folder {out_dir} has trajectory.json and "
                        "report.html)", exit_code=code)
 

@@ -8,7 +8,8 @@ import os
 import sys
 import time
 
-from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS
+from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, check_pixels
+from flashtune.errors import ConfigError, check_range
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -19,6 +20,21 @@ def _size(text: str) -> tuple[int, int]:
     if w < 1 or h < 1:
         raise argparse.ArgumentTypeError(f"{text!r} must be positive")
     return w, h
+
+
+def _check_model_args(args) -> None:
+    """The model options that are wrong in themselves: one line naming the option, before anything starts."""
+    check_pixels(args.min_pixels, args.max_pixels, names=("--min-pixels", "--max-pixels"))
+
+
+def _default_out() -> str:
+    """agent_runs/<time>, with -2, -3 ... when a run of the same second has it."""
+    base = os.path.join("agent_runs", time.strftime("%Y%m%d-%H%M%S"))
+    out, n = base, 1
+    while os.path.exists(out):
+        n += 1
+        out = f"{base}-{n}"
+    return out
 
 
 def _client(args):
@@ -47,16 +63,25 @@ def _add_model_args(p) -> None:
 
 
 def cmd_run(args) -> int:
-    from flashtune.agent.loop import AgentConfig, record_failed_start, run_agent
+    from flashtune.agent.loop import AgentConfig, check_new_run_dir, record_failed_start, run_agent
+
+    from flashtune.fileio import output_dir
 
     # bad options: one line, nothing started, nothing written
+    if args.display is not None and args.executor != "x11":
+        raise ConfigError(f"--display {args.display} is for --executor x11; drop it, or add --executor x11")
+    check_range("--scale-factor", args.scale_factor, 0, low_open=True)
+    check_range("--startup-seconds", args.startup_seconds, 0, low_open=True)
+    _check_model_args(args)
     config = AgentConfig(max_steps=args.max_steps, model_version=args.model_version, template=args.template,
                          language=args.language, wait_seconds=args.wait_seconds,
                          min_pixels=args.min_pixels, max_pixels=args.max_pixels, resamples=args.answer_retries,
                          stuck_after=args.stuck_after, start_url=args.start_url,
                          allow_hosts=tuple(args.allow_host or ()), max_type_chars=args.max_type_chars)
     client = _client(args)
-    out = args.out or os.path.join("agent_runs", time.strftime("%Y%m%d-%H%M%S"))
+    out = args.out or _default_out()
+    check_new_run_dir(out)  # a run there already: its files stay
+    output_dir(out)  # a file in the way, a read-only place: one line before Chromium or Xvfb starts
     closers = []
     try:
         try:
@@ -102,12 +127,12 @@ def _launch(args, config, closers: list):
         vd = VirtualDisplay(width, height)
         closers.append(vd.stop)
         display = vd.display
+    executor = X11Executor(display)  # a --display with no X server behind it: one line, no window started
     if args.start_url:
         window = ChromiumWindow(display, args.start_url, width, height, policy=config.policy())
         closers.append(window.close)
         window.wait_until_drawn(args.startup_seconds)
         sandbox, blocked = window.sandbox, window.blocked
-    executor = X11Executor(display)
     executor.sandbox, executor.blocked = sandbox, blocked
     return executor
 

@@ -142,6 +142,16 @@ def _libx11():
     return lib
 
 
+def check_display(display: str) -> None:
+    """Open and close `display` once: an X server that is not there is one line now, not a failed first step."""
+    lib = _libx11()
+    dpy = lib.XOpenDisplay(display.encode())
+    if not dpy:
+        raise FlashtuneError(f"cannot open X display {display!r} (no X server there, or no access); check --display "
+                             "or drop it to start a virtual display")
+    lib.XCloseDisplay(dpy)
+
+
 def grab_screen(display: str) -> bytes:
     """A PNG of the whole root window of `display` (24/32-bit TrueColor)."""
     from PIL import Image
@@ -186,6 +196,7 @@ class X11Executor:
         if not self.display:
             raise FlashtuneError("no X display: pass --display :N or set DISPLAY (or use a VirtualDisplay)")
         self.xdotool = _need("xdotool", "xdotool")
+        check_display(self.display)
         self.type_delay_ms = type_delay_ms
 
     def _run(self, *args: str) -> None:

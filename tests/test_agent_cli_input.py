@@ -1,0 +1,175 @@
+"""`flashtune agent` sub-commands under bad input (an audit of run, ground and fake-server): each is one line on
+stderr naming the problem and the fix, exit 2, no traceback; a refused command leaves every file as it was, and
+what can be checked is checked before the costly part (Chromium, Xvfb, the model's answers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+
+import pytest
+
+from flashtune.agent.fake_server import FakeModelServer
+from flashtune.cli import main
+
+DEAD = "http://127.0.0.1:9/v1"
+
+
+def cli(capsys, *argv) -> tuple[int, str]:
+    """Run `flashtune *argv` in-process; (exit code, the one stderr line), which must be the CLI's error line."""
+    code = main(list(argv))
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.strip() and not ln.startswith("note: ")]
+    assert "Traceback" not in err and len(lines) == 1, err
+    assert lines[0].startswith("flashtune: error: "), err
+    return code, lines[0]
+
+
+def snapshot(root) -> dict:
+    """Every file under `root` with its bytes, and every folder."""
+    found = {}
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            found[os.path.join(folder, d)] = None
+        for f in files:
+            with open(os.path.join(folder, f), "rb") as fh:
+                found[os.path.join(folder, f)] = fh.read()
+    return found
+
+
+def run_args(out, *args, endpoint=DEAD):
+    return ["agent", "run", "--task", "t", "--endpoint", endpoint, "--retries", "0", "--size", "320x240",
+            "--out", str(out), *args]
+
+
+def _readonly(monkeypatch, folder):
+    """A folder nobody may write to; root ignores mode bits, so there the OS refusal is simulated."""
+    import flashtune.fileio as fileio
+
+    folder.chmod(0o555)
+    if os.geteuid() == 0:
+        real = fileio.tempfile.NamedTemporaryFile
+
+        def refuse(*a, dir=None, **k):
+            if str(dir).startswith(str(folder)):
+                raise PermissionError(13, "Permission denied", str(dir))
+            return real(*a, dir=dir, **k)
+        monkeypatch.setattr(fileio.tempfile, "NamedTemporaryFile", refuse)
+
+
+# -- agent run: --out ----------------------------------------------------------------------------------------
+
+def test_run_out_that_is_a_file(tmp_path, capsys):
+    (tmp_path / "existing.txt").write_text("keep me")
+    before = snapshot(tmp_path)
+    code, err = cli(capsys, *run_args(tmp_path / "existing.txt"))
+    assert code == 2 and "--out" in err and "existing.txt" in err and "choose a folder" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_run_out_under_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("keep me")
+    before = snapshot(tmp_path)
+    code, err = cli(capsys, *run_args(tmp_path / "f" / "run"))
+    assert code == 2 and "--out" in err and "Not a directory" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_run_out_in_a_read_only_folder(tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    _readonly(monkeypatch, ro)
+    try:
+        code, err = cli(capsys, *run_args(ro / "run"))
+    finally:
+        ro.chmod(0o755)
+    assert code == 2 and "--out" in err and "Permission denied" in err
+    assert not (ro / "run" / "trajectory.json").exists()
+
+
+def _old_run(folder) -> dict:
+    folder.mkdir()
+    for name, data in (("trajectory.json", b'{"status": "finished"}'), ("report.html", b"<p>old</p>"),
+                       ("step_000.png", b"old png")):
+        (folder / name).write_bytes(data)
+    return snapshot(folder)
+
+
+def test_run_out_that_holds_a_run_is_refused(tmp_path, capsys):
+    before = _old_run(tmp_path / "run")
+    code, err = cli(capsys, *run_args(tmp_path / "run"))
+    assert code == 2 and "already holds a run" in err and "choose a new --out" in err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_run_that_would_fail_to_start_keeps_the_old_run(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FLASHTUNE_CHROMIUM", str(tmp_path / "no-chromium"))
+    before = _old_run(tmp_path / "run")
+    code, err = cli(capsys, *run_args(tmp_path / "run"))
+    assert code == 2 and "already holds a run" in err
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_record_failed_start_keeps_another_run(tmp_path):
+    from flashtune.agent.loop import record_failed_start
+
+    before = _old_run(tmp_path / "run")
+    error = record_failed_start("t", str(tmp_path / "run"), RuntimeError("boom"))
+    assert "boom" in str(error) and "nothing written" in str(error)
+    assert snapshot(tmp_path / "run") == before
+
+
+def test_default_out_does_not_reuse_a_run(tmp_path, monkeypatch):
+    from flashtune.cli.agent import _default_out
+
+    monkeypatch.chdir(tmp_path)
+    first = _default_out()
+    os.makedirs(first)
+    assert _default_out() == first + "-2"
+
+
+# -- agent run: options -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, option", [
+    (["--scale-factor", "nan"], "--scale-factor"), (["--scale-factor", "0"], "--scale-factor"),
+    (["--scale-factor", "-2"], "--scale-factor"), (["--startup-seconds", "-1"], "--startup-seconds"),
+    (["--startup-seconds", "inf"], "--startup-seconds"), (["--executor", "x11", "--startup-seconds", "0"],
+                                                          "--startup-seconds"),
+    (["--display", ":0"], "--display"), (["--min-pixels", "100000", "--max-pixels", "10"], "--min-pixels"),
+])
+def test_run_options_refused_before_anything_starts(tmp_path, capsys, args, option):
+    code, err = cli(capsys, *run_args(tmp_path / "run", *args))
+    assert code == 2 and option in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_display_only_with_x11(tmp_path, capsys):
+    code, err = cli(capsys, *run_args(tmp_path / "run", "--display", ":0"))
+    assert "--executor x11" in err
+
+
+def _free_display() -> str:
+    from flashtune.agent.executors.x11 import _libx11
+
+    lib = _libx11()
+    for _ in range(50):
+        n = random.randrange(5000, 9000)
+        if os.path.exists(f"/tmp/.X11-unix/X{n}"):
+            continue
+        dpy = lib.XOpenDisplay(f":{n}".encode())
+        if not dpy:
+            return f":{n}"
+        lib.XCloseDisplay(dpy)
+    pytest.skip("no unused X display number found")
+
+
+def test_x11_display_that_does_not_exist_is_a_launch_failure(tmp_path, capsys):
+    display = _free_display()
+    code, err = cli(capsys, *run_args(tmp_path / "run", "--executor", "x11", "--display", display))
+    assert code == 2 and f"cannot open X display '{display}'" in err and "--display" in err
+    assert "trajectory.json" in err
+    record = json.loads((tmp_path / "run" / "trajectory.json").read_text())
+    assert record["status"] == "error" and record["stage"] == "launch" and record["steps"] == []
+    assert "cannot open X display" in record["error"] and (tmp_path / "run" / "report.html").exists()
