@@ -77,15 +77,23 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: di
     atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata or {}))
 
 
-def output_dir(path: str | os.PathLike, option: str = "--out") -> Path:
-    """Create the output folder `path` (and its parents) now, before any work: one that cannot be made or written
-    (a file in the way, a read-only file system, no permission) is a FlashtuneError naming `option`."""
+def output_dir(path: str | os.PathLike, option: str = "--out", create: bool = True) -> Path:
+    """Check, before any work, that the output folder `path` can be written: with `create`, make it (and its
+    parents) now; without, leave the disk as it is and probe the nearest folder that exists. One that cannot be
+    made or written (a file in the way, a read-only file system, no permission) is a FlashtuneError naming
+    `option`."""
     from flashtune.errors import FlashtuneError
 
     p = Path(path)
     try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = tempfile.NamedTemporaryFile(dir=p, prefix=".flashtune-probe-")  # mode bits lie to root
+        if create:
+            p.mkdir(parents=True, exist_ok=True)
+            where = p
+        else:
+            where = next(a for a in (p, *p.absolute().parents) if a.exists())
+            if not where.is_dir():
+                raise NotADirectoryError(20, "Not a directory", str(where))
+        probe = tempfile.NamedTemporaryFile(dir=where, prefix=".flashtune-probe-")  # mode bits lie to root
         probe.close()
     except OSError as exc:
         raise FlashtuneError(f"cannot write to {option} {str(p)!r}: {exc.strerror or exc}; choose a folder you can "

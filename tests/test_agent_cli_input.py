@@ -173,3 +173,95 @@ def test_x11_display_that_does_not_exist_is_a_launch_failure(tmp_path, capsys):
     record = json.loads((tmp_path / "run" / "trajectory.json").read_text())
     assert record["status"] == "error" and record["stage"] == "launch" and record["steps"] == []
     assert "cannot open X display" in record["error"] and (tmp_path / "run" / "report.html").exists()
+
+
+# -- agent ground ---------------------------------------------------------------------------------------------
+
+def _dataset(tmp_path, names=("a.png",), make=("a.png",)):
+    from PIL import Image
+
+    for name in make:
+        Image.new("RGB", (200, 100), (250, 250, 250)).save(tmp_path / name)
+    data = [{"img_filename": n, "bbox": [10, 10, 20, 20], "instruction": f"find {n}"} for n in names]
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def ground(capsys, data, *args, script=("Action: click(start_box='(15,15)')",) * 4):
+    """(exit code, error line, the requests the model got)."""
+    with FakeModelServer(list(script)) as fake:
+        code, err = cli(capsys, "agent", "ground", "--data", str(data), "--endpoint", fake.url, "--retries", "0",
+                        *args)
+        return code, err, fake.requests
+
+
+def test_ground_data_that_is_binary(tmp_path, capsys):
+    data = tmp_path / "data.json"
+    data.write_bytes(b"\xff\xfe\x00\x89PNG\r\n\x1a\n" + bytes(range(256)))
+    code, err, requests = ground(capsys, data)
+    assert code == 2 and "not UTF-8" in err and "data.json" in err and requests == []
+
+
+def test_ground_missing_image_refuses_the_run_before_scoring(tmp_path, capsys):
+    data = _dataset(tmp_path, names=("a.png", "gone.png", "gone2.png"))
+    code, err, requests = ground(capsys, data)
+    assert code == 2 and "gone.png" in err and "record 1" in err and "1 more" in err and "--images" in err
+    assert requests == []
+
+
+def test_ground_png_that_is_text(tmp_path, capsys):
+    data = _dataset(tmp_path, names=("a.png", "fake.png"))
+    (tmp_path / "fake.png").write_text("not an image")
+    code, err, requests = ground(capsys, data)
+    assert code == 2 and "fake.png" in err and "record 1" in err and "cannot be read as an image" in err
+    assert requests == []
+
+
+def test_ground_out_that_is_a_folder(tmp_path, capsys):
+    data = _dataset(tmp_path)
+    (tmp_path / "res").mkdir()
+    before = snapshot(tmp_path)
+    code, err, requests = ground(capsys, data, "--out", str(tmp_path / "res"))
+    assert code == 2 and "--out" in err and "is a folder" in err and requests == []
+    assert snapshot(tmp_path) == before
+
+
+def test_ground_out_in_an_unwritable_place_is_refused_before_scoring(tmp_path, capsys):
+    data = _dataset(tmp_path)
+    (tmp_path / "f").write_text("a file")
+    before = snapshot(tmp_path)
+    code, err, requests = ground(capsys, data, "--out", str(tmp_path / "f" / "result.json"))
+    assert code == 2 and "--out" in err and requests == []
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("args, option", [
+    (["--limit", "-1"], "--limit"), (["--limit", "0"], "--limit"),
+    (["--min-pixels", "100000", "--max-pixels", "10"], "--min-pixels"), (["--min-pixels", "0"], "--min-pixels"),
+])
+def test_ground_options(tmp_path, capsys, args, option):
+    data = _dataset(tmp_path)
+    code, err, requests = ground(capsys, data, *args)
+    assert code == 2 and option in err and requests == []
+
+
+def test_ground_limit_scores_the_first_n(tmp_path, capsys):
+    data = _dataset(tmp_path, names=("a.png", "a.png", "a.png"))
+    with FakeModelServer(["Action: click(start_box='(15,15)')"] * 3) as fake:
+        assert main(["agent", "ground", "--data", str(data), "--endpoint", fake.url, "--limit", "2"]) == 0
+        assert len(fake.requests) == 2
+    assert "/2), wrong_format 0" in capsys.readouterr().out
+
+
+def test_pixel_rule_lives_in_one_place():
+    from flashtune.agent.coords import CoordinateMapper, check_pixels
+    from flashtune.agent.grounding import evaluate
+    from flashtune.agent.loop import AgentConfig
+    from flashtune.errors import ConfigError
+
+    for make in (lambda: check_pixels(10, 5), lambda: AgentConfig(min_pixels=10, max_pixels=5),
+                 lambda: CoordinateMapper(100, 100, min_pixels=10, max_pixels=5),
+                 lambda: evaluate([], None, min_pixels=10, max_pixels=5)):
+        with pytest.raises(ConfigError, match="min_pixels=10 is larger than max_pixels=5"):
+            make()

@@ -263,7 +263,7 @@ def test_config_that_is_not_utf8_or_not_toml_is_one_line(tmp_path, finished_run,
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
     _refused(capsys, ["finetune", "--config", str(binary)], tmp_path, "binary.toml")
-    _refused(capsys, ["finetune", "--config", str(tmp_path)], tmp_path, "does not exist")
+    _refused(capsys, ["finetune", "--config", str(tmp_path)], tmp_path, "is a folder")
 
 
 def test_corrupt_finetune_json_is_one_line_on_resume_and_eval(model_dir, finished_run, tmp_path, capsys):

@@ -15,7 +15,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from flashtune.agent.coords import CoordinateMapper
+from flashtune.agent.coords import MAX_PIXELS, MIN_PIXELS, VERSIONS, CoordinateMapper, check_pixels
 from flashtune.agent.parser import ActionParseError, parse_coord, parse_response
 from flashtune.errors import ConfigError, check_choice
 
@@ -52,6 +52,9 @@ def load_samples(path: str, images_dir: str | None = None, bbox_format: str = "a
             records = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read grounding data {path!r}: {exc}") from None
+    except UnicodeDecodeError as exc:  # binary, or another encoding
+        raise ConfigError(f"cannot read grounding data {path!r}: it is not UTF-8 text ({exc.reason} at byte "
+                          f"{exc.start}); give a JSON list of records") from None
     if not isinstance(records, list):
         raise ConfigError(f"{path}: expected a JSON list of records")
     base = images_dir or os.path.dirname(os.path.abspath(path))
@@ -93,17 +96,41 @@ def _bucket(table: dict, key: str, hit: bool) -> None:
     row["correct"] += int(hit)
 
 
-def evaluate(samples: list[GroundingSample], answer_fn, model_version: str = "1.5", **mapper_kw) -> dict:
-    """Score `answer_fn(sample) -> model text` on `samples`; returns the summary and one row per sample."""
+def image_sizes(samples: list[GroundingSample]) -> list[tuple[int, int]]:
+    """(width, height) of each sample's image, read from the image headers. A missing image refuses the whole
+    list (counted, the first one named); one that is not an image is named with its record."""
     from PIL import Image
 
+    missing = [(i, s.image) for i, s in enumerate(samples) if not os.path.isfile(s.image)]
+    if missing:
+        i, path = missing[0]
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise ConfigError(f"image {path!r} of record {i}{more} not found; check img_filename in the data, or "
+                          "--images (the image folder, default: the data file's folder)")
+    sizes = []
+    for i, s in enumerate(samples):
+        try:
+            with Image.open(s.image) as im:
+                sizes.append(im.size)
+        except (OSError, Image.DecompressionBombError) as exc:
+            raise ConfigError(f"image {s.image!r} of record {i} cannot be read as an image "
+                              f"({' '.join(str(exc).split())[:200]}); replace it or drop the record") from None
+    return sizes
+
+
+def evaluate(samples: list[GroundingSample], answer_fn, model_version: str = "1.5", *, sizes=None,
+             **mapper_kw) -> dict:
+    """Score `answer_fn(sample) -> model text` on `samples`; returns the summary and one row per sample.
+    The pixel budget (`mapper_kw`) and every image are checked before the first answer is asked for; `sizes`:
+    what `image_sizes(samples)` returned, when the caller has checked them already."""
+    check_choice("model_version", model_version, VERSIONS)
+    check_pixels(mapper_kw.get("min_pixels", MIN_PIXELS), mapper_kw.get("max_pixels", MAX_PIXELS))
+    sizes = image_sizes(samples) if sizes is None else sizes
     by_platform: dict = {}
     by_type: dict = {}
     rows = []
     wrong_format = 0
-    for s in samples:
-        with Image.open(s.image) as im:
-            width, height = im.size
+    for s, (width, height) in zip(samples, sizes):
         text = answer_fn(s)
         coord = extract_point(text)
         point = None

@@ -138,12 +138,20 @@ def _launch(args, config, closers: list):
 
 
 def cmd_ground(args) -> int:
-    from flashtune.agent.grounding import evaluate, load_samples
+    from flashtune.agent.grounding import evaluate, image_sizes, load_samples
     from flashtune.agent.prompts import grounding_messages
+    from flashtune.fileio import output_file
 
+    # everything that can be refused is, before the first request: the options, the data, every image, --out
+    if args.limit is not None:
+        check_range("--limit", args.limit, 1, integer=True)
+    _check_model_args(args)
     samples = load_samples(args.data, args.images, args.bbox_format)
-    if args.limit:
+    if args.limit is not None:
         samples = samples[: args.limit]
+    sizes = image_sizes(samples)
+    if args.out:
+        output_file(args.out)
     client = _client(args)
 
     def answer(sample):
@@ -151,7 +159,7 @@ def cmd_ground(args) -> int:
             image = f.read()
         return client.complete(grounding_messages(sample.instruction, image))
 
-    result = evaluate(samples, answer, model_version=args.model_version, min_pixels=args.min_pixels,
+    result = evaluate(samples, answer, model_version=args.model_version, sizes=sizes, min_pixels=args.min_pixels,
                       max_pixels=args.max_pixels)
     print(f"accuracy {result['accuracy']:.4f} ({result['correct']}/{result['n']}), "
           f"wrong_format {result['wrong_format']}")
@@ -245,7 +253,7 @@ def register(subparsers) -> None:
     g.add_argument("--images", default=None, help="image folder (default: the data file's folder)")
     g.add_argument("--bbox-format", choices=["auto", "xywh", "xyxy"], default="auto",
                    help="auto: xyxy when a record has img_size (ScreenSpot-Pro), else xywh (ScreenSpot)")
-    g.add_argument("--limit", type=int, default=0, help="score only the first N samples")
+    g.add_argument("--limit", type=int, default=None, help="score only the first N samples (N >= 1)")
     g.add_argument("--out", default=None, help="write the summary and per-sample rows as JSON")
     _add_model_args(g)
     g.set_defaults(func=cmd_ground)

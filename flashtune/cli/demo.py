@@ -7,7 +7,7 @@ the input format, so "before" is low; "after" shows what a few minutes of LoRA b
 
 from __future__ import annotations
 
-from flashtune.cli.finetune import add_common_flags, add_device_flag, quiet_libraries
+from flashtune.cli.finetune import add_common_flags, add_device_flag, count, quiet_libraries
 from flashtune.recipes.demo import DEMO_CONFIG, run_demo
 from flashtune.recipes.finetune import load_config
 
@@ -19,13 +19,13 @@ def register(subparsers) -> None:
                     "BLEU and ROUGE-L on held-out inputs before and after, and write a report.")
     p.add_argument("--out", default=DEMO_CONFIG["out_dir"], help="report folder (default: %(default)s)")
     p.add_argument("--model", help="base model path (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--steps", type=int, help=f"optimizer steps (default: {DEMO_CONFIG['train']['max_steps']})")
-    p.add_argument("--train-inputs", type=int, help="distinct generated MRs for training "
+    p.add_argument("--steps", type=count(), help=f"optimizer steps (default: {DEMO_CONFIG['train']['max_steps']})")
+    p.add_argument("--train-inputs", type=count(), help="distinct generated MRs for training "
                    f"(default: {DEMO_CONFIG['data']['num_examples'] - DEMO_CONFIG['data']['val_size']})")
-    p.add_argument("--eval-inputs", type=int, help=f"held-out MRs (default: {DEMO_CONFIG['data']['val_size']})")
-    p.add_argument("--max-new-tokens", type=int, help="generation length cap "
+    p.add_argument("--eval-inputs", type=count(), help=f"held-out MRs (default: {DEMO_CONFIG['data']['val_size']})")
+    p.add_argument("--max-new-tokens", type=count(), help="generation length cap "
                    f"(default: {DEMO_CONFIG['eval']['max_new_tokens']})")
-    p.add_argument("--top-layers", type=int, default=None,
+    p.add_argument("--top-layers", type=count(0), default=None,
                    help="LoRA on the linear layers of the top K blocks only (default: a third; 0: all blocks)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="override any field of the demo's config (as in `flashtune finetune`)")
@@ -37,8 +37,9 @@ def register(subparsers) -> None:
 
 def main(args) -> int:
     over = [(["out_dir"], args.out)]
-    n_val = args.eval_inputs or DEMO_CONFIG["data"]["val_size"]
-    n_train = args.train_inputs or DEMO_CONFIG["data"]["num_examples"] - DEMO_CONFIG["data"]["val_size"]
+    n_val = args.eval_inputs if args.eval_inputs is not None else DEMO_CONFIG["data"]["val_size"]
+    n_train = (args.train_inputs if args.train_inputs is not None else
+               DEMO_CONFIG["data"]["num_examples"] - DEMO_CONFIG["data"]["val_size"])
     over += [(["data", "val_size"], n_val), (["data", "num_examples"], n_train + n_val)]
     if args.model:
         over.append((["model", "name"], args.model))

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from flashtune.recipes.finetune import FORMATS, METHODS, TASKS, load_config, run_finetune
+from flashtune.data.formats import check_source
+from flashtune.recipes.finetune import FORMATS, METHODS, TASKS, check_run_folder, load_config, run_finetune
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -20,6 +21,20 @@ def add_common_flags(p: argparse.ArgumentParser) -> None:
 def add_device_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None,
                    help="where the model runs: cuda, cuda:N, cpu (default: cuda when available, else cpu)")
+
+
+def count(low: int = 1):
+    """An argparse type: an integer of at least `low` (argparse prints the option's name with the message)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} is below {low}")
+        return value
+
+    return parse
 
 
 def quiet_libraries(quiet: bool) -> None:
@@ -90,11 +105,15 @@ def _flag_overrides(args) -> list:
 def main(args) -> int:
     from flashtune.models import resolve_device
 
+    cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     if args.nproc_per_node is not None:
         from flashtune.training.launch import relaunch
 
+        if cfg.data.path and cfg.data.task in ("file", "text", "e2e"):  # checked once, not by every rank
+            check_source(cfg.data.path)
+        check_run_folder(cfg, args.resume or cfg.train.get("resume", False),
+                         args.overwrite or cfg.train.get("overwrite", False))
         relaunch(args.nproc_per_node, args.argv, args.strategy or "auto")   # torchrun; returns if nproc == 1
-    cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
     device = resolve_device(args.device)
     quiet_libraries(args.quiet)
     log = (lambda *a, **k: None) if args.quiet else print

@@ -89,6 +89,10 @@ def load_e2e_csv(path=None, limit: int | None = None) -> list[E2EExample]:
     path = Path(path) if path is not None else default_e2e_path()
     if not path.is_file() and not path.is_dir():
         raise FlashtuneError(f"E2E data file {str(path)!r} does not exist; pass a path or set FLASHTUNE_E2E_DATA")
+    if path.suffix.lower() in (".jsonl", ".json", ".parquet"):
+        raise FlashtuneError(f"{path} is a {path.suffix} file, and the e2e task reads the E2E csv; for mr/ref "
+                             f"columns in another file use --task file --format e2e, or drop --task to detect "
+                             f"the format")
     table = read_csv(path, "E2E data file")
     if "mr" not in table.columns or "ref" not in table.columns:
         raise FlashtuneError(f"{path} has columns {table.columns}; an E2E csv needs the columns 'mr' and 'ref'")
@@ -113,6 +117,27 @@ def examples_from_rows(rows, limit: int | None = None) -> list[E2EExample]:
     return [E2EExample(mr, refs) for mr, refs in grouped.items()]
 
 
+def val_count(val_size, n: int, what: str) -> int:
+    """How many of `n` distinct `what` (MRs, examples) a held-out split of `val_size` takes: a count, or a
+    fraction in (0, 1) of n (at least 1); both sides must stay non-empty. ConfigError naming the fix."""
+    if isinstance(val_size, float) and val_size >= 1 and val_size == int(val_size):
+        val_size = int(val_size)  # 100.0 from a TOML file is a count
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
+        raise ConfigError(f"val_size={val_size!r} must be a count or a fraction in (0, 1)")
+    if isinstance(val_size, float):
+        if not 0.0 < val_size < 1.0:
+            raise ConfigError(f"val_size={val_size!r} is out of range; a fraction must be in (0, 1)")
+        n_val = max(1, round(val_size * n))
+    else:
+        n_val = val_size
+    if not 0 < n_val < n:
+        fix = (f"hold out fewer, e.g. --set data.val_size={max(1, n // 10)} or a fraction such as 0.1" if n > 1 else
+               "give more data")
+        raise ConfigError(f"val_size={val_size!r} is out of range: it must leave both sides non-empty ({n} distinct "
+                          f"{what}); {fix}")
+    return n_val
+
+
 def split_by_mr(examples, val_size, seed: int = 0):
     """Split examples into (train, val) so that no MR is in both; `val_size` is a count or a fraction in (0, 1).
 
@@ -120,15 +145,7 @@ def split_by_mr(examples, val_size, seed: int = 0):
     is a seeded permutation; both sides keep the input order.
     """
     mrs = list(dict.fromkeys(ex.mr for ex in examples))
-    if isinstance(val_size, float) and not isinstance(val_size, bool):
-        if not 0.0 < val_size < 1.0:
-            raise ConfigError(f"val_size={val_size!r} is out of range; a fraction must be in (0, 1)")
-        n_val = max(1, round(val_size * len(mrs)))
-    else:
-        n_val = int(val_size)
-    if not 0 < n_val < len(mrs):
-        raise ConfigError(f"val_size={val_size!r} is out of range; it must leave both sides non-empty "
-                          f"({len(mrs)} distinct MRs)")
+    n_val = val_count(val_size, len(mrs), "MRs")
     order = list(range(len(mrs)))
     random.Random(seed).shuffle(order)
     val_mrs = {mrs[i] for i in order[:n_val]}

@@ -28,7 +28,7 @@ import random
 from pathlib import Path
 
 from flashtune.data.dataset import IGNORE_INDEX, _bos, _encode, make_lm_dataset
-from flashtune.data.e2e import E2EExample, examples_from_rows, split_by_mr
+from flashtune.data.e2e import E2EExample, examples_from_rows, split_by_mr, val_count
 from flashtune.data.files import SUFFIXES, Rows, read_hub, read_rows, read_text_file
 from flashtune.errors import ConfigError, FlashtuneError, check_choice
 
@@ -74,8 +74,14 @@ def load_records(path_or_name, format: str | None = None):
     else:
         records = [r for i, row in enumerate(table.rows) if (r := _normalize(fmt, row, table, i)) is not None]
         if len(records) < len(table.rows):
-            log.warning("%s: %d of %d rows are empty and were skipped", table.source,
-                        len(table.rows) - len(records), len(table.rows))
+            other = sum(all(row.get(c) is None for c in COLUMNS[fmt]) for row in table.rows)
+            empty = len(table.rows) - len(records) - other
+            if other:
+                log.warning("%s: %d of %d rows have none of the columns of format %r (%s) and were skipped; give "
+                            "every row the same format", table.source, other, len(table.rows), fmt,
+                            ", ".join(COLUMNS[fmt]))
+            if empty:
+                log.warning("%s: %d of %d rows are empty and were skipped", table.source, empty, len(table.rows))
     if not records:
         raise FlashtuneError(f"{table.source} holds no {fmt} examples (every row is empty); give it some data")
     return records, fmt
@@ -84,13 +90,19 @@ def load_records(path_or_name, format: str | None = None):
 def read_table(path_or_name) -> Rows:
     """The rows of a data file (.jsonl/.json/.csv/.tsv/.parquet) or of a Hub dataset's train split; one line
     naming the problem when a path does not exist or the Hub cannot be reached."""
+    p = check_source(path_or_name)
+    return read_rows(p) if p.exists() else read_hub(str(path_or_name))
+
+
+def check_source(path_or_name) -> Path:
+    """The path of a data source, checked without reading it: one that looks like a file path (a data suffix,
+    a leading '.', '/' or '~', or more than one '/') must exist; anything else may be a Hub dataset name."""
     source = str(path_or_name)
     p = Path(source).expanduser()
-    if p.exists():
-        return read_rows(p)
-    if p.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~")) or source.count("/") > 1:
+    if not p.exists() and (p.suffix.lower() in SUFFIXES or source.startswith((".", "/", "~"))
+                           or source.count("/") > 1):
         raise FlashtuneError(f"data file {source!r} does not exist; check the path")
-    return read_hub(source)
+    return p
 
 
 def detect_format(table: Rows) -> str:
@@ -166,6 +178,11 @@ def _normalize(fmt: str, row: dict, table: Rows, i: int) -> dict | None:
         return {"messages": msgs}
     prompt, completion = row.get("prompt"), row.get("completion")
     if isinstance(prompt, list) or isinstance(completion, list):    # TRL's conversational prompt/completion
+        for name, value in (("prompt", prompt), ("completion", completion)):
+            if value not in (None, "") and not isinstance(value, list):
+                raise FlashtuneError(f"{table.at(i)}: {name!r} is a {type(value).__name__} while the other is a list; "
+                                     f"write both as strings, or both as lists of "
+                                     f'{{"role": ..., "content": ...}} messages')
         p = _messages(prompt, table, i, "prompt") if prompt else []
         c = _messages(completion, table, i, "completion")
         if not any(m["role"] == "assistant" for m in c):
@@ -184,40 +201,18 @@ def split_records(records, format: str, val_size, seed: int = 0):
     (prompt/completion) on one side. val_size: a count, or a fraction in (0, 1)."""
     check_choice("format", format, FORMATS)
     if format == "e2e":
-        return split_by_mr(records, _val_size(val_size), seed=seed)
+        return split_by_mr(records, val_size, seed=seed)
     if format == "prompt_completion":
         key = [json.dumps(r.get("prompt", r.get("messages", [])[:r.get("n_prompt", 0)])) for r in records]
     else:
         key = list(range(len(records)))
     distinct = list(dict.fromkeys(key))
-    n_val = _count(val_size, len(distinct))
+    n_val = val_count(val_size, len(distinct), "examples")
     order = list(range(len(distinct)))
     random.Random(seed).shuffle(order)
     val_keys = {distinct[i] for i in order[:n_val]}
     return ([r for r, k in zip(records, key) if k not in val_keys],
             [r for r, k in zip(records, key) if k in val_keys])
-
-
-def _val_size(val_size):
-    if isinstance(val_size, float) and val_size >= 1 and val_size == int(val_size):
-        return int(val_size)
-    return val_size
-
-
-def _count(val_size, n: int) -> int:
-    val_size = _val_size(val_size)
-    if isinstance(val_size, bool) or not isinstance(val_size, (int, float)):
-        raise ConfigError(f"val_size={val_size!r} must be a count or a fraction in (0, 1)")
-    if isinstance(val_size, float):
-        if not 0.0 < val_size < 1.0:
-            raise ConfigError(f"val_size={val_size!r} is out of range; a fraction must be in (0, 1)")
-        n_val = max(1, round(val_size * n))
-    else:
-        n_val = val_size
-    if not 0 < n_val < n:
-        raise ConfigError(f"val_size={val_size!r} is out of range; it must leave both sides non-empty ({n} distinct "
-                          f"examples)")
-    return n_val
 
 
 # ---------------------------------------------------------------------------------------------- encoding

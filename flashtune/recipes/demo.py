@@ -55,11 +55,11 @@ def run_demo(cfg: FinetuneConfig, device=None, overwrite: bool = False, top_laye
     t0 = time.perf_counter()
     device = resolve_device(device)
     cfg = resolve_runtime(cfg, device)
-    check_run_folder(cfg, overwrite=overwrite)      # refuse before the minutes of work, not after
+    check_run_folder(cfg, overwrite=overwrite, can_resume=False)  # refuse before the minutes of work
     log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} (the first run converts the GGUF file: ~40 s) ...")
     extra = {"attn_implementation": "sdpa"} if device.type == "cuda" else {}
     model, tok = load_base_model(cfg.model.name or None, dtype=cfg.model.dtype, device=device, **extra)
-    if top_layers != 0:
+    if top_layers != 0 and cfg.method.get("name", "lora") == "lora":  # the other tuners have no target list
         cfg.method["target_modules"] = top_layers_regex(model, top_layers)
     _, held_out = load_examples(cfg.data)
     gen = dict(batch_size=cfg.eval.batch_size, num_beams=cfg.eval.num_beams, max_new_tokens=cfg.eval.max_new_tokens,

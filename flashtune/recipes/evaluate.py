@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 
 from flashtune.errors import FlashtuneError, check_choice
+from flashtune.fileio import output_dir
 from flashtune.recipes.finetune import (load_config, load_datasets, load_examples, load_texts, make_loss_eval,
                                         model_dtype, read_run_config)
 
@@ -34,13 +35,14 @@ def run_eval(path, split: str = "val", overrides=(), base_only: bool = False, ou
     base = read_run_config(root) or {}
     adapter_dir = root / "adapter" if (root / "adapter").is_dir() else root
     cfg = load_config(None, overrides, base=base)
+    out = Path(out) if out else root / f"eval-{split}{'-base' if base_only else ''}"
+    output_dir(out, "--out", create=False)  # before the minutes of generation, not after
     device = resolve_device(device)
     log(f"loading {cfg.model.name or 'SmolLM2-135M-Instruct'} + adapter {adapter_dir} on {device} ...")
     model, tok = load_base_model(cfg.model.name or None, dtype=model_dtype(cfg, device), device=device)
     if not base_only:
         load_adapter(model, adapter_dir)
         model.to(device)
-    out = Path(out) if out else root / f"eval-{split}{'-base' if base_only else ''}"
     config = {**cfg.to_dict(), "adapter": None if base_only else str(adapter_dir), "split": split}
     if cfg.data.task == "file":
         train_ds, val_ds, examples = load_datasets(cfg.data, tok)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from flashtune.errors import ConfigError, FlashtuneError, check_bool, check_choice, check_range
+from flashtune.fileio import output_dir
 
 TASKS = ("e2e", "synthetic", "text", "file")
 FORMATS = ("", "messages", "prompt_completion", "text", "e2e")   # "": detected from the columns
@@ -84,7 +85,7 @@ class DataSection:
         if self.task == "file" and not self.path:
             raise ConfigError("path='' is not allowed with task='file'; set data.path (--data) to a data file")
         check_choice("refs", self.refs, ("all", "first"))
-        check_range("num_examples", self.num_examples, 2, integer=True)
+        check_range("num_examples", self.num_examples, 2, 100_000, integer=True)
         check_range("max_inputs", self.max_inputs, 0, integer=True)
         check_range("val_size", self.val_size, 0, low_open=True)
         check_range("max_length", self.max_length, 8, integer=True)
@@ -221,7 +222,8 @@ def read_toml(path) -> dict:
     """A TOML file as a dict; a missing, unreadable, non-UTF-8 or invalid file is one ConfigError line."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"config file {str(p)!r} does not exist; pass the path of a TOML file")
+        why = "is a folder" if p.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(p)!r} {why}; pass the path of a TOML file")
     try:
         return tomllib.loads(p.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
@@ -311,10 +313,12 @@ def model_dtype(cfg: FinetuneConfig, device) -> str:
 
 
 # ------------------------------------------------------------------------------------------- run folders
-def check_run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False) -> str:
+def check_run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool = False,
+                     can_resume: bool = True) -> str:
     """Decide, before anything is written, how the run in cfg.out_dir starts: "fresh" | "resume" | "overwrite".
 
-    An existing run is refused unless `resume` or `overwrite`; a resume whose hyper-parameters differ from the
+    An existing run is refused unless `resume` or `overwrite` (`can_resume`: whether the command offers
+    --resume, for the message); a resume whose hyper-parameters differ from the
     run's finetune.json is refused with one line naming each difference (the checkpoint's optimizer, schedule
     and data position were made under the old values, so applying new ones would silently mix two runs).
     """
@@ -327,13 +331,18 @@ def check_run_folder(cfg: FinetuneConfig, resume: bool = False, overwrite: bool 
         raise ConfigError(f"out_dir={str(out)!r} is a file; pass a folder for the run")
     present = [name for name in RUN_FILES if (out / name).exists()] if out.is_dir() else []
     if not present:
+        if resume:
+            raise ConfigError(f"--resume: out_dir={str(out)!r} holds no run to continue; check the folder, or drop "
+                              f"--resume to start a new run there")
+        output_dir(out, "out_dir", create=False)  # a read-only place is one line now, not after loading
         return "fresh"
     if overwrite:
         return "overwrite"
     if not resume:
         what = "a checkpoint" if "latest.json" in present else ", ".join(present)
-        raise ConfigError(f"out_dir={str(out)!r} already holds a run ({what}); pass --resume to continue it, "
-                          f"--overwrite to start over, or another --out")
+        raise ConfigError(f"out_dir={str(out)!r} already holds a run ({what}); pass "
+                          f"{'--resume to continue it, ' if can_resume else ''}--overwrite to start over, or "
+                          f"another --out")
     ckpt.latest_checkpoint(out)            # a bad latest.json or checkpoint is one line, before anything changes
     old = read_run_config(out)
     if old is not None:
