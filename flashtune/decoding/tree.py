@@ -31,6 +31,11 @@ import torch
 
 from flashtune.errors import ConfigError
 
+# The largest tree `build_tree` makes (root excluded). Published trees are far smaller (Medusa's 63 nodes,
+# EAGLE-2's ~48-60); each node costs a token of every verification pass, so beyond a few hundred a step is a
+# long prefill that no acceptance pays for, and the greedy build itself slows down.
+MAX_TREE_NODES = 512
+
 # The default tree of the Medusa reference implementation (medusa_choices.py, "mc_sim_7b_63"), kept as data.
 MC_SIM_7B_63 = [
     [0], [0, 0], [1], [0, 1], [2], [0, 0, 0], [1, 0], [0, 2], [3], [0, 3], [4], [0, 4], [2, 0], [0, 5],
@@ -164,6 +169,8 @@ def build_tree(head_accuracy, n_nodes: int, topk: int | None = None) -> list[lis
         acc = acc[:, :topk]
     if n_nodes < 1:
         raise ConfigError(f"n_nodes={n_nodes} must be >= 1")
+    if n_nodes > MAX_TREE_NODES:
+        raise ConfigError(f"n_nodes={n_nodes} is too large; trees have at most {MAX_TREE_NODES} nodes (typical: 15-63)")
     num_heads, k = acc.shape
     heap = [(-float(acc[0, j]), (j,)) for j in range(k)]
     heapq.heapify(heap)

@@ -80,13 +80,15 @@ class MedusaRecipe(HeadsTraining):
     stage: int = 1  # 1: Medusa-1 (frozen base); 2: Medusa-2 (LoRA + heads)
     num_heads: int = 4
     num_layers: int = 1  # ResBlocks per head
-    tree_nodes: int = 63  # node budget of the tree built from the measured accuracies (0: the default tree)
+    tree_nodes: int = 63  # node budget of the tree built from the measured accuracies (0: the default tree; <= 512)
     topk: int = 10
 
     def __post_init__(self):
         super().__post_init__()
         check_choice("stage", self.stage, (1, 2))
-        for name, low, high in (("num_heads", 1, 16), ("num_layers", 0, 8), ("tree_nodes", 0, None),
+        from flashtune.decoding.tree import MAX_TREE_NODES
+
+        for name, low, high in (("num_heads", 1, 16), ("num_layers", 0, 8), ("tree_nodes", 0, MAX_TREE_NODES),
                                 ("topk", 1, None)):
             check_range(name, getattr(self, name), low, high, integer=True)
 

@@ -75,8 +75,13 @@ def check_exportable(method: str, fmt: str) -> Callable:
     fn = _EXPORTERS.get((method, fmt))
     if fn is None:
         have = sorted(f for m, f in _EXPORTERS if m == method)
+        if not have:
+            raise ConfigError(f"{method} heads have no serving layout (vLLM, SGLang and speculators load no {method} "
+                              f"drafter), so there is nothing to export; decode with them in flashtune (`flashtune "
+                              f"generate --speculative {method} --heads DIR`), or train medusa, mtp or eagle3 heads "
+                              f"to serve")
         raise ConfigError(f"{fmt} serves no {method} drafter in a layout flashtune writes; choose --format "
-                          f"{' or '.join(have) or '(none: no serving engine loads these heads)'}")
+                          f"{' or '.join(have)}")
     return fn
 
 
@@ -273,6 +278,32 @@ def _mtp_import(config: dict, d: Path, model, device, dtype):
 # ----------------------------------------------------------------------------------------------------------
 # flashtune's own heads folders (what `train-heads` writes).
 
+def heads_files() -> dict[str, tuple[str, str]]:
+    """method -> (config file, weights file) that `train-heads` writes for it."""
+    from flashtune.decoding.drafters import medusa, mtp, parallel
+    from flashtune.decoding.drafters.eagle import model as eagle_model
+
+    return {m: (pkg.CONFIG_NAME, pkg.WEIGHTS_NAME)
+            for m, pkg in (("medusa", medusa), ("mtp", mtp), ("parallel", parallel), ("eagle3", eagle_model))}
+
+
+def saved_methods(directory) -> dict[str, list[str]]:
+    """The methods whose heads files (config or weights) the folder holds -> those file names; {} if none."""
+    d = Path(directory)
+    found = {m: [f for f in names if (d / f).is_file()] for m, names in heads_files().items()}
+    return {m: files for m, files in found.items() if files}
+
+
+def check_one_method(directory) -> None:
+    """One line naming the methods and files when a heads folder holds files of more than one method (a folder
+    trained into twice): which heads it means is ambiguous."""
+    found = saved_methods(directory)
+    if len(found) > 1:
+        shown = "; ".join(f"{m}: {', '.join(files)}" for m, files in found.items())
+        raise FlashtuneError(f"{directory} holds heads of {len(found)} methods ({shown}); keep one method's files "
+                             f"per folder: train each method into its own --out, or remove the other files")
+
+
 def load_heads(directory, model=None, device=None, dtype=None):
     """The drafter saved in a `train-heads` folder, whichever method wrote it (MTP and parallel heads bind to
     `model`, so they need it)."""
@@ -280,6 +311,7 @@ def load_heads(directory, model=None, device=None, dtype=None):
     from flashtune.decoding.drafters.eagle import model as eagle_model
 
     d = Path(directory)
+    check_one_method(d)
     if (d / medusa.CONFIG_NAME).is_file():
         return medusa.MedusaHeads.load(d, device=device, dtype=dtype, model=model)
     if (d / eagle_model.CONFIG_NAME).is_file():
