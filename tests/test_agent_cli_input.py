@@ -265,3 +265,37 @@ def test_pixel_rule_lives_in_one_place():
                  lambda: evaluate([], None, min_pixels=10, max_pixels=5)):
         with pytest.raises(ConfigError, match="min_pixels=10 is larger than max_pixels=5"):
             make()
+
+
+# -- agent fake-server ----------------------------------------------------------------------------------------
+
+def fake_server(capsys, tmp_path, *args, script=b"[]"):
+    path = tmp_path / "script.json"
+    path.write_bytes(script)
+    return cli(capsys, "agent", "fake-server", "--script", str(path), *args)
+
+
+def test_fake_server_script_that_is_binary(tmp_path, capsys):
+    code, err = fake_server(capsys, tmp_path, script=b"\xff\xfe garbage \x80\x81")
+    assert code == 2 and "not UTF-8" in err and "script.json" in err
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "65536"])
+def test_fake_server_port_out_of_range(tmp_path, capsys, port):
+    code, err = fake_server(capsys, tmp_path, "--port", port)
+    assert code == 2 and "--port" in err and "65535" in err
+
+
+def test_fake_server_port_in_use(tmp_path, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        code, err = fake_server(capsys, tmp_path, "--port", str(port))
+    assert code == 2 and f"127.0.0.1:{port}" in err and "in use" in err and "another port" in err
+
+
+@pytest.mark.parametrize("linger", ["-1", "nan", "inf"])
+def test_fake_server_linger(tmp_path, capsys, linger):
+    code, err = fake_server(capsys, tmp_path, "--linger", linger)
+    assert code == 2 and "--linger" in err

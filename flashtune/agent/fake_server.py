@@ -15,7 +15,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from flashtune.errors import ConfigError
+from flashtune.errors import ConfigError, FlashtuneError, check_range
 
 
 def load_script(path: str) -> list:
@@ -25,6 +25,9 @@ def load_script(path: str) -> list:
             script = json.load(f)
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"cannot read the fake-server script {path!r}: {exc}") from None
+    except UnicodeDecodeError as exc:  # binary, or another encoding
+        raise ConfigError(f"cannot read the fake-server script {path!r}: it is not UTF-8 text ({exc.reason} at "
+                          f"byte {exc.start}); give a JSON list of answers") from None
     if not isinstance(script, list):
         raise ConfigError(f"{path}: the script must be a JSON list of answers")
     return script
@@ -80,7 +83,12 @@ class FakeModelServer:
                 }
                 self._send(200, json.dumps(answer).encode())
 
-        self.httpd = ThreadingHTTPServer((host, port), Handler)
+        check_range("port", port, 0, 65535, integer=True)
+        try:
+            self.httpd = ThreadingHTTPServer((host, port), Handler)
+        except OSError as exc:  # in use, or a privileged port
+            raise FlashtuneError(f"cannot listen on {host}:{port}: {exc.strerror or exc}; choose another port "
+                                 "(0 picks a free one)") from None
         self.httpd.daemon_threads = True
         self._thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 

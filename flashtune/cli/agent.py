@@ -194,6 +194,8 @@ def cmd_parse(args) -> int:
 def cmd_fake_server(args) -> int:
     from flashtune.agent.fake_server import FakeModelServer, load_script
 
+    check_range("--port", args.port, 0, 65535, integer=True)
+    check_range("--linger", args.linger, 0)
     server = FakeModelServer(load_script(args.script), port=args.port)
     print(f"fake UI-TARS endpoint: {server.url}", flush=True)
     server.start()
