@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 
-from flashtune.errors import ConfigError
+from flashtune.errors import ConfigError, FlashtuneError
 
 
 # Options that only some methods read (the others would ignore them silently): option dest -> methods.
@@ -96,14 +96,13 @@ def check_args(args: argparse.Namespace) -> None:
 
         check_exportable(args.method, args.export)
     if args.data not in ("synthetic", "magpie") or (args.data == "magpie" and args.method != "eagle3"):
-        from flashtune.data.files import SUFFIXES
+        from flashtune.data.formats import check_source
 
-        data = Path(args.data).expanduser()
-        looks_like_a_path = (data.suffix.lower() in (*SUFFIXES, ".txt") or args.data.startswith((".", "/", "~"))
-                             or args.data.count("/") > 1)  # anything else may be a Hub dataset name
-        if not data.exists() and looks_like_a_path:
+        try:
+            data = check_source(args.data)  # a path that is missing; anything else may be a Hub dataset name
+        except FlashtuneError:
             raise ConfigError(f"--data {args.data!r} does not exist; check the path, or leave --data out for "
-                              "synthetic prompts")
+                              "synthetic prompts") from None
         if data.is_dir():
             raise ConfigError(f"--data {args.data!r} is a folder; give a prompts file (.txt, .jsonl, .json, .csv, "
                               ".parquet) or a Hub dataset name")
