@@ -13,6 +13,7 @@ import pytest
 
 from flashtune.agent.fake_server import FakeModelServer
 from flashtune.cli import main
+from tiny import readonly, snapshot
 
 DEAD = "http://127.0.0.1:9/v1"
 
@@ -27,36 +28,9 @@ def cli(capsys, *argv) -> tuple[int, str]:
     return code, lines[0]
 
 
-def snapshot(root) -> dict:
-    """Every file under `root` with its bytes, and every folder."""
-    found = {}
-    for folder, dirs, files in os.walk(root):
-        for d in dirs:
-            found[os.path.join(folder, d)] = None
-        for f in files:
-            with open(os.path.join(folder, f), "rb") as fh:
-                found[os.path.join(folder, f)] = fh.read()
-    return found
-
-
 def run_args(out, *args, endpoint=DEAD):
     return ["agent", "run", "--task", "t", "--endpoint", endpoint, "--retries", "0", "--size", "320x240",
             "--out", str(out), *args]
-
-
-def _readonly(monkeypatch, folder):
-    """A folder nobody may write to; root ignores mode bits, so there the OS refusal is simulated."""
-    import flashtune.fileio as fileio
-
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real = fileio.tempfile.NamedTemporaryFile
-
-        def refuse(*a, dir=None, **k):
-            if str(dir).startswith(str(folder)):
-                raise PermissionError(13, "Permission denied", str(dir))
-            return real(*a, dir=dir, **k)
-        monkeypatch.setattr(fileio.tempfile, "NamedTemporaryFile", refuse)
 
 
 # -- agent run: --out ----------------------------------------------------------------------------------------
@@ -80,7 +54,7 @@ def test_run_out_under_a_file(tmp_path, capsys):
 def test_run_out_in_a_read_only_folder(tmp_path, capsys, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
-    _readonly(monkeypatch, ro)
+    readonly(monkeypatch, ro)
     try:
         code, err = cli(capsys, *run_args(ro / "run"))
     finally:

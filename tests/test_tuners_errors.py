@@ -10,7 +10,7 @@ import torch
 from flashtune.errors import AdapterLoadError, ConfigError, FlashtuneError
 from flashtune.tuners import (AdapterConfig, LoraConfig, PrefixConfig, attach, delete_adapter, disable_adapters,
                               load_adapter, merge_adapter, save_adapter, set_active_adapter)
-from tiny import random_ids, tiny_model
+from tiny import random_ids, readonly, tiny_model
 
 
 def snapshot(model):
@@ -266,23 +266,6 @@ def test_save_adapter_refuses_non_finite_weights_and_writes_nothing(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _readonly(monkeypatch, folder):
-    """A folder nobody may write to; root ignores mode bits, so there the OS refusal is simulated."""
-    import os
-
-    import flashtune.fileio as fileio
-
-    folder.chmod(0o555)
-    if os.geteuid() == 0:
-        real = fileio.tempfile.mkstemp
-
-        def refuse(*a, dir=None, **k):
-            if str(dir).startswith(str(folder)):
-                raise PermissionError(13, "Permission denied", str(dir))
-            return real(*a, dir=dir, **k)
-        monkeypatch.setattr(fileio.tempfile, "mkstemp", refuse)
-
-
 @pytest.mark.parametrize("where", ["read_only", "under_a_file", "is_a_file"])
 def test_save_adapter_into_an_unwritable_place_is_one_line(tmp_path, monkeypatch, where):
     model = tiny_model("llama")
@@ -291,7 +274,7 @@ def test_save_adapter_into_an_unwritable_place_is_one_line(tmp_path, monkeypatch
     if where == "read_only":
         target = tmp_path / "ro"
         target.mkdir()
-        _readonly(monkeypatch, target)
+        readonly(monkeypatch, target)
         word = "permission"
     else:
         target = tmp_path / "f" / "adapter" if where == "under_a_file" else tmp_path / "f"

@@ -67,10 +67,11 @@ def ragged_prompts() -> list[list[int]]:
 
 
 def snapshot(root) -> dict:
-    """Every file under `root` (relative path -> bytes): a refused command must leave it equal."""
+    """Every file (relative path -> bytes) and folder (-> None) under `root`: a refused command must leave it
+    equal, an empty folder made on the way included."""
     from pathlib import Path
 
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(Path(root).rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): p.read_bytes() if p.is_file() else None for p in sorted(Path(root).rglob("*"))}
 
 
 def record_proposals(drafter, what=lambda d, tokens: tokens.clone()) -> list:
@@ -85,3 +86,23 @@ def record_proposals(drafter, what=lambda d, tokens: tokens.clone()) -> list:
     drafter.propose = propose
     return seen
 
+
+
+def readonly(monkeypatch, folder) -> None:
+    """Make `folder` a place nobody may write to. Root ignores mode bits, so there the OS refusal is simulated
+    for flashtune.fileio's temporary files (its atomic writes and its output-folder probe)."""
+    import os
+
+    import flashtune.fileio as fileio
+
+    folder.chmod(0o555)
+    if os.geteuid() != 0:
+        return
+    for name in ("mkstemp", "NamedTemporaryFile"):
+        real = getattr(fileio.tempfile, name)
+
+        def refuse(*a, dir=None, _real=real, **k):
+            if str(dir).startswith(str(folder)):
+                raise PermissionError(13, "Permission denied", str(dir))
+            return _real(*a, dir=dir, **k)
+        monkeypatch.setattr(fileio.tempfile, name, refuse)
