@@ -70,8 +70,8 @@ def test_kiosk_window_neither_downloads_nor_opens_a_file_chooser(locked, tmp_pat
             assert not chooser_open(vd.display)
             assert saved(home, window.profile) == []
         else:
-            assert wait_for(lambda: chooser_open(vd.display), 10)
-            assert wait_for(lambda: saved(home) == ["on-click.sh", "on-load.sh"], 10), saved(home)
+            assert wait_for(lambda: chooser_open(vd.display), 20)
+            assert wait_for(lambda: saved(home) == ["on-click.sh", "on-load.sh"], 20), saved(home)
     finally:
         if window is not None:
             window.close()
