@@ -155,10 +155,14 @@ def first_line(exc: BaseException) -> str:
     return text if isinstance(exc, FlashtuneError) else f"{type(exc).__name__}: {text}".rstrip(": ")
 
 
+def _holds_run(out_dir: str) -> bool:
+    return os.path.exists(os.path.join(out_dir, "trajectory.json"))
+
+
 def check_new_run_dir(out_dir: str, option: str = "--out") -> None:
     """Refuse a run folder that already holds a run (trajectory.json): a new run, or one that fails to start,
     would replace its trajectory, report and screenshots. Call before anything is written."""
-    if os.path.exists(os.path.join(out_dir, "trajectory.json")):
+    if _holds_run(out_dir):
         raise FlashtuneError(f"{option} {out_dir!r} already holds a run (trajectory.json); choose a new {option} "
                              "or remove the old run")
 
@@ -175,7 +179,7 @@ def record_failed_start(task: str, out_dir: str, exc: BaseException, config: Age
     reason = "interrupted while starting" if interrupted else first_line(exc)
     record.update(status="interrupted" if interrupted else "error", stage="launch", error=reason)
     code = exc.exit_code if isinstance(exc, FlashtuneError) else 1
-    if os.path.exists(os.path.join(out_dir, "trajectory.json")):  # another run's: keep it
+    if _holds_run(out_dir):  # another run's: keep it
         return LaunchError(f"the run could not start: {reason} (nothing written: {out_dir} holds another run)",
                            exit_code=code)
     os.makedirs(out_dir, exist_ok=True)

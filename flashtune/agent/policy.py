@@ -20,6 +20,7 @@ trajectory and executes none of the step's actions.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 import unicodedata
@@ -216,7 +217,7 @@ class Policy:
             if not isinstance(h, str) or not re.fullmatch(r"(\*\.)?[A-Za-z0-9.:\[\]-]+", h):
                 raise ConfigError(f"allow host {h!r} is not a host name; write e.g. example.com, *.example.com "
                                   "or 127.0.0.1:9000")
-            _allow_entry(h)
+        self._entries  # noqa: B018 - parses the entries now: a port out of range is refused here
         if self.start_url is not None:
             scheme = urlsplit(self.start_url.strip()).scheme.lower()
             if scheme not in SCHEMES or not urlsplit(self.start_url.strip()).hostname:
@@ -230,6 +231,11 @@ class Policy:
     @property
     def start_host(self) -> str | None:
         return urlsplit(self.start_url.strip()).hostname if self.start_url else None
+
+    @functools.cached_property
+    def _entries(self) -> tuple[tuple[str, int | None], ...]:
+        """The allow-list as (host pattern, port or None), parsed once (cached_property writes past frozen)."""
+        return tuple(map(_allow_entry, self.allow_hosts))
 
     @property
     def start_port(self) -> int | None:
@@ -295,7 +301,7 @@ class Policy:
         """Whether `host` is the start URL's host or in the allow-list (which lets private addresses through);
         an allow-list entry with a port (`host:9000`) names that port only."""
         return (self.start_host is not None and _host_matches(host, self.start_host)) or \
-            any(_host_matches(host, h) and p in (None, port) for h, p in map(_allow_entry, self.allow_hosts))
+            any(_host_matches(host, h) and p in (None, port) for h, p in self._entries)
 
     def check_address(self, host: str, address: str | None = None, what: str | None = None,
                       port: int | None = None) -> None:
@@ -340,7 +346,7 @@ class Policy:
 
         if self.start_host is not None and names(self.start_host) and port == self.start_port:
             return True
-        return any(names(h) and p in (None, port) for h, p in map(_allow_entry, self.allow_hosts))
+        return any(names(h) and p in (None, port) for h, p in self._entries)
 
     # -- keys -------------------------------------------------------------------------------------------------
     def _check_chord(self, keys: frozenset, what: str) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from urllib.parse import urlsplit
 
 from flashtune.agent.actions import Action
 from flashtune.agent.coords import CoordinateMapper
@@ -281,7 +280,8 @@ class BrowserExecutor:
             except PlaywrightError:
                 pass
             error, reason = first.split(": ", 1)[-1], ""
-            failure = self._tunnel_failure(url) if "ERR_TUNNEL_CONNECTION_FAILED" in error else None
+            failure = (self.proxy.failure_for(url) if self.proxy is not None and "ERR_TUNNEL_CONNECTION_FAILED" in
+                       error else None)
             if failure:  # Chromium names every refused CONNECT so: the proxy knows why
                 error, reason = f"{failure[0]} at {url[:200]}", failure[1]
             raise ActionError(f"the page did not load: {error}{_why(error, reason)}") from None
@@ -292,16 +292,6 @@ class BrowserExecutor:
             error = f"{net_error} at {response.url[:200]}"
             raise ActionError(f"the page did not load: {error}{_why(error, reason)}")
 
-    def _tunnel_failure(self, url: str | None):
-        """(net::ERR_..., reason) of the egress proxy's last failure for `url`'s host and port, or None."""
-        if self.proxy is None or not url:
-            return None
-        parts = urlsplit(url)
-        try:
-            port = parts.port or {"http": 80, "https": 443}.get(parts.scheme.lower())
-        except ValueError:
-            return None
-        return self.proxy.failures.get(f"{parts.hostname}:{port}")
 
 
 def _why(error: str, reason: str) -> str:

@@ -23,7 +23,7 @@ import socket
 import threading
 from urllib.parse import urlsplit
 
-from flashtune.agent.policy import PolicyError
+from flashtune.agent.policy import DEFAULT_PORTS, PolicyError
 
 MAX_HEAD = 64 * 1024
 HEADER = "X-Flashtune-Egress"
@@ -64,6 +64,18 @@ class EgressProxy:
         self.port = self._listener.getsockname()[1]
         self._acceptor = threading.Thread(target=self._accept, name=f"egress-proxy-{self.port}", daemon=True)
         self._acceptor.start()
+
+    def failure_for(self, url: str | None) -> tuple[str, str] | None:
+        """(net::ERR_..., reason) of the last failure for `url`'s host and port, or None: what a client that
+        only sees a refused CONNECT's status (Chromium, urllib) cannot tell."""
+        if not url:
+            return None
+        parts = urlsplit(url)
+        try:
+            port = parts.port or DEFAULT_PORTS.get(parts.scheme.lower())
+        except ValueError:
+            return None
+        return self.failures.get(f"{parts.hostname}:{port}")
 
     @property
     def url(self) -> str:

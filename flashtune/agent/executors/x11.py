@@ -307,8 +307,7 @@ def check_start_url(url: str, timeout: float = 15.0, policy=None, resolver=None)
 
     from flashtune.agent.executors.egress import HEADER, EgressProxy
 
-    parts = urlsplit(url)
-    if parts.scheme not in ("http", "https"):
+    if urlsplit(url).scheme not in ("http", "https"):
         return
     proxy = None if policy is None else EgressProxy(policy, resolver=resolver)
     route = {} if proxy is None else {"http": proxy.url, "https": proxy.url}
@@ -323,8 +322,7 @@ def check_start_url(url: str, timeout: float = 15.0, policy=None, resolver=None)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         if proxy is not None:  # a refused https tunnel: urllib names only the status
-            port = parts.port or (443 if parts.scheme == "https" else 80)
-            reason = proxy.failures.get(f"{parts.hostname}:{port}", (None, reason))[1]
+            reason = (proxy.failure_for(url) or (None, reason))[1]
     else:
         return
     finally:
