@@ -128,3 +128,28 @@ def test_an_unchecked_path_error_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "run_eval", lambda *a, **k: (_ for _ in ()).throw(OSError("no path")))
     with pytest.raises(OSError, match="no path"):
         main(["eval", str(tmp_path)])
+
+
+def test_torchrun_resume_of_a_finished_run_is_not_refused(model_dir, tmp_path, monkeypatch):
+    """The check before torchrun compares with the run's finetune.json, which holds the config with the
+    device's choices filled in (dtype, precision): it must fill them in too, or every resume is refused."""
+    from flashtune.training import launch
+
+    out = tmp_path / "run"
+    small = ["--set", "data.num_examples=24", "--set", "data.val_size=4", "--set", "eval.max_new_tokens=2",
+             "--max-steps", "1", "--batch-size", "4", "--quiet"]
+    assert main(["finetune", "--model", model_dir, "--out", str(out), *small]) == 0
+    started = []
+
+    class Exec(Exception):
+        pass
+
+    def execv(path, argv):
+        started.append(argv)
+        raise Exec
+
+    monkeypatch.setattr(launch, "check_launch", lambda *a: None)  # no second device needed to get this far
+    monkeypatch.setattr(launch.os, "execv", execv)
+    with pytest.raises(Exec):
+        main(["finetune", "--model", model_dir, "--out", str(out), *small, "--resume", "--nproc-per-node", "2"])
+    assert "torch.distributed.run" in started[0] and "--resume" in started[0]

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 
 from flashtune.data.formats import check_source
-from flashtune.recipes.finetune import FORMATS, METHODS, TASKS, check_run_folder, load_config, run_finetune
+from flashtune.recipes.finetune import (FORMATS, METHODS, TASKS, check_run_folder, load_config, resolve_runtime,
+                                       run_finetune)
 
 
 def add_common_flags(p: argparse.ArgumentParser) -> None:
@@ -106,15 +107,17 @@ def main(args) -> int:
     from flashtune.models import resolve_device
 
     cfg = load_config(args.config, [*args.overrides, *_flag_overrides(args)])
+    device = resolve_device(args.device)
     if args.nproc_per_node is not None:
         from flashtune.training.launch import relaunch
 
-        if cfg.data.path and cfg.data.task in ("file", "text", "e2e"):  # checked once, not by every rank
-            check_source(cfg.data.path)
-        check_run_folder(cfg, args.resume or cfg.train.get("resume", False),
-                         args.overwrite or cfg.train.get("overwrite", False))
+        if args.nproc_per_node > 1:  # checked once, not by every rank (one process: run_finetune checks)
+            if cfg.data.path and cfg.data.task in ("file", "text", "e2e"):
+                check_source(cfg.data.path)
+            # as run_finetune will: its finetune.json holds the config with the device's choices filled in
+            check_run_folder(resolve_runtime(cfg, device, args.fast), args.resume or cfg.train.get("resume", False),
+                             args.overwrite or cfg.train.get("overwrite", False))
         relaunch(args.nproc_per_node, args.argv, args.strategy or "auto")   # torchrun; returns if nproc == 1
-    device = resolve_device(args.device)
     quiet_libraries(args.quiet)
     log = (lambda *a, **k: None) if args.quiet else print
     res = run_finetune(cfg, log=log, progress=not args.quiet, resume=args.resume, overwrite=args.overwrite,
