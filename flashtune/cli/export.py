@@ -59,6 +59,18 @@ def check_new_out(path, option: str = "--out", what: str = "a new or empty folde
                               "or into existing files)")
 
 
+def existing_dir(path, option: str, fix: str):
+    """The folder `path` as a Path, or one line saying it does not exist or is a file, and what to `fix` (pass)
+    instead."""
+    from pathlib import Path
+
+    d = Path(path)
+    if not d.is_dir():
+        where = "does not exist" if not d.exists() else "is a file"
+        raise ConfigError(f"{option} {path!r} {where}; pass {fix}")
+    return d
+
+
 @contextlib.contextmanager
 def output_folder(path, option: str = "--out"):
     """Create and write-probe the output folder (fileio.output_dir: one line if it cannot be written) for the
@@ -82,40 +94,35 @@ def output_folder(path, option: str = "--out"):
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from flashtune.decoding.drafters.export import (CONFIG, check_exportable, check_one_method, export_heads,
-                                                    import_heads, load_heads, saved_methods)
+                                                    heads_files, import_heads, load_heads, saved_methods)
 
     if bool(args.heads) == bool(args.import_dir):
         raise ConfigError("pass exactly one of --heads DIR (export) or --import DIR (read back)")
     option, src = ("--heads", args.heads) if args.heads else ("--import", args.import_dir)
-    d = Path(src)
-    if not d.is_dir():
-        where = "does not exist" if not d.exists() else "is a file"
-        fix = ("a folder written by `flashtune train-heads`" if args.heads
-               else "a folder written by `flashtune export-heads`")
-        raise ConfigError(f"{option} {src!r} {where}; pass {fix}")
+    d = existing_dir(src, option, "a folder written by `flashtune train-heads`" if args.heads
+                     else "a folder written by `flashtune export-heads`")
+    medusa_config = heads_files()["medusa"][0]
     if args.heads:  # checked before the model loads: which heads, and whether the format serves them
         found = saved_methods(d)
         if not found:
-            from flashtune.decoding.drafters.export import heads_files
-
             names = ", ".join(c for c, _ in heads_files().values())
             raise ConfigError(f"--heads {src!r} holds no heads (no {names}); pass a folder written by "
                               "`flashtune train-heads`")
-        check_one_method(d)
+        check_one_method(d, found)
         check_exportable(next(iter(found)), args.format)
+        has_medusa_config = medusa_config in found.get("medusa", ())  # the scan above looked for it
     else:
         if given(args, "format"):
             raise ConfigError("--format applies to export (--heads) only; --import reads the layout from the "
                               "folder's config.json: drop --format")
         if not (d / CONFIG).is_file():
             raise ConfigError(f"--import {src!r} has no {CONFIG}; pass a folder written by `flashtune export-heads`")
+        has_medusa_config = (d / medusa_config).is_file()
     check_new_out(args.out)
     with output_folder(args.out):
         model = None
-        needs_model = not (d / "medusa_config.json").is_file() and not _is_medusa_export(d)
+        needs_model = not has_medusa_config and not _is_medusa_export(d)  # Medusa heads need no base model
         if needs_model:
             from flashtune.models import load_base_model
 

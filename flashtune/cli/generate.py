@@ -11,7 +11,7 @@ import argparse
 import sys
 import time
 
-from flashtune.cli.export import Given, given
+from flashtune.cli.export import Given, existing_dir, given
 from flashtune.decoding.tree import MAX_TREE_NODES
 from flashtune.errors import ConfigError
 from flashtune.models import resolve_device
@@ -201,11 +201,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.acceptance == "typical" and args.temperature == 0:
         raise ConfigError("--acceptance typical needs --temperature > 0; greedy decoding is always lossless")
     if spec != "none":
-        d = Path(args.heads)
-        if not d.is_dir():
-            where = "does not exist" if not d.exists() else "is a file"
-            raise ConfigError(f"--heads {args.heads!r} {where}; pass a folder written by `flashtune train-heads "
-                              f"--method {spec}`")
+        d = existing_dir(args.heads, "--heads", f"a folder written by `flashtune train-heads --method {spec}`")
         found = saved_methods(d)
         if spec not in found:
             if found:

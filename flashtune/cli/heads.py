@@ -129,23 +129,30 @@ def main(args: argparse.Namespace) -> int:
     from flashtune.recipes import heads as recipes
 
     check_args(args)
-    if args.method == "eagle3":
-        return _train_eagle3(args)
-    common = dict(out_dir=args.out, model=args.model, device=args.device, self_distill=not args.no_self_distill,
-                  data=args.data, num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                  steps=args.steps, batch_size=args.batch_size, lr=args.lr, precision=args.precision,
-                  seed=args.seed)
     with _option_names():  # the recipe checks its fields before anything loads
-        if args.method == "mtp":
-            recipe, train = recipes.MTPRecipe(depth=args.depth, joint_lora=args.stage == 2, **common), \
-                recipes.train_mtp_heads
-        elif args.method == "parallel":
-            recipe, train = recipes.ParallelRecipe(n_heads=args.num_heads, joint_lora=args.stage == 2, **common), \
-                recipes.train_parallel_heads
+        if args.method == "eagle3":
+            from flashtune.recipes.eagle import Eagle3TrainConfig, train_eagle3
+
+            recipe, train = Eagle3TrainConfig(
+                out_dir=args.out, model=args.model, device=args.device,
+                data="magpie" if args.data == "synthetic" else args.data, num_prompts=args.num_prompts,
+                answer_tokens=args.max_new_tokens, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                precision="bf16" if args.precision == "bf16" else "fp32", seed=args.seed), train_eagle3
         else:
-            recipe, train = recipes.MedusaRecipe(stage=args.stage, num_heads=args.num_heads,
-                                                 num_layers=args.num_layers, tree_nodes=args.tree_nodes,
-                                                 **common), recipes.train_medusa_heads
+            common = dict(out_dir=args.out, model=args.model, device=args.device,
+                          self_distill=not args.no_self_distill, data=args.data, num_prompts=args.num_prompts,
+                          max_new_tokens=args.max_new_tokens, steps=args.steps, batch_size=args.batch_size,
+                          lr=args.lr, precision=args.precision, seed=args.seed)
+            if args.method == "mtp":
+                recipe, train = recipes.MTPRecipe(depth=args.depth, joint_lora=args.stage == 2, **common), \
+                    recipes.train_mtp_heads
+            elif args.method == "parallel":
+                recipe, train = recipes.ParallelRecipe(n_heads=args.num_heads, joint_lora=args.stage == 2,
+                                                       **common), recipes.train_parallel_heads
+            else:
+                recipe, train = recipes.MedusaRecipe(stage=args.stage, num_heads=args.num_heads,
+                                                     num_layers=args.num_layers, tree_nodes=args.tree_nodes,
+                                                     **common), recipes.train_medusa_heads
         if args.device:
             from flashtune.models import resolve_device
 
@@ -158,11 +165,18 @@ def main(args: argparse.Namespace) -> int:
             from flashtune.decoding.drafters.export import export_heads, load_heads
 
             model = None
-            if args.method != "medusa":  # MTP modules bind to their base model
+            if args.method != "medusa":  # MTP modules, parallel heads and EAGLE-3 drafts bind to their base model
                 from flashtune.models import load_base_model
 
                 model, _ = load_base_model(args.model or None, dtype="float32")
             export_heads(load_heads(args.out, model), Path(args.out) / "export", args.export, model)
+    exported = f"exported for {args.export} to {args.out}/export"
+    if args.method == "eagle3":
+        if args.export:
+            print(exported)
+        acc = ", ".join(f"{a:.2f}" for a in report["heldout_step_accuracy"])
+        print(f"eagle3 saved to {args.out}: held-out accuracy per unrolled step [{acc}]")
+        return 0
     if args.method == "medusa":
         top1 = ", ".join(f"{a:.2f}" for a in report["head_top1"])
         print(f"heads saved to {args.out}: top-1 accuracy per head [{top1}], tree of {report['tree_nodes']} nodes, "
@@ -171,7 +185,7 @@ def main(args: argparse.Namespace) -> int:
         acc = ", ".join(f"{a:.2f}" for a in report["depth_top1"])
         print(f"{args.method} saved to {args.out}: held-out top-1 accuracy per depth [{acc}]")
     if args.export:
-        print(f"exported for {args.export} to {args.out}/export")
+        print(exported)
     return 0
 
 
@@ -187,33 +201,3 @@ def _option_names():
                 raise ConfigError(f"{option} {msg[len(field) + 1:]}") from None
         raise
 
-
-def _train_eagle3(args: argparse.Namespace) -> int:
-    from flashtune.cli.export import output_folder
-    from flashtune.recipes.eagle import Eagle3TrainConfig, train_eagle3
-
-    with _option_names():
-        cfg = Eagle3TrainConfig(out_dir=args.out, model=args.model, device=args.device,
-                                data="magpie" if args.data == "synthetic" else args.data,
-                                num_prompts=args.num_prompts, answer_tokens=args.max_new_tokens, steps=args.steps,
-                                batch_size=args.batch_size, lr=args.lr,
-                                precision="bf16" if args.precision == "bf16" else "fp32", seed=args.seed)
-        if args.device:
-            from flashtune.models import resolve_device
-
-            resolve_device(args.device)
-    with output_folder(args.out):
-        report = train_eagle3(cfg)
-        if args.export:
-            from pathlib import Path
-
-            from flashtune.decoding.drafters.export import export_heads, load_heads
-            from flashtune.models import load_base_model
-
-            model, _ = load_base_model(args.model or None, dtype="float32")
-            export_heads(load_heads(args.out, model), Path(args.out) / "export", args.export, model)
-    if args.export:
-        print(f"exported for {args.export} to {args.out}/export")
-    acc = ", ".join(f"{a:.2f}" for a in report["heldout_step_accuracy"])
-    print(f"eagle3 saved to {args.out}: held-out accuracy per unrolled step [{acc}]")
-    return 0

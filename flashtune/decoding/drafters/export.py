@@ -294,10 +294,12 @@ def saved_methods(directory) -> dict[str, list[str]]:
     return {m: files for m, files in found.items() if files}
 
 
-def check_one_method(directory) -> None:
+def check_one_method(directory, found: dict[str, list[str]] | None = None) -> None:
     """One line naming the methods and files when a heads folder holds files of more than one method (a folder
-    trained into twice): which heads it means is ambiguous."""
-    found = saved_methods(directory)
+    trained into twice): which heads it means is ambiguous. `found`: `saved_methods(directory)` where the caller
+    has it already (the folder is scanned otherwise)."""
+    if found is None:
+        found = saved_methods(directory)
     if len(found) > 1:
         shown = "; ".join(f"{m}: {', '.join(files)}" for m, files in found.items())
         raise FlashtuneError(f"{directory} holds heads of {len(found)} methods ({shown}); keep one method's files "
@@ -323,5 +325,6 @@ def load_heads(directory, model=None, device=None, dtype=None):
             if model is None:
                 raise ConfigError(f"{d} holds {cls.__name__}, which bind to their base model; pass it (--model)")
             return cls.load(d, model)
-    raise FlashtuneError(f"{d} holds no heads ({medusa.CONFIG_NAME}, {mtp.CONFIG_NAME}, {parallel.CONFIG_NAME} "
-                         f"or {eagle_model.CONFIG_NAME}); train them with `flashtune train-heads`")
+    *names, last = (c for c, _ in heads_files().values())
+    raise FlashtuneError(f"{d} holds no heads ({', '.join(names)} or {last}); train them with `flashtune "
+                         "train-heads`")
