@@ -66,8 +66,11 @@ class ColdWeights:
     def __init__(self, n: int, k: int, device, least: int = 2):
         count = 1 if torch.device(device).type == "cpu" else max(least, -(-200_000_000 // (2 * n * k)))
         self.copies = [torch.randn(n, k, device=device, dtype=torch.bfloat16) / k ** 0.5 for _ in range(count)]
-        self.first = self.copies[0]
         self.turn = 0
+
+    @property
+    def first(self) -> torch.Tensor:
+        return self.copies[0]
 
     def cold(self, fn):
         def call():

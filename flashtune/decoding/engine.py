@@ -22,8 +22,7 @@ steps run after the last row stops, and the GPU never idles waiting for the host
 its prompt length padded up to a multiple of `prefill_bucket` (one graph per batch size and bucket).
 
 The drafter protocol (start, propose, accept; tree, stateless, trunk, graph_version) is written down in
-drafters/base.py; `self.generator` is the generator of the call in progress and `self.noise` its step noise
-(both None when greedy).
+drafters/base.py; `self.noise` is the step noise of the call in progress (None when greedy).
 """
 
 from __future__ import annotations
@@ -214,7 +213,6 @@ class Engine:
         self._stop = torch.full((_MAX_STOP,), -1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(max_batch_size, max_seq_len + 2, dtype=torch.long, device=self.device)
         self.eos_token_id = getattr(model.config, "eos_token_id", None)
-        self.generator: torch.Generator | None = None  # the call in progress's
         self.noise: StepNoise | None = None  # its step noise (sampling calls): drafters that sample draw from it
         self._noise: StepNoise | None = None  # the buffer, kept between calls (captured steps read it)
 
@@ -415,7 +413,6 @@ class Engine:
             gen = torch.Generator(device=self.device)
             gen.manual_seed(seed if seed is not None else torch.seed())
         rule = "greedy" if params.is_greedy else ("typical" if acceptance == "typical" else "sample")
-        self.generator = gen
         self.noise = None if gen is None else self._step_noise(tree)
 
         hidden, logits, tokens, lens = self._prefill_prompts(prompts, getattr(drafter, "trunk", False))

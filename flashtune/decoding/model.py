@@ -309,6 +309,19 @@ class Block(nn.Module):
         return x + self.w_out(h)
 
 
+def rope_values(positions, inv_freq, scaling: float, dtype, signed: bool):
+    """positions [...] -> (cos, sin) [..., D] in `dtype` from fp32 angles, as transformers computes them;
+    `signed`: sin carries rotate_half's signs (-sin on the first half), the form the fused kernels read."""
+    freqs = positions[..., None].float() * inv_freq.float()  # [..., D/2]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    cos = (emb.cos() * scaling).to(dtype)
+    sin = (emb.sin() * scaling).to(dtype)
+    if signed:
+        half = sin.shape[-1] // 2
+        sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+    return cos, sin
+
+
 class DecoderModel(nn.Module):
     """The backbone + LM head. Build with `DecoderModel.from_hf(hf_model_or_config, state_dict)`."""
 
@@ -357,13 +370,7 @@ class DecoderModel(nn.Module):
         return self._rope_values(positions, dtype)
 
     def _rope_values(self, positions, dtype):
-        freqs = positions[..., None].float() * self.inv_freq.float()  # [B, T, D/2]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scaling).to(dtype)
-        sin = (emb.sin() * self.rope_scaling).to(dtype)
-        if self.fast:
-            half = sin.shape[-1] // 2
-            sin = torch.cat((-sin[..., :half], sin[..., half:]), dim=-1)
+        cos, sin = rope_values(positions, self.inv_freq, self.rope_scaling, dtype, signed=self.fast)
         return cos[:, :, None], sin[:, :, None]
 
     def build_rope_table(self, max_positions: int, dtype) -> None:

@@ -14,6 +14,7 @@ data (Magpie self-synthesis by default, synth.py), draft vocabulary, training, h
 from __future__ import annotations
 
 import dataclasses
+import gc
 import time
 from collections import Counter
 from pathlib import Path
@@ -244,9 +245,12 @@ def load_records(cfg: Eagle3TrainConfig, model, tokenizer, device, log=print) ->
     # a .txt file of prompts, a chat / prompt data file or a Hub dataset name: the target answers each prompt
     prompts, _ = head_training_prompts(cfg.data, cfg.num_prompts, cfg.seed, tokenizer)
     longest = max(len(p) for p in prompts)
-    batch = 64 if device.type == "cuda" else 8
+    batch = min(64 if device.type == "cuda" else 8, len(prompts))
     engine = Engine(model, tokenizer, max_batch_size=batch, device=device, max_seq_len=longest + cfg.answer_tokens + 8)
-    return synth.self_distill(engine, tokenizer, prompts, cfg.answer_tokens, batch), cfg.data
+    records = synth.self_distill(engine, tokenizer, prompts, cfg.answer_tokens, batch)
+    del engine
+    gc.collect()  # the engine's CUDA graphs and KV cache hold memory until its reference cycle is collected
+    return records, cfg.data
 
 
 def train_eagle3(cfg: Eagle3TrainConfig, model=None, tokenizer=None, log=print) -> dict:

@@ -376,11 +376,6 @@ def engine_norm(norm: nn.Module, engine) -> nn.Module:
     return out.to(device=engine.device, dtype=engine.dtype).eval()
 
 
-def call_noise(engine):
-    """The engine's step noise for the current call (sampling.StepNoise; None for greedy calls)."""
-    return getattr(engine, "noise", None)
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Training: the base and its heads as one module, and the teacher-forced losses every method shares.
 #

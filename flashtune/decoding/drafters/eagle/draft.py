@@ -37,7 +37,7 @@ import copy
 import torch
 import torch.nn.functional as F
 
-from flashtune.decoding.drafters.base import CatchUpState, call_noise
+from flashtune.decoding.drafters.base import CatchUpState
 from flashtune.decoding.drafters.eagle.model import Eagle3Draft
 from flashtune.decoding.tree import TreeBuffers, chain_paths, tree_buffers
 from flashtune.errors import ConfigError, check_range
@@ -204,7 +204,7 @@ class Eagle3Drafter(CatchUpState):
         if bsz > self.L.shape[0]:
             raise ConfigError(f"batch of {bsz} exceeds the engine's max_batch_size={self.L.shape[0]}")
         self.first = engine.cache.prefix_len
-        self.noise = call_noise(engine)  # None when greedy: drafts are then argmax tokens
+        self.noise = engine.noise  # None when greedy: drafts are then argmax tokens
         self.L[:bsz].copy_(lengths + self.first)
         stream = torch.cat([tokens[:, 1:], tokens.new_zeros(bsz, 1)], dim=1)  # t_{i+1} at i
         stream.scatter_(1, (lengths - 1)[:, None], root[:, None])

@@ -20,6 +20,7 @@ import torch
 
 from flashtune.decoding.drafters.base import engine_norm
 from flashtune.decoding.kernels import add_rms_norm, rms_norm_pair, rope_cache, silu_mul, slot_attention
+from flashtune.decoding.model import rope_values
 
 
 class FusedLayer:
@@ -45,12 +46,8 @@ class FusedLayer:
         self.embed = engine.model.embed
         self.nq, self.nkv, self.d = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.scale = c.head_dim ** -0.5
-        angle = torch.arange(slots, device=dev, dtype=torch.float32)[:, None] * draft.inv_freq.float().to(dev)
-        emb = torch.cat([angle, angle], dim=-1)  # [S, D]
-        cos, sin = emb.cos() * draft.rope_scaling, emb.sin() * draft.rope_scaling
-        half = sin.shape[-1] // 2
-        self.cos = cos.to(dt)
-        self.sin = torch.cat([-sin[:, :half], sin[:, half:]], dim=-1).to(dt)  # rope_cache's signed sin
+        self.cos, self.sin = rope_values(torch.arange(slots, device=dev), draft.inv_freq.to(dev), draft.rope_scaling,
+                                         dt, signed=True)  # [S, D]; rope_cache's signed sin
 
     def run(self, x, tokens, positions, slots, k_cache, v_cache, start, lo: int, tree=None, rows=None):
         """x [B, q, H] (fc output or the layer's own output), tokens [B, q], positions / slots long [B, q],

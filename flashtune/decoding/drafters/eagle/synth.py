@@ -13,6 +13,7 @@ seed are written to one JSON-lines file, atomically; the first line is the recip
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import re
@@ -150,6 +151,8 @@ def synthesize(model, tokenizer, n: int, out_path, seed: int = 0, prompt_tokens:
                     max_seq_len=max(prefix_len + prompt_tokens, prefix_len + prompt_tokens + answer_tokens) + 64)
     prompts = magpie_prompts(engine, tokenizer, n, seed=seed, max_new_tokens=prompt_tokens, batch_size=batch_size)
     records = self_distill(engine, tokenizer, prompts, answer_tokens, batch_size)
+    del engine
+    gc.collect()  # the engine's CUDA graphs and KV cache hold memory until its reference cycle is collected
     head = {"recipe": "magpie+self-distill", "seed": seed, "n_requested": n, "n": len(records),
             "prompt_tokens": prompt_tokens, "answer_tokens": answer_tokens,
             "model": getattr(model.config, "_name_or_path", "") or model.config.model_type}

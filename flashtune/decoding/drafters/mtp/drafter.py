@@ -11,8 +11,7 @@ import copy
 import torch
 
 from flashtune.decoding.cache import KVCache
-from flashtune.decoding.drafters.base import (CatchUpState, call_noise, check_engine, compact_block,
-                                              engine_norm)
+from flashtune.decoding.drafters.base import CatchUpState, check_engine, compact_block, engine_norm
 from flashtune.decoding.drafters.mtp.modules import MTPModules
 from flashtune.decoding.model import RMSNorm, SlotMask, prepare_mask
 from flashtune.decoding.tree import tree_buffers
@@ -40,7 +39,6 @@ class MTPDrafter(CatchUpState):
     accepted). All state lives in preallocated tensors updated in place, so a step (propose, verify, accept),
     greedy or sampling, is captured whole in the engine's CUDA graph; `stateless` is therefore True.
     """
-
 
     def __init__(self, mtp: MTPModules, k: int = 3, tree_width: int = 1, temperature: float | None = None):
         check_range("k", k, 1, 16, integer=True)
@@ -127,7 +125,7 @@ class MTPDrafter(CatchUpState):
         check_engine(self.mtp.config.to_dict(), engine, "these MTP modules")
         if self._engine is not engine:
             self._setup(engine)
-        self._noise = call_noise(engine)
+        self._noise = engine.noise
         bsz, t = tokens.shape
         self.first = engine.cache.prefix_len
         if bsz > self.L.shape[0]:
