@@ -53,7 +53,7 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
         examples = generate_e2e_style(n=n, seed=seed)
         return [encode_prompt(tokenizer, ex.mr) for ex in examples], examples
     from flashtune.data.files import read_text_file
-    from flashtune.data.formats import load_records, read_table
+    from flashtune.data.formats import read_table, records_from_table
 
     path = Path(source).expanduser()
     if path.is_file() and path.suffix.lower() == ".txt":
@@ -63,7 +63,7 @@ def head_training_prompts(source: str, n: int, seed: int, tokenizer) -> tuple[li
     cols = set(table.columns)
     if "messages" not in cols and "prompt" not in cols:
         if {"mr", "ref"} <= cols:  # E2E rows: their MRs in the E2E prompt, with their references
-            records = load_records(source, "e2e")[0][:n]  # (checks the rows' types; reads the file again)
+            records = records_from_table(table, "e2e")[0][:n]  # (checks the rows' types)
             return [encode_prompt(tokenizer, ex.mr) for ex in records], records
         raise ConfigError(f"{table.source} has no 'messages' or 'prompt' column (its columns: "
                           f"{', '.join(map(str, table.columns)) or 'none'}); drafters learn from the model's answers "

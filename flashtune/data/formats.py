@@ -57,7 +57,11 @@ def load_records(path_or_name, format: str | None = None):
     p = Path(source).expanduser()
     if p.is_file() and SUFFIXES.get(p.suffix.lower()) == "text":
         return _text_file_records(p, format), "text"
-    table = read_table(source)
+    return records_from_table(read_table(source), format)
+
+
+def records_from_table(table: Rows, format: str | None = None) -> tuple[list, str]:
+    """`load_records` for a table already read: (records, format), the format detected when None."""
     fmt = format or detect_format(table)
     missing = [c for c in COLUMNS[fmt] if c not in table.columns]
     if missing:

@@ -29,7 +29,7 @@ def _init_optimizer_state(optimizer) -> None:
     """Give every parameter its AdamW state (a zero-gradient step at lr 0 changes no weight), to load into."""
     if all(p in optimizer.state for g in optimizer.param_groups for p in g["params"]):
         return
-    saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in optimizer.param_groups]
+    saved = [g["lr"] for g in optimizer.param_groups]
     for g in optimizer.param_groups:
         g["lr"] = 0.0
         for p in g["params"]:
@@ -37,7 +37,7 @@ def _init_optimizer_state(optimizer) -> None:
                 p.grad = torch.zeros_like(p)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    for g, (lr, _) in zip(optimizer.param_groups, saved):
+    for g, lr in zip(optimizer.param_groups, saved):
         g["lr"] = lr
 
 
@@ -57,8 +57,7 @@ def _groups(optimizer, trainable) -> list[dict]:
              "params": [names[id(p)] for p in g["params"]]} for g in optimizer.param_groups]
 
 
-def save(out_dir, step: int, trainable: list, optimizer, scheduler, scaler, extra: dict, keep: int,
-                 rt) -> Path:
+def save(out_dir, step: int, trainable: list, optimizer, scheduler, scaler, extra: dict, keep: int, rt) -> Path:
     """Every rank writes its shard with DCP into a temporary folder; rank 0 renames it after a barrier."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint import HuggingFaceStorageWriter
@@ -122,8 +121,9 @@ def load(path, trainable: list, optimizer, scheduler, scaler, rt, state: dict) -
         else:
             dcp.load(tensors, storage_reader=HuggingFaceStorageReader(str(path / "shards")))
     by_name = {n: i for i, (n, _) in enumerate(trainable)}
+    by_id = {id(p): i for i, (_, p) in enumerate(trainable)}
     for g, saved in zip(optimizer.param_groups, state["param_groups"]):
-        if [by_name[n] for n in saved["params"]] != [by_name[_name(trainable, p)] for p in g["params"]]:
+        if [by_name[n] for n in saved["params"]] != [by_id[id(p)] for p in g["params"]]:
             raise FlashtuneError(f"checkpoint {path}: optimizer groups differ from the model's; resume with the "
                                  f"same weight_decay and adapter config")
         g.update({k: (tuple(v) if k == "betas" else v) for k, v in saved.items() if k != "params"})
@@ -156,10 +156,3 @@ def _load_full(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
             src = distribute_tensor(src.to(dst.dtype), dst.device_mesh, dst.placements, src_data_rank=None)
         dst.copy_(src)
-
-
-def _name(trainable: list, p) -> str:
-    for n, q in trainable:
-        if q is p:
-            return n
-    raise KeyError("parameter not in trainable list")
